@@ -1,0 +1,94 @@
+"""Pieces shared by every experiment config: argument parsing, dataset presets,
+and the fields every run has. Each configs/<method>.py builds on `base()`.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Per-dataset input facts and the encoder that suits the hardware it is used on.
+# mean/std are per channel, on pixel values scaled to [0, 1].
+DATASETS = {
+    "fashion_mnist": dict(crop_size=28, mean=(0.2860,), std=(0.3530,), test_split="test",
+                          model=dict(name="convnet", widths=(32, 64, 128, 256), dtype="float32")),
+    "cifar10": dict(crop_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                    test_split="test", model=dict(name="resnet18", stem="small", width=1.0, dtype="float32")),
+    "imagenet2012": dict(crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         test_split="validation",
+                         model=dict(name="resnet50", stem="imagenet", width=1.0, dtype="bfloat16")),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'dataset=cifar10,runlocal' -> ConfigDict(dataset='cifar10', runlocal=True, ...).
+
+    Only keys given in `defaults` are accepted; values take the default's type.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
+        default = defaults[key]
+        if not _:  # a bare name is a flag: 'runlocal'
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            out[key] = value
+        else:
+            out[key] = type(default)(value)
+    return ml_collections.ConfigDict(out)
+
+
+def base(method: str, dataset: str) -> ml_collections.ConfigDict:
+    """Fields every run has, with the dataset preset applied."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset={dataset!r} has no preset; known: {sorted(DATASETS)} "
+                         "(add one to configs/common.py).")
+    ds = DATASETS[dataset]
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.seed = 0
+    c.dataset = dataset
+    c.data_dir = config_dict.placeholder(str)  # None: TFDS's default, ~/tensorflow_datasets
+    c.train_split = "train"
+    c.data = dict(worker_count=0)
+    c.batch_size = 256
+    # Training length and intervals: set exactly one unit of each.
+    for name in ("total", "log_every", "ckpt_every"):
+        for unit, typ in (("steps", int), ("epochs", float), ("examples", int)):
+            c[f"{name}_{unit}"] = config_dict.placeholder(typ)
+    c.log_every_steps = 50
+    c.keep_ckpts = 2
+    c.resume_from_different_config = False
+
+    c.model = dict(ds["model"])
+    c.head = dict(hidden=512, dim=128, layers=2)
+    c.aug = dict(crop_size=(ds["crop_size"],) * 2, mean=ds["mean"], std=ds["std"])
+    c.optimizer = dict(name="sgd", lr=0.1, lr_batch_scale=256, momentum=0.9, nesterov=False,
+                       weight_decay=1e-4, b1=0.9, b2=0.999, schedule="cosine",
+                       warmup_steps=config_dict.placeholder(int),
+                       warmup_epochs=config_dict.placeholder(float),
+                       warmup_examples=config_dict.placeholder(int))
+    # Offline evaluation (python -m ssl_jax.evaluate) of the frozen encoder.
+    c.eval = dict(test_split=ds["test_split"], batch_size=512, train_examples=0,
+                  linear=dict(epochs=30, lr=0.1, weight_decay=1e-4, batch_size=1024),
+                  knn=dict(k=200, temperature=0.07))
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+    """Shrinks a run to a minute on a laptop: tiny model, a few dozen steps,
+    at least one intermediate checkpoint, evaluation on a subset."""
+    c.batch_size = 64
+    c.total_steps, c.total_epochs = 30, None
+    c.log_every_steps = 10
+    c.ckpt_every_steps = 20
+    if c.model.name == "convnet":
+        c.model.widths = (8, 16, 32, 64)
+    else:
+        c.model.width = 0.25
+    c.head.hidden, c.head.dim = 64, 32
+    c.eval.train_examples = 5000
+    c.eval.linear.epochs = 10

@@ -1,0 +1,50 @@
+r"""MoCo v2 (He et al. 2020; Chen et al. 2020) — momentum key encoder, queue,
+shuffle-BN.
+
+  python -m ssl_jax.train --config configs/moco.py:dataset=fashion_mnist --workdir runs/moco
+  python -m ssl_jax.evaluate --workdir runs/moco --eval linear,knn
+
+Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME,
+runlocal. Any field can be overridden: --config.moco.queue_size=16384.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    c = common.base("moco", a.dataset)
+    if a.model:
+        c.model.name = a.model
+    # bn_groups: the number of GPUs of the original (8), independent of our devices.
+    c.moco = dict(momentum=0.999, queue_size=65536, temperature=0.2, bn_groups=8)
+    c.head.update(hidden=2048, dim=128, layers=2)
+
+    if a.dataset == "imagenet2012":
+        # MoCo v2: SGD lr 0.03 x B/256, wd 1e-4, B=256, 200 epochs, cosine.
+        c.batch_size = 256
+        c.total_epochs = 200.0
+        c.optimizer.update(name="sgd", lr=0.03, weight_decay=1e-4)
+        c.ckpt_every_epochs = 1.0
+    elif a.dataset == "cifar10":
+        c.batch_size = 512
+        c.total_epochs = 800.0
+        c.moco.update(queue_size=4096, momentum=0.99)
+        c.optimizer.update(name="sgd", lr=0.06, weight_decay=5e-4)
+        c.aug.update(blur_p=0.0)
+        c.head.update(hidden=512)
+        c.ckpt_every_epochs = 10.0
+    else:
+        c.batch_size = 256
+        c.total_epochs = 2.0
+        c.moco.update(queue_size=8192, momentum=0.99)
+        c.head.update(hidden=512)
+        c.optimizer.update(name="adamw", lr=2e-3, lr_batch_scale=0, weight_decay=1e-4,
+                           warmup_epochs=0.2)
+        c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
+        c.ckpt_every_steps = 200
+
+    if a.runlocal:
+        common.runlocal(c)
+        c.moco.queue_size = 1024
+        c.moco.bn_groups = 4
+    return c

@@ -1,0 +1,46 @@
+r"""SimCLR (Chen et al. 2020) — NT-Xent over the global batch.
+
+  python -m ssl_jax.train --config configs/simclr.py:dataset=fashion_mnist --workdir runs/simclr
+  python -m ssl_jax.evaluate --workdir runs/simclr --eval linear,knn
+
+Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME
+(overrides the dataset's default encoder), runlocal (a one-minute smoke run).
+Any field can be overridden: --config.optimizer.lr=1e-3 --config.total_epochs=5.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    c = common.base("simclr", a.dataset)
+    if a.model:
+        c.model.name = a.model
+    c.simclr = dict(temperature=0.2)
+
+    if a.dataset == "imagenet2012":
+        # The paper's recipe: LARS, lr 0.3 x B/256, wd 1e-6, B=4096, 100 epochs, tau 0.1.
+        c.batch_size = 4096
+        c.total_epochs = 100.0
+        c.optimizer.update(name="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10.0)
+        c.simclr.temperature = 0.1
+        c.head.update(hidden=2048, dim=128, layers=2)
+        c.ckpt_every_epochs = 1.0
+    elif a.dataset == "cifar10":
+        c.batch_size = 512
+        c.total_epochs = 500.0
+        c.optimizer.update(name="lars", lr=1.0, weight_decay=1e-6, warmup_epochs=10.0)
+        c.simclr.temperature = 0.5
+        c.aug.update(crop_scale=(0.08, 1.0), blur_p=0.0)
+        c.ckpt_every_epochs = 10.0
+    else:
+        # Sized for a 2-core CPU: the demo (README) must pretrain in minutes.
+        c.batch_size = 256
+        c.total_epochs = 2.0
+        c.optimizer.update(name="adamw", lr=2e-3, lr_batch_scale=0, weight_decay=1e-4,
+                           warmup_epochs=0.2)
+        c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
+        c.ckpt_every_steps = 200
+
+    if a.runlocal:
+        common.runlocal(c)
+    return c

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./run.sh demo   set up, prepare Fashion-MNIST, pretrain SimCLR, linear-eval, print accuracy
+#   ./run.sh test   set up and run the test suite (what CI runs)
+# Set-up is idempotent: the Debian dataset package, a .venv with the pinned requirements.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+DATA_DIR=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
+WORKDIR=${WORKDIR:-runs/demo_simclr}
+
+setup() {
+  if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    echo "== Installing Debian package dataset-fashion-mnist"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist
+  fi
+  [ -x "$PY" ] || python3 -m venv .venv
+  if ! cmp -s requirements.txt .venv/.installed-requirements; then
+    echo "== Installing pinned requirements into .venv"
+    $PY -m pip install -q --upgrade pip
+    $PY -m pip install -q -r requirements.txt
+    $PY -m pip install -q --no-deps -e .
+    cp requirements.txt .venv/.installed-requirements
+  fi
+}
+
+case "${1:-}" in
+  demo)
+    setup
+    $PY -m ssl_jax.data.prepare --dataset fashion_mnist --data_dir "$DATA_DIR"
+    $PY -m ssl_jax.train --config "configs/simclr.py:dataset=fashion_mnist" \
+        --workdir "$WORKDIR" --config.data_dir="$DATA_DIR" "${@:2}"
+    $PY -m ssl_jax.evaluate --workdir "$WORKDIR" --eval linear,knn
+    ;;
+  test)
+    setup
+    $PY -m pytest -q tests "${@:2}"
+    ;;
+  *)
+    echo "usage: ./run.sh demo [--config.field=value ...] | ./run.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,21 @@
+"""The methods, by name. A method is a module with three pure functions:
+
+  views(rng, images_uint8, config) -> dict of on-device inputs
+  init(rng, views, config) -> (params, state)     state: what gradients do not train
+  loss(params, state, views, indices, rng, config) -> (loss, (metrics, new_state))
+
+and optionally check(config, global_batch) that raises before compiling.
+The train loop knows nothing else about a method.
+"""
+from ssl_jax.methods import moco, simclr
+
+METHODS = {
+    "simclr": simclr,
+    "moco": moco,
+}
+
+
+def get(name: str):
+    if name not in METHODS:
+        raise ValueError(f"config.method={name!r} is unknown; valid methods: {sorted(METHODS)}.")
+    return METHODS[name]

@@ -1,0 +1,85 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): a query encoder trained by
+gradient, a key encoder that follows it as a moving average, and a queue of K
+keys from earlier batches as negatives.
+
+config.moco: momentum (0.999), queue_size K, temperature (0.2), bn_groups.
+
+Shuffle-BN. MoCo normalises each GPU's 32 keys with that GPU's statistics after
+shuffling the keys across GPUs, so BN cannot leak which key is the positive. Under
+one jit over the global batch, BN is synchronised instead, so we make the
+grouping explicit: both encoders use BN with `bn_groups` groups of the batch (one
+per device in the original), and the keys are permuted across the global batch
+before the key encoder and un-permuted after. The result is then the same on 1 or
+on 8 devices, which also makes it testable.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import augment, losses, parallel
+from ssl_jax.methods import network
+
+
+def check(config, global_batch: int) -> None:
+    """Raises before compiling when the queue or BN groups cannot work."""
+    m = config.moco
+    if m.queue_size % global_batch:
+        raise ValueError(
+            f"config.moco.queue_size={m.queue_size} is not divisible by the global batch "
+            f"size {global_batch}: the queue is filled a whole batch at a time. Use a "
+            f"multiple, e.g. {max(1, m.queue_size // global_batch) * global_batch}.")
+    if global_batch % m.bn_groups:
+        raise ValueError(f"config.batch_size={global_batch} is not divisible by "
+                         f"config.moco.bn_groups={m.bn_groups}.")
+
+
+def views(rng, images, config) -> dict:
+    """images: (B, H, W, C) uint8 -> {"query", "key"}: (B, h, w, C) float32."""
+    r1, r2 = jax.random.split(rng)
+    cfg = augment.moco_v2_view_config(**config.aug.to_dict())
+    return {"query": augment.batch_views(r1, images, cfg),
+            "key": augment.batch_views(r2, images, cfg)}
+
+
+def _net(config):
+    return network.make_network(config, bn_groups=config.moco.bn_groups)
+
+
+def init(rng, views, config):
+    r_net, r_queue = jax.random.split(rng)
+    params, batch_stats = network.init(_net(config), r_net, views["query"])
+    queue = losses.l2_normalize(
+        jax.random.normal(r_queue, (config.moco.queue_size, config.head.dim), jnp.float32))
+    state = {"batch_stats": batch_stats,
+             "key_params": params, "key_batch_stats": batch_stats,
+             "queue": queue, "queue_ptr": jnp.zeros((), jnp.int32)}
+    return params, state
+
+
+def loss(params, state, views, indices, rng, config):
+    """Returns (loss, (metrics, new_state)); new_state holds the moved key encoder
+    and the queue with this global batch's keys enqueued (oldest replaced)."""
+    del indices
+    m, net = config.moco, _net(config)
+    _, q, batch_stats = network.apply(net, params, state["batch_stats"], views["query"])
+
+    # Momentum update first, as in MoCo: keys come from the moved key encoder.
+    key_params = jax.tree.map(lambda k, p: m.momentum * k + (1 - m.momentum) * p,
+                              state["key_params"], jax.lax.stop_gradient(params))
+    b = views["key"].shape[0]
+    perm = jax.random.permutation(rng, b)
+    _, k, key_batch_stats = network.apply(net, key_params, state["key_batch_stats"],
+                                          views["key"][perm])
+    k = jax.lax.stop_gradient(losses.l2_normalize(k)[jnp.argsort(perm)])
+
+    value, metrics = parallel.on_shards(
+        lambda q_, k_, queue, axis_name: losses.info_nce_queue(q_, k_, queue, m.temperature, axis_name),
+        batch_args=(True, True, False))(q, k, state["queue"])
+
+    ptr = state["queue_ptr"]
+    queue = jax.lax.dynamic_update_slice(state["queue"], k.astype(state["queue"].dtype), (ptr, 0))
+    new_state = {"batch_stats": batch_stats, "key_params": key_params,
+                 "key_batch_stats": key_batch_stats, "queue": queue,
+                 "queue_ptr": (ptr + b) % m.queue_size}
+    return value, (metrics, new_state)

@@ -1,0 +1,73 @@
+"""Encoder + projection head as one linen module, and applying it purely.
+
+Every method keeps its encoder under params["encoder"] and its BN statistics
+under state["batch_stats"]["encoder"], so evaluators and export read any
+method's encoder the same way (`encoder_variables`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import models
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def make_encoder(model_cfg, bn_groups: int | None = None) -> nn.Module:
+    """The encoder named by config.model.name, with the other fields as kwargs."""
+    kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
+    if "dtype" in kwargs:
+        if kwargs["dtype"] not in DTYPES:
+            raise ValueError(f"config.model.dtype={kwargs['dtype']!r}: use one of {sorted(DTYPES)}.")
+        kwargs["dtype"] = DTYPES[kwargs["dtype"]]
+    if bn_groups is not None:
+        kwargs["bn_groups"] = bn_groups
+    return models.make_encoder(model_cfg.name, **kwargs)
+
+
+class EncoderHead(nn.Module):
+    """images (B, H, W, C) float32 -> (features {stage: (B, h, w, c)}, z (B, D) float32).
+
+    The head reads the globally pooled final stage.
+    """
+    encoder: nn.Module
+    head: nn.Module
+    stage: str
+
+    def __call__(self, x, train: bool):
+        feats = self.encoder(x, train=train)
+        pooled = jnp.mean(feats[self.stage].astype(jnp.float32), axis=(1, 2))
+        return feats, self.head(pooled, train=train)
+
+
+def make_network(config, bn_groups: int | None = None) -> EncoderHead:
+    head = config.head
+    return EncoderHead(
+        encoder=make_encoder(config.model, bn_groups),
+        head=models.MLPHead(hidden=head.hidden, out=head.dim, num_layers=head.layers),
+        stage=models.final_stage(config.model.name))
+
+
+def apply(net: nn.Module, params, batch_stats, x, train: bool = True) -> tuple[Any, Any, Any]:
+    """Pure forward pass: returns (features, z, new_batch_stats)."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    if not train:
+        feats, z = net.apply(variables, x, train=False)
+        return feats, z, batch_stats
+    (feats, z), updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
+    return feats, z, updates["batch_stats"]
+
+
+def init(net: nn.Module, rng, x) -> tuple[Any, Any]:
+    """x: one example batch of the network's input. Returns (params, batch_stats)."""
+    variables = jax.jit(lambda r, v: net.init(r, v, train=True))(rng, x)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def encoder_variables(params, state) -> dict:
+    """The frozen-encoder variables any evaluator needs, for every method."""
+    return {"params": params["encoder"], "batch_stats": state["batch_stats"]["encoder"]}

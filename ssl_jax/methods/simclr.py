@@ -1,0 +1,49 @@
+"""SimCLR (Chen et al. 2020): two augmented views, one encoder + MLP head,
+NT-Xent with the negatives of the whole global batch.
+
+config.simclr.temperature; config.aug: the view recipe (augment.py).
+BN under jit over the global batch is synchronised across devices, as SimCLR's
+TPU implementation does (it matters: per-device BN lets the model cheat).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import augment, losses, parallel
+from ssl_jax.methods import network
+
+
+def views(rng, images, config) -> dict:
+    """images: (B, H, W, C) uint8 -> {"view1", "view2"}: (B, h, w, C) float32."""
+    r1, r2 = jax.random.split(rng)
+    cfg = augment_config(config)
+    return {"view1": augment.batch_views(r1, images, cfg),
+            "view2": augment.batch_views(r2, images, cfg)}
+
+
+def augment_config(config):
+    return augment.simclr_view_config(**config.aug.to_dict())
+
+
+def init(rng, views, config):
+    params, batch_stats = network.init(network.make_network(config), rng, views["view1"])
+    return params, {"batch_stats": batch_stats}
+
+
+def loss(params, state, views, indices, rng, config):
+    """Returns (loss, (metrics, new_state)). indices are unused (no memory bank)."""
+    del indices, rng
+    net = network.make_network(config)
+    # Both views in one forward pass: BN statistics then cover all 2B images,
+    # and the encoder runs once on a larger batch (faster than twice).
+    # Interleaved (not concatenated) so each device's rows stay on that device.
+    v1, v2 = views["view1"], views["view2"]
+    x = jnp.stack([v1, v2], axis=1).reshape((-1,) + v1.shape[1:])
+    _, z, batch_stats = network.apply(net, params, state["batch_stats"], x, train=True)
+    z = z.reshape((v1.shape[0], 2, -1))
+    z1, z2 = z[:, 0], z[:, 1]
+    value, metrics = parallel.on_shards(
+        lambda a, b, axis_name: losses.nt_xent(a, b, config.simclr.temperature, axis_name),
+        batch_args=(True, True))(z1, z2)
+    return value, (metrics, {"batch_stats": batch_stats})

@@ -1,0 +1,184 @@
+r"""The one training loop, for every method.
+
+  python -m ssl_jax.train --config configs/simclr.py:dataset=fashion_mnist \
+      --workdir runs/simclr [--config.optimizer.lr=0.3 ...]
+
+Re-running the same command resumes from the newest complete checkpoint in
+--workdir. Sections, top to bottom: mesh -> input -> method, optimizer and state
+-> restore -> jitted step -> loop (log, checkpoint) -> final checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ssl_jax import checkpoint, methods, optim, parallel
+from ssl_jax import config as cfg_lib
+from ssl_jax.data import pipeline
+from ssl_jax.progress import Progress
+
+FLAGS = flags.FLAGS
+
+
+def _finite_or_raise(metrics: dict, step: int) -> None:
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite {', '.join(bad)} at step {step} ({ {k: float(metrics[k]) for k in bad} }). "
+            "No checkpoint of this state was written; the latest checkpoint is the last good "
+            "one. Lower config.optimizer.lr or check the input data.")
+
+
+def _check_same_config(config, workdir: str) -> None:
+    """A workdir belongs to one config: resuming under another silently mixes runs."""
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+        return
+    changed = cfg_lib.diff(cfg_lib.load(workdir), config)
+    changed = [c for c in changed if not c.startswith("resume_from_different_config")]
+    if changed and not config.resume_from_different_config:
+        raise ValueError(
+            f"{workdir} holds a run of a different config; differing keys:\n  "
+            + "\n  ".join(changed)
+            + "\nUse another --workdir, or pass --config.resume_from_different_config=True.")
+
+
+def state_initializer(config, method, tx):
+    """images (B, H, W, C) uint8 -> the train state at step 0.
+
+    Also used (through jax.eval_shape) to know the checkpoint's structure.
+    """
+    def init_state(images):
+        # Stream 0 of the seed initialises; stream 1 drives training (see train_step).
+        r_views, r_init = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0))
+        params, method_state = method.init(r_init, method.views(r_views, images, config), config)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": tx.init(params), "method_state": method_state}
+    return init_state
+
+
+def train(config, workdir: str):
+    """Trains config.method and returns the final state (replicated arrays)."""
+    # ---------------------------------------------------------------- mesh
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh()
+    method = methods.get(config.method)
+    parallel.check_batch_size(config.batch_size, mesh)
+    if hasattr(method, "check"):
+        method.check(config, config.batch_size)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    _check_same_config(config, workdir)
+    if is_main:
+        cfg_lib.save(config, workdir)
+        logging.get_absl_handler().use_absl_log_file("train", workdir)
+
+    # --------------------------------------------------------------- input
+    source = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
+    steps_per_epoch = len(source) // config.batch_size
+    units = dict(steps_per_epoch=steps_per_epoch, batch_size=config.batch_size)
+    total_steps = cfg_lib.steps(config, "total", **units)
+    if total_steps is None:
+        raise ValueError("Set one of config.total_steps / total_epochs / total_examples.")
+    log_every = cfg_lib.steps(config, "log_every", **units, default=50)
+    ckpt_every = cfg_lib.steps(config, "ckpt_every", **units, default=total_steps)
+    data_iter = pipeline.train_iterator(
+        source, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count)
+    image_shape = tuple(source[0]["image"].shape)
+
+    # ------------------------------------------ method, optimizer and state
+    warmup = cfg_lib.steps(config.optimizer, "warmup", **units, default=0)
+    schedule = optim.learning_rate(config.optimizer, config.batch_size, total_steps, warmup)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    repl, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    init_state = state_initializer(config, method, tx)
+    sample = jax.ShapeDtypeStruct((config.batch_size,) + image_shape, jnp.uint8,
+                                  sharding=batch_sharding)
+    abstract_state = checkpoint.abstract(jax.eval_shape(init_state, sample), repl)
+
+    # ------------------------------------------------------------- restore
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_ckpts)
+    state, start = ckpt.restore(abstract_state, data_iter)
+    with jax.set_mesh(mesh):
+        if state is None:
+            state = jax.jit(init_state, out_shardings=repl)(
+                jnp.zeros(sample.shape, jnp.uint8, device=batch_sharding))
+            start = 0
+        elif is_main:
+            logging.info("Resumed from step %d in %s", start, ckpt.dir)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+
+    # ----------------------------------------------------------- jitted step
+    @functools.partial(jax.jit, donate_argnums=0,
+                       in_shardings=(repl, batch_sharding), out_shardings=(repl, repl))
+    def train_step(state, batch):
+        # Every random number of step s comes from fold_in(seed, s): resuming at
+        # step s replays exactly the randomness an uninterrupted run would use.
+        r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
+        views = method.views(r_views, batch["image"], config)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (loss, (metrics, method_state)), grads = grad_fn(
+            state["params"], state["method_state"], views, batch["index"], r_loss, config)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, lr=schedule(state["step"]),
+                       grad_norm=optax.global_norm(grads))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                "method_state": method_state}, metrics
+
+    # ---------------------------------------------------------------- loop
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(workdir, "tb"))
+        print(f"{config.method}: {n_params / 1e6:.2f}M params, {total_steps} steps "
+              f"({steps_per_epoch} per epoch) of {config.batch_size} images on "
+              f"{mesh.devices.size} device(s); workdir {workdir}", flush=True)
+    progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
+    with jax.set_mesh(mesh):
+        for step in range(start + 1, total_steps + 1):
+            batch = parallel.global_batch(next(data_iter), mesh)
+            state, metrics = train_step(state, batch)
+            last = step == total_steps
+            if step % log_every == 0 or last or step % ckpt_every == 0:
+                metrics = jax.device_get(metrics)
+                _finite_or_raise(metrics, step)  # before any checkpoint of this state
+                progress.update(step, metrics)
+                if writer is not None:
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"train/{k}", float(v), step)
+                    writer.add_scalar("train/images_per_sec", progress.rate, step)
+                    logging.info("step %d %s", step, {k: float(v) for k, v in metrics.items()})
+            if step % ckpt_every == 0 or last:
+                ckpt.save(step, state, data_iter, force=last)
+    progress.close()
+    ckpt.close()
+    if writer is not None:
+        writer.close()
+        print(f"Done: {total_steps} steps, checkpoint in {ckpt.dir}", flush=True)
+    return state
+
+
+def main(argv):
+    del argv
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    sys.exit(app.run(main))

@@ -1,0 +1,27 @@
+"""Runs a snippet on 8 simulated CPU devices in a fresh process.
+
+XLA_FLAGS must be set before jax is imported, so multi-device checks cannot
+run inside the (single-device) pytest process.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(snippet: str, tmp_path, devices: int = 8) -> dict:
+    """Executes `snippet`, which must fill a dict `out` of arrays; returns it."""
+    out_file = os.path.join(str(tmp_path), "out.npz")
+    code = ("import numpy as np\nout = {}\n" + textwrap.dedent(snippet)
+            + f"\nnp.savez({out_file!r}, **{{k: np.asarray(v) for k, v in out.items()}})\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr}")
+    return dict(np.load(out_file))
