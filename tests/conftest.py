@@ -1,0 +1,76 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+# ---------------------------------------------------------------------- data
+
+FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Writes `array` (uint8) as a gzipped IDX file."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_idx_dir(tmp_path):
+    """A directory of small random Fashion-MNIST-format IDX files.
+
+    Returns (dir, {split: (images (N, 28, 28) uint8, labels (N,) uint8)}),
+    40 train and 12 test examples.
+    """
+    from ssl_jax.data import fashion_mnist
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "idx"
+    src.mkdir()
+    data = {}
+    for split, n in (("train", 40), ("test", 12)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        image_file, label_file = fashion_mnist.FILES[split]
+        write_idx(src / image_file, images)
+        write_idx(src / label_file, labels)
+        data[split] = (images, labels)
+    return str(src), data
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory) -> str:
+    """A data_dir holding fashion_mnist built from the real Debian files (once per session)."""
+    if not os.path.isdir(FASHION_MNIST_SOURCE):
+        pytest.skip(f"{FASHION_MNIST_SOURCE} is absent: apt-get install dataset-fashion-mnist")
+    from ssl_jax.data import prepare
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    prepare.prepare("fashion_mnist", data_dir, FASHION_MNIST_SOURCE)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small generated TFDS dataset `tiny_rgb` (RGB 6x6 images, 5 classes).
+
+    Returns (data_dir, {split: (images (N, 6, 6, 3) uint8, labels (N,) int64)});
+    96 train and 37 test examples. Pixel (0, 0, 0) of image i is i % 256, so
+    records can be told apart.
+    """
+    from ssl_jax.data import arrays
+
+    rng = np.random.default_rng(1)
+    data = {}
+    for split, n in (("train", 96), ("test", 37)):
+        images = rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+        images[:, 0, 0, 0] = np.arange(n) % 256
+        data[split] = (images, rng.integers(0, 5, n))
+    data_dir = str(tmp_path_factory.mktemp("tiny"))
+    arrays.build_from_arrays("tiny_rgb", data_dir, data, num_classes=5)
+    return data_dir, data

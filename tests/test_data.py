@@ -1,0 +1,310 @@
+"""Data layer: the Fashion-MNIST builder, the prepare CLI and the grain pipelines."""
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ssl_jax.data import arrays, fashion_mnist, pipeline, prepare
+from tests.conftest import FASHION_MNIST_SOURCE, write_idx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------- the real Fashion-MNIST
+
+def test_real_fashion_mnist_info(fashion_mnist_dir):
+    info = pipeline.dataset_info("fashion_mnist", fashion_mnist_dir)
+    assert info["num_examples"] == {"train": 60000, "test": 10000}
+    assert info["image_shape"] == (28, 28, 1)
+    assert info["num_classes"] == 10
+    assert info["class_names"][0] == "T-shirt/top" and info["class_names"][9] == "Ankle boot"
+
+
+def test_real_train_records_match_idx_files(fashion_mnist_dir):
+    images, labels = fashion_mnist.read_split(FASHION_MNIST_SOURCE, "train")
+    src = pipeline.open_source("fashion_mnist", "train", fashion_mnist_dir, memory_limit=0)
+    assert len(src) == 60000
+    ix = [0, 1, 2, 777, 31415, 59999]
+    batch = pipeline.read_batch(src, ix)
+    assert batch["image"].shape == (6, 28, 28, 1) and batch["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["image"], images[ix])
+    np.testing.assert_array_equal(batch["label"], labels[ix])
+    assert list(labels[:3]) == [9, 0, 0]  # the published first labels: boot, top, top
+
+
+def test_real_test_split_in_memory_equals_idx_files(fashion_mnist_dir):
+    images, labels = fashion_mnist.read_split(FASHION_MNIST_SOURCE, "test")
+    src = pipeline.open_source("fashion_mnist", "test", fashion_mnist_dir)
+    assert isinstance(src, pipeline.ArraySource)
+    assert src.image.shape == (10000, 28, 28, 1) and src.image.dtype == np.uint8
+    assert src.label.dtype == np.int32
+    np.testing.assert_array_equal(src.image, images)  # every pixel of every image
+    np.testing.assert_array_equal(src.label, labels)
+    assert np.bincount(src.label).tolist() == [1000] * 10
+
+
+# ------------------------------------------------- builder on generated IDX files
+
+def test_builder_on_generated_idx_files(fake_idx_dir, tmp_path):
+    source_dir, data = fake_idx_dir
+    data_dir = str(tmp_path / "tfds")
+    path, built = prepare.prepare("fashion_mnist", data_dir, source_dir)
+    assert built and path == os.path.join(data_dir, "fashion_mnist", "3.0.1")
+    assert prepare.prepare("fashion_mnist", data_dir, source_dir) == (path, False)
+    assert pipeline.dataset_info("fashion_mnist", data_dir)["num_examples"] == {
+        "train": 40, "test": 12}
+    for split, (images, labels) in data.items():
+        for memory_limit in (0, pipeline.MEMORY_LIMIT):
+            src = pipeline.open_source("fashion_mnist", split, data_dir, memory_limit=memory_limit)
+            batch = pipeline.read_batch(src, np.arange(len(labels)))
+            np.testing.assert_array_equal(batch["image"], images[..., None])
+            np.testing.assert_array_equal(batch["label"], labels)
+
+
+def test_missing_source_files_name_the_debian_package(tmp_path):
+    with pytest.raises(fashion_mnist.IdxError, match="apt-get install dataset-fashion-mnist"):
+        prepare.prepare("fashion_mnist", str(tmp_path / "tfds"), str(tmp_path / "nowhere"))
+
+
+_IMAGES, _LABELS = fashion_mnist.FILES["train"]
+
+
+def _truncate_gzip(d):
+    raw = open(os.path.join(d, _IMAGES), "rb").read()
+    open(os.path.join(d, _IMAGES), "wb").write(raw[: len(raw) // 2])
+
+
+def _not_gzip(d):
+    open(os.path.join(d, _IMAGES), "wb").write(b"\x00\x00\x08\x03" + bytes(100))
+
+
+def _bad_magic(d):
+    write_idx(os.path.join(d, _IMAGES), np.zeros((40, 28 * 28), np.uint8))  # 2-d, not 3-d
+
+
+def _short_data(d):
+    with gzip.open(os.path.join(d, _IMAGES), "rb") as f:
+        raw = f.read()
+    with gzip.open(os.path.join(d, _IMAGES), "wb") as f:
+        f.write(raw[:-100])
+
+
+def _extra_label(d):
+    write_idx(os.path.join(d, _LABELS), np.zeros(41, np.uint8))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_truncate_gzip, "not a readable gzip file"),
+    (_not_gzip, "not a readable gzip file"),
+    (_bad_magic, "IDX header"),
+    (_short_data, "truncated or corrupt"),
+    (_extra_label, "do not make a Fashion-MNIST split"),
+])
+def test_corrupt_idx_file_raises_clear_error(fake_idx_dir, tmp_path, corrupt, message):
+    source_dir, _ = fake_idx_dir
+    corrupt(source_dir)
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(fashion_mnist.IdxError, match=message):
+        prepare.prepare("fashion_mnist", data_dir, source_dir)
+    with pytest.raises(pipeline.DatasetNotFoundError):  # nothing half-written is visible
+        pipeline.open_source("fashion_mnist", "train", data_dir)
+
+
+def test_prepare_cli_builds_once(fake_idx_dir, tmp_path):
+    source_dir, _ = fake_idx_dir
+    data_dir = str(tmp_path / "tfds")
+    cmd = [sys.executable, "-m", "ssl_jax.data.prepare", "--dataset", "fashion_mnist",
+           "--data_dir", data_dir, "--source_dir", source_dir]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"Prepared fashion_mnist in {data_dir}/fashion_mnist/3.0.1" in out.stdout
+    assert prepare.prepare("fashion_mnist", data_dir, source_dir)[1] is False
+
+
+# ------------------------------------------------- missing datasets
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "no_such_dataset"])
+def test_missing_dataset_names_the_prepare_command(tmp_path, name):
+    cmd = f"python -m ssl_jax.data.prepare --dataset {name} --data_dir {tmp_path}"
+    with pytest.raises(pipeline.DatasetNotFoundError, match=cmd.replace(".", r"\.")):
+        pipeline.open_source(name, "train", str(tmp_path))
+    with pytest.raises(ValueError, match="ssl_jax.data.prepare"):
+        pipeline.dataset_info(name, str(tmp_path))
+
+
+# ------------------------------------------------- train_iterator
+
+@pytest.fixture(params=["memory", "lazy"])
+def tiny_train(request, tiny_dataset):
+    data_dir, data = tiny_dataset
+    limit = pipeline.MEMORY_LIMIT if request.param == "memory" else 0
+    src = pipeline.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
+    assert isinstance(src, pipeline.ArraySource) == (request.param == "memory")
+    return src, data["train"]
+
+
+def _take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def test_train_batches_have_right_content(tiny_train):
+    src, (images, labels) = tiny_train
+    it = pipeline.train_iterator(src, global_batch_size=16, seed=0)
+    for batch in _take(it, 8):  # crosses into the second epoch (6 batches each)
+        assert batch["image"].shape == (16, 6, 6, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
+        np.testing.assert_array_equal(batch["image"], images[batch["index"]])
+        np.testing.assert_array_equal(batch["label"], labels[batch["index"]])
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch(tiny_train):
+    src, _ = tiny_train
+    seen = []
+    for p in range(2):
+        it = pipeline.train_iterator(src, global_batch_size=16, seed=5,
+                                     process_index=p, process_count=2)
+        idx = np.concatenate([b["index"] for b in _take(it, 6)])  # one epoch of 48
+        assert all(b["image"].shape[0] == 8 for b in _take(it, 1))
+        assert len(set(idx)) == 48
+        seen.append(set(idx))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(96))
+
+
+def test_epochs_are_reshuffled_and_seeded():
+    src = pipeline.ArraySource(np.zeros((100, 2, 2, 1), np.uint8), np.zeros(100, np.int32))
+    def epochs(seed, k=4):
+        it = pipeline.train_iterator(src, global_batch_size=10, seed=seed)
+        return [np.concatenate([b["index"] for b in _take(it, 10)]) for _ in range(k)]
+    e = epochs(3)
+    for a in e:
+        assert sorted(a) == list(range(100))  # every epoch is a permutation
+    assert not any(np.array_equal(e[i], e[j]) for i in range(4) for j in range(i))
+    assert not np.array_equal(e[0], np.arange(100))
+    for a, b in zip(e, epochs(3)):
+        np.testing.assert_array_equal(a, b)  # same seed, same order
+    assert not np.array_equal(e[0], epochs(4, 1)[0])
+
+
+def test_epoch_remainder_is_dropped_per_epoch():
+    src = pipeline.ArraySource(np.zeros((25, 2, 2, 1), np.uint8), np.zeros(25, np.int32))
+    it = pipeline.train_iterator(src, global_batch_size=10, seed=0)
+    for _ in range(3):  # 2 batches per epoch: no batch mixes two epochs
+        idx = np.concatenate([b["index"] for b in _take(it, 2)])
+        assert len(set(idx)) == 20
+
+
+def test_bad_batch_sizes_raise():
+    src = pipeline.ArraySource(np.zeros((25, 2, 2, 1), np.uint8), np.zeros(25, np.int32))
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        pipeline.train_iterator(src, global_batch_size=9, seed=0, process_count=2)
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        pipeline.train_iterator(src, global_batch_size=32, seed=0)
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        next(pipeline.eval_batches(src, 9, 0, 2))
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_iterator_state_round_trips_through_orbax(tiny_train, tmp_path):
+    src, _ = tiny_train
+    make = lambda: pipeline.train_iterator(src, global_batch_size=16, seed=7)
+    it = make()
+    _take(it, 5)
+    mgr = ocp.CheckpointManager(tmp_path / "ckpt")
+    mgr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mgr.wait_until_finished()
+    expected = _take(it, 4)  # crosses the epoch boundary after batch 6
+    mgr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it)))
+    _assert_same(_take(it, 4), expected)
+    fresh = make()
+    mgr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    _assert_same(_take(fresh, 4), expected)
+    mgr.close()
+
+
+def test_worker_processes_give_the_same_batches_and_restore(tiny_dataset, tmp_path):
+    data_dir, _ = tiny_dataset
+    src = pipeline.open_source("tiny_rgb", "train", data_dir, memory_limit=0)
+    make = lambda w: pipeline.train_iterator(src, global_batch_size=16, seed=2, worker_count=w)
+    expected = _take(make(0), 9)
+    it = make(2)
+    _assert_same(_take(it, 4), expected[:4])
+    state = it.get_state()
+    _assert_same(_take(it, 5), expected[4:])
+    fresh = make(2)
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 5), expected[4:])
+
+
+# ------------------------------------------------- eval_batches
+
+@pytest.mark.parametrize("num_examples", [None, 30])
+def test_eval_batches_cover_every_example_once(tiny_dataset, num_examples):
+    data_dir, data = tiny_dataset
+    images, labels = data["test"]  # 37 examples
+    n = 37 if num_examples is None else num_examples
+    src = pipeline.open_source("tiny_rgb", "test", data_dir, memory_limit=0)
+    per_process = [list(pipeline.eval_batches(src, 8, p, 2, num_examples=num_examples))
+                   for p in range(2)]
+    assert len(per_process[0]) == len(per_process[1]) == -(-n // 8)
+    idx = []
+    for step in zip(*per_process):  # a global batch: process 0's rows, then process 1's
+        for b in step:
+            assert b["image"].shape == (4, 6, 6, 3) and b["mask"].dtype == bool
+            m = b["mask"]
+            np.testing.assert_array_equal(b["image"][m], images[b["index"][m]])
+            np.testing.assert_array_equal(b["label"][m], labels[b["index"][m]])
+            assert (b["index"][~m] == -1).all() and (b["image"][~m] == 0).all()
+            idx.append(b["index"][m])
+    np.testing.assert_array_equal(np.concatenate(idx), np.arange(n))  # in order, once
+
+
+def test_eval_batches_single_process_in_memory(tiny_dataset):
+    data_dir, data = tiny_dataset
+    src = pipeline.open_source("tiny_rgb", "test", data_dir)
+    batches = list(pipeline.eval_batches(src, 16))
+    assert [int(b["mask"].sum()) for b in batches] == [16, 16, 5]
+    np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in batches]),
+                                  data["test"][1])
+
+
+# ------------------------------------------------- sizes and channels
+
+def test_image_size_resizes_and_keeps_channels(tiny_dataset):
+    data_dir, _ = tiny_dataset
+    for limit in (0, pipeline.MEMORY_LIMIT):
+        src = pipeline.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
+        it = pipeline.train_iterator(src, global_batch_size=8, seed=0, image_size=4)
+        assert next(it)["image"].shape == (8, 4, 4, 3)
+    gray = pipeline.ArraySource(np.full((4, 10, 20, 1), 7, np.uint8), np.zeros(4, np.int32))
+    batch = pipeline.read_batch(gray, [0, 3], image_size=5)
+    assert batch["image"].shape == (2, 5, 5, 1) and (batch["image"] == 7).all()
+
+
+def test_build_from_arrays_round_trips_grayscale(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, 3, 4, 1), dtype=np.uint8)
+    labels = [0, 1, 1, 0, 1]
+    path = arrays.build_from_arrays("tiny_gray", str(tmp_path), {"train": (images, labels)},
+                                    class_names=["a", "b"])
+    assert path.endswith("tiny_gray/1.0.0")
+    info = pipeline.dataset_info("tiny_gray", str(tmp_path))
+    assert info["image_shape"] == (3, 4, 1) and info["class_names"] == ["a", "b"]
+    src = pipeline.open_source("tiny_gray", "train", str(tmp_path))
+    np.testing.assert_array_equal(src.image, images)
+    np.testing.assert_array_equal(src.label, labels)
