@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from ssl_jax import checkpoint, methods, models, optim, parallel
+from ssl_jax import checkpoint, methods, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
 from ssl_jax.eval import features, knn, linear
@@ -33,10 +33,9 @@ def load_encoder(workdir: str, mesh):
     """-> (config, encoder module, encoder variables, step) from a workdir's newest checkpoint."""
     config = cfg_lib.load(workdir)
     method = methods.get(config.method)
-    # The optimizer's hyper-parameters do not change its state's structure.
-    tx = optim.make_optimizer(config.optimizer, 0.0)
-    from ssl_jax.train import state_initializer  # the one definition of the state
+    from ssl_jax.train import optimizer, state_initializer  # the one definition of the state
     source = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
+    _, _, tx = optimizer(config, len(source))
     sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(source[0]["image"].shape), jnp.uint8)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(state_initializer(config, method, tx), sample)
@@ -54,7 +53,7 @@ def evaluate(workdir: str, evals=EVALUATORS) -> dict:
     mesh = parallel.make_mesh()
     config, encoder, variables, step = load_encoder(workdir, mesh)
     fn = features.make_features_fn(encoder, features.eval_view_config(config))
-    stage = models.final_stage(config.model.name)
+    stage = network.final_stage(config.model)
     t0 = time.time()
     splits = {}
     for split, limit in ((config.train_split, config.eval.train_examples),

@@ -43,7 +43,8 @@ class Progress:
         bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
         extra = "".join(f" {k} {float(metrics[k]):.3f}" for k in ("loss", "contrast_acc")
                         if k in metrics)
-        line = (f"[{bar}] step {step}/{self.total}{extra} | {self.rate:.0f} img/s | "
+        rate = f"{self.rate:.0f}" if self.rate else "?"
+        line = (f"[{bar}] step {step}/{self.total}{extra} | {rate} img/s | "
                 f"elapsed {_fmt_time(now - self.t0)} | ETA "
                 + (_fmt_time(eta) if eta == eta else "?"))
         if self.enabled:

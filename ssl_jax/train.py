@@ -50,6 +50,18 @@ def _check_same_config(config, workdir: str) -> None:
             + "\nUse another --workdir, or pass --config.resume_from_different_config=True.")
 
 
+def optimizer(config, num_train_examples: int):
+    """-> (total_steps, learning-rate schedule, optax transformation) of a run."""
+    units = dict(steps_per_epoch=num_train_examples // config.batch_size,
+                 batch_size=config.batch_size)
+    total_steps = cfg_lib.steps(config, "total", **units)
+    if total_steps is None:
+        raise ValueError("Set one of config.total_steps / total_epochs / total_examples.")
+    warmup = cfg_lib.steps(config.optimizer, "warmup", **units, default=0)
+    schedule = optim.learning_rate(config.optimizer, config.batch_size, total_steps, warmup)
+    return total_steps, schedule, optim.make_optimizer(config.optimizer, schedule)
+
+
 def state_initializer(config, method, tx):
     """images (B, H, W, C) uint8 -> the train state at step 0.
 
@@ -62,6 +74,34 @@ def state_initializer(config, method, tx):
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": tx.init(params), "method_state": method_state}
     return init_state
+
+
+def make_train_step(config, method, tx, schedule, mesh):
+    """-> jitted (state, batch) -> (state, metrics); the state is donated.
+
+    batch: {"image": (B, H, W, C) uint8, "index": (B,) int32} sharded over the
+    mesh's data axis; views are made on device inside the step.
+    """
+    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    repl, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    @functools.partial(jax.jit, donate_argnums=0,
+                       in_shardings=(repl, batch_sharding), out_shardings=(repl, repl))
+    def train_step(state, batch):
+        # Every random number of step s comes from fold_in(seed, s): resuming at
+        # step s replays exactly the randomness an uninterrupted run would use.
+        r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
+        views = method.views(r_views, batch["image"], config)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (loss, (metrics, method_state)), grads = grad_fn(
+            state["params"], state["method_state"], views, batch["index"], r_loss, config)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, lr=schedule(state["step"]),
+                       grad_norm=optax.tree.norm(grads))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                "method_state": method_state}, metrics
+    return train_step
 
 
 def train(config, workdir: str):
@@ -84,9 +124,7 @@ def train(config, workdir: str):
     source = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
     steps_per_epoch = len(source) // config.batch_size
     units = dict(steps_per_epoch=steps_per_epoch, batch_size=config.batch_size)
-    total_steps = cfg_lib.steps(config, "total", **units)
-    if total_steps is None:
-        raise ValueError("Set one of config.total_steps / total_epochs / total_examples.")
+    total_steps, schedule, tx = optimizer(config, len(source))
     log_every = cfg_lib.steps(config, "log_every", **units, default=50)
     ckpt_every = cfg_lib.steps(config, "ckpt_every", **units, default=total_steps)
     data_iter = pipeline.train_iterator(
@@ -96,10 +134,6 @@ def train(config, workdir: str):
     image_shape = tuple(source[0]["image"].shape)
 
     # ------------------------------------------ method, optimizer and state
-    warmup = cfg_lib.steps(config.optimizer, "warmup", **units, default=0)
-    schedule = optim.learning_rate(config.optimizer, config.batch_size, total_steps, warmup)
-    tx = optim.make_optimizer(config.optimizer, schedule)
-    base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     repl, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     init_state = state_initializer(config, method, tx)
     sample = jax.ShapeDtypeStruct((config.batch_size,) + image_shape, jnp.uint8,
@@ -119,22 +153,7 @@ def train(config, workdir: str):
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     # ----------------------------------------------------------- jitted step
-    @functools.partial(jax.jit, donate_argnums=0,
-                       in_shardings=(repl, batch_sharding), out_shardings=(repl, repl))
-    def train_step(state, batch):
-        # Every random number of step s comes from fold_in(seed, s): resuming at
-        # step s replays exactly the randomness an uninterrupted run would use.
-        r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
-        views = method.views(r_views, batch["image"], config)
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        (loss, (metrics, method_state)), grads = grad_fn(
-            state["params"], state["method_state"], views, batch["index"], r_loss, config)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, lr=schedule(state["step"]),
-                       grad_norm=optax.global_norm(grads))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                "method_state": method_state}, metrics
+    train_step = make_train_step(config, method, tx, schedule, mesh)
 
     # ---------------------------------------------------------------- loop
     writer = None

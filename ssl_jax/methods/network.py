@@ -17,9 +17,18 @@ from ssl_jax import models
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def encoder_kwargs(model_cfg) -> dict:
+    return {k: v for k, v in model_cfg.items() if k != "name"}
+
+
+def final_stage(model_cfg) -> str:
+    """The stage the head and the default evaluators read, e.g. "block4", "stage4"."""
+    return models.final_stage(model_cfg.name, **encoder_kwargs(model_cfg))
+
+
 def make_encoder(model_cfg, bn_groups: int | None = None) -> nn.Module:
     """The encoder named by config.model.name, with the other fields as kwargs."""
-    kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
+    kwargs = encoder_kwargs(model_cfg)
     if "dtype" in kwargs:
         if kwargs["dtype"] not in DTYPES:
             raise ValueError(f"config.model.dtype={kwargs['dtype']!r}: use one of {sorted(DTYPES)}.")
@@ -48,8 +57,9 @@ def make_network(config, bn_groups: int | None = None) -> EncoderHead:
     head = config.head
     return EncoderHead(
         encoder=make_encoder(config.model, bn_groups),
-        head=models.MLPHead(hidden=head.hidden, out=head.dim, num_layers=head.layers),
-        stage=models.final_stage(config.model.name))
+        head=models.MLPHead(hidden=head.hidden, out=head.dim, num_layers=head.layers,
+                            bn_groups=bn_groups or 1),
+        stage=final_stage(config.model))
 
 
 def apply(net: nn.Module, params, batch_stats, x, train: bool = True) -> tuple[Any, Any, Any]:

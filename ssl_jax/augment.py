@@ -1,0 +1,423 @@
+"""Per-example image augmentations, made on device inside the jitted train step.
+
+Every random op is a pure function `op(rng, image, ...) -> image` on one float32
+image in [0, 1] of shape (H, W, C), C = 1 or 3; a batch is made by vmapping over
+per-example keys (`batch_views`). "Apply with probability p" is a `jnp.where`
+on a uniform draw, so every op vmaps and jits with static shapes. Probabilities
+and strengths come from the (static) view config: an op whose probability is 0
+is not traced at all.
+
+Geometry (crops, resizes, padded crops) is done as two small matmuls with
+per-example (out x in) interpolation matrices, `My @ image @ Mx^T`: exact,
+shape-static and far cheaper under vmap than per-pixel gathers.
+
+Colour ops follow torchvision's semantics (multiplicative brightness, contrast
+towards the mean grey level, saturation towards the grey image, hue shift in
+HSV, luma weights 0.299/0.587/0.114), in a random order per example like
+SimCLR's `color_jitter_rand`. For C == 1 images saturation, hue and grayscale
+are no-ops; brightness and contrast still apply.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssl_jax.config import nearest_keys
+
+LUMA = (0.299, 0.587, 0.114)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_HIGHEST = jax.lax.Precision.HIGHEST  # TPUs would otherwise multiply f32 pixels in bf16
+
+
+# ---------------------------------------------------------------- geometry
+
+def _resample(image, my, mx):
+    """image: (H, W, C); my: (h, H); mx: (w, W) -> (h, w, C)."""
+    out = jnp.einsum("oh,hwc->owc", my, image, precision=_HIGHEST)
+    return jnp.einsum("pw,owc->opc", mx, out, precision=_HIGHEST)
+
+
+def _interp_matrix(start, length, n_in: int, n_out: int):
+    """(n_out, n_in) weights resizing the window [start, start+length) to n_out pixels.
+
+    Antialiased bilinear (PIL-style triangle filter widened by the downscale
+    factor), pixel centres at i + 0.5, weights renormalised inside the window so
+    the border is replicated rather than mixed with pixels outside the crop.
+    """
+    scale = length / n_out
+    centre = start + (jnp.arange(n_out) + 0.5) * scale - 0.5      # (n_out,)
+    support = jnp.maximum(scale, 1.0)
+    i = jnp.arange(n_in)
+    w = jnp.maximum(0.0, 1.0 - jnp.abs(i[None, :] - centre[:, None]) / support)
+    w = w * ((i >= start) & (i < start + length))[None, :]
+    return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def crop_resize(image, box, out_size: tuple[int, int]):
+    """Crops box = (y0, x0, h, w) (may be traced) and resizes it to out_size.
+
+    image: (H, W, C) float32 -> (out_h, out_w, C) float32.
+    """
+    H, W, _ = image.shape
+    y0, x0, h, w = box
+    my = _interp_matrix(y0, h, H, out_size[0])
+    mx = _interp_matrix(x0, w, W, out_size[1])
+    return _resample(image, my, mx)
+
+
+def center_crop_resize(image, out_size: tuple[int, int], crop_frac: float = 1.0):
+    """Deterministic eval view: central crop of crop_frac of each side, resized.
+
+    With crop_frac=1 and out_size == (H, W) it is the identity.
+    """
+    H, W, _ = image.shape
+    h, w = max(1, round(H * crop_frac)), max(1, round(W * crop_frac))
+    return crop_resize(image, ((H - h) // 2, (W - w) // 2, h, w), out_size)
+
+
+def _sample_box(rng, H: int, W: int, scale, ratio, tries: int = 10):
+    """torchvision RandomResizedCrop.get_params, vectorised over `tries` draws."""
+    k_area, k_ratio, k_y, k_x = jax.random.split(rng, 4)
+    area = H * W * jax.random.uniform(k_area, (tries,), minval=scale[0], maxval=scale[1])
+    log_r = jax.random.uniform(k_ratio, (tries,), minval=math.log(ratio[0]),
+                               maxval=math.log(ratio[1]))
+    aspect = jnp.exp(log_r)
+    ws = jnp.round(jnp.sqrt(area * aspect))
+    hs = jnp.round(jnp.sqrt(area / aspect))
+    ok = (ws > 0) & (ws <= W) & (hs > 0) & (hs <= H)
+    first = jnp.argmax(ok)
+    # Fallback as torchvision: the whole image, clamped to the allowed ratios.
+    in_ratio = W / H
+    if in_ratio < ratio[0]:
+        fw, fh = W, round(W / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(H * ratio[1]), H
+    else:
+        fw, fh = W, H
+    w = jnp.where(ok.any(), ws[first], fw)
+    h = jnp.where(ok.any(), hs[first], fh)
+    y0 = jnp.floor(jax.random.uniform(k_y) * (H - h + 1))
+    x0 = jnp.floor(jax.random.uniform(k_x) * (W - w + 1))
+    y0 = jnp.where(ok.any(), jnp.minimum(y0, H - h), (H - h) // 2)
+    x0 = jnp.where(ok.any(), jnp.minimum(x0, W - w), (W - w) // 2)
+    return y0, x0, h, w
+
+
+def random_resized_crop(rng, image, out_size: tuple[int, int],
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Inception-style crop: area fraction ~ U(scale), aspect ratio log-uniform in
+    ratio, integer box inside the image (10 tries, then torchvision's fallback),
+    resized (antialiased bilinear) to out_size.
+
+    image: (H, W, C) float32 -> (out_h, out_w, C) float32.
+    """
+    H, W, _ = image.shape
+    return crop_resize(image, _sample_box(rng, H, W, scale, ratio), out_size)
+
+
+def _index_matrix(src, n_in: int):
+    """(n, n_in) one-hot rows selecting src[i]; out-of-range rows are all zero."""
+    return (src[:, None] == jnp.arange(n_in)[None, :]).astype(jnp.float32)
+
+
+def random_crop_with_padding(rng, image, pad: int, mode: str = "reflect"):
+    """CIFAR-style: pad each side by `pad` (reflect or zero), take a random
+    (H, W) window. image: (H, W, C) -> (H, W, C)."""
+    if mode not in ("reflect", "zero"):
+        raise ValueError(f"mode must be 'reflect' or 'zero', got {mode!r}")
+    H, W, _ = image.shape
+    if mode == "reflect" and pad >= min(H, W):
+        raise ValueError(f"reflect padding needs pad < image side, got pad={pad}, image {H}x{W}")
+    dy, dx = jax.random.randint(rng, (2,), 0, 2 * pad + 1) - pad
+
+    def rows(n, d):
+        src = jnp.arange(n) + d
+        if mode == "reflect":   # padded index -> source index, mirrored without repeating the edge
+            src = jnp.abs(src)
+            src = jnp.where(src > n - 1, 2 * (n - 1) - src, src)
+        return _index_matrix(src, n)
+
+    return _resample(image, rows(H, dy), rows(W, dx))
+
+
+def random_flip(rng, image, p: float = 0.5):
+    """Horizontal flip with probability p. image: (H, W, C)."""
+    return jnp.where(jax.random.uniform(rng) < p, image[:, ::-1], image)
+
+
+def rotate90(image, k):
+    """Rotates a square image by k * 90 degrees counter-clockwise; k may be traced.
+
+    image: (H, H, C) -> (H, H, C).
+    """
+    if image.shape[0] != image.shape[1]:
+        raise ValueError(f"rotate90 needs a square image to keep a static shape, got {image.shape}")
+    branches = [lambda x, k=k_: jnp.rot90(x, k, axes=(0, 1)) for k_ in range(4)]
+    return jax.lax.switch(jnp.asarray(k) % 4, branches, image)
+
+
+# ---------------------------------------------------------------- colour
+
+def _gray(image):
+    """(H, W, 3) -> (H, W, 1) luma."""
+    return jnp.einsum("hwc,c->hw", image, jnp.asarray(LUMA), precision=_HIGHEST)[..., None]
+
+
+def _blend(a, b, factor):
+    return jnp.clip(factor * a + (1.0 - factor) * b, 0.0, 1.0)
+
+
+def _factor(rng, strength):
+    return jax.random.uniform(rng, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
+
+
+def adjust_brightness(image, factor):
+    return jnp.clip(image * factor, 0.0, 1.0)
+
+
+def adjust_contrast(image, factor):
+    grey = _gray(image) if image.shape[-1] == 3 else image
+    return _blend(image, jnp.mean(grey), factor)
+
+
+def adjust_saturation(image, factor):
+    return _blend(image, _gray(image), factor) if image.shape[-1] == 3 else image
+
+
+def rgb_to_hsv(rgb):
+    """(..., 3) in [0, 1] -> (..., 3) hue, saturation, value all in [0, 1]."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = jnp.max(rgb, axis=-1)
+    c = v - jnp.min(rgb, axis=-1)
+    safe_c = jnp.where(c > 0, c, 1.0)
+    h = jnp.where(v == r, ((g - b) / safe_c) % 6.0,
+                  jnp.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0))
+    h = jnp.where(c > 0, h / 6.0, 0.0)
+    s = jnp.where(v > 0, c / jnp.where(v > 0, v, 1.0), 0.0)
+    return jnp.stack([h, s, v], axis=-1)
+
+
+def hsv_to_rgb(hsv):
+    """Inverse of rgb_to_hsv, branch-free: channel n uses k = (n + 6h) mod 6."""
+    h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+    k = (jnp.asarray([5.0, 3.0, 1.0]) + 6.0 * h) % 6.0
+    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def adjust_hue(image, delta):
+    """Shifts hue by delta (fraction of the colour circle, in [-0.5, 0.5])."""
+    if image.shape[-1] != 3:
+        return image
+    hsv = rgb_to_hsv(image)
+    hsv = hsv.at[..., 0].set((hsv[..., 0] + delta) % 1.0)
+    return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
+
+
+def color_jitter(rng, image, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p=0.8):
+    """torchvision ColorJitter applied with probability p, ops in random order.
+
+    brightness/contrast/saturation s: factor ~ U(max(0, 1-s), 1+s); hue h: shift
+    ~ U(-h, h). Ops with strength 0 are skipped; for C == 1, saturation and hue
+    are no-ops. image: (H, W, C) -> (H, W, C).
+    """
+    k_apply, k_order, k_b, k_c, k_s, k_h = jax.random.split(rng, 6)
+    ops = []
+    if brightness > 0:
+        ops.append(lambda x: adjust_brightness(x, _factor(k_b, brightness)))
+    if contrast > 0:
+        ops.append(lambda x: adjust_contrast(x, _factor(k_c, contrast)))
+    if image.shape[-1] == 3 and saturation > 0:
+        ops.append(lambda x: adjust_saturation(x, _factor(k_s, saturation)))
+    if image.shape[-1] == 3 and hue > 0:
+        ops.append(lambda x: adjust_hue(x, jax.random.uniform(k_h, minval=-hue, maxval=hue)))
+    if not ops or p <= 0:
+        return image
+    out = image
+    if len(ops) == 1:
+        out = ops[0](out)
+    else:
+        # Under vmap a traced switch index evaluates every branch: len(ops)^2 op
+        # applications per image, cheap next to the network.
+        for i in jax.random.permutation(k_order, len(ops)):
+            out = jax.lax.switch(i, ops, out)
+    return jnp.where(jax.random.uniform(k_apply) < p, out, image)
+
+
+def random_grayscale(rng, image, p: float = 0.2):
+    """With probability p, replaces all channels by the luma; no-op for C == 1."""
+    if image.shape[-1] != 3 or p <= 0:
+        return image
+    gray = jnp.broadcast_to(_gray(image), image.shape)
+    return jnp.where(jax.random.uniform(rng) < p, gray, image)
+
+
+def blur_kernel_size(side: int) -> int:
+    """SimCLR's rule: an odd kernel of about 10% of the image side (>= 3)."""
+    return max(3, 2 * (side // 10 // 2) + 1)
+
+
+def gaussian_blur(rng, image, sigma=(0.1, 2.0), kernel_size: int | None = None, p: float = 0.5):
+    """Separable Gaussian blur, sigma ~ U(sigma) in pixels, with probability p.
+
+    kernel_size is static (default: blur_kernel_size(min(H, W))); borders are
+    reflected, so a constant image stays constant. image: (H, W, C) -> (H, W, C).
+    """
+    if p <= 0:
+        return image
+    H, W, _ = image.shape
+    k = kernel_size or blur_kernel_size(min(H, W))
+    r = k // 2
+    if k % 2 == 0 or r >= min(H, W):
+        raise ValueError(f"kernel_size must be odd and below the image side, got {k} for {H}x{W}")
+    k_apply, k_sigma = jax.random.split(rng)
+    s = jax.random.uniform(k_sigma, minval=sigma[0], maxval=sigma[1])
+    taps = jnp.exp(-0.5 * (jnp.arange(-r, r + 1) / s) ** 2)
+    taps = taps / jnp.sum(taps)
+    # Shift-and-add over static slices of a reflect-padded image: no gathers, fuses.
+    x = jnp.pad(image, ((r, r), (0, 0), (0, 0)), mode="reflect")
+    out = sum(taps[i] * x[i:i + H] for i in range(k))
+    x = jnp.pad(out, ((0, 0), (r, r), (0, 0)), mode="reflect")
+    out = sum(taps[i] * x[:, i:i + W] for i in range(k))
+    return jnp.where(jax.random.uniform(k_apply) < p, out, image)
+
+
+def solarize(rng, image, threshold: float = 0.5, p: float = 0.2):
+    """With probability p, inverts pixels >= threshold (x -> 1 - x)."""
+    if p <= 0:
+        return image
+    out = jnp.where(image >= threshold, 1.0 - image, image)
+    return jnp.where(jax.random.uniform(rng) < p, out, image)
+
+
+def normalize(image, mean, std):
+    """(image - mean) / std per channel; mean/std of length C or 1."""
+    for name, v in (("mean", mean), ("std", std)):
+        if jnp.size(jnp.asarray(v)) not in (1, image.shape[-1]):
+            raise ValueError(f"{name} has {jnp.size(jnp.asarray(v))} values for a {image.shape[-1]}-channel "
+                             f"image: set the view config's mean/std for this dataset")
+    return (image - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+# ---------------------------------------------------------------- recipes
+
+DEFAULTS = dict(
+    crop="resized",          # "resized" (Inception crop), "padded" (CIFAR crop), "center" (eval)
+    crop_size=(224, 224),    # output (h, w) of "resized" / "center"; "padded" keeps the input size
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    crop_pad=4,              # "padded" only
+    crop_frac=1.0,           # "center" only: fraction of each side kept before resizing
+    flip_p=0.5,
+    # The recipes below tie brightness/contrast/saturation/hue to jitter_strength
+    # (SimCLR's s); view() itself reads only the four fields.
+    jitter_strength=1.0,
+    brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+    jitter_p=0.8,
+    grayscale_p=0.2,
+    blur_p=0.5,
+    blur_sigma=(0.1, 2.0),
+    blur_kernel=0,           # 0: about 10% of the crop side
+    solarize_p=0.0,
+    solarize_threshold=0.5,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+)
+
+
+def _recipe(fields, jitter_scale, overrides):
+    cfg = ml_collections.ConfigDict(dict(DEFAULTS, **fields))
+    # The four jitter fields follow jitter_strength (also when it is overridden on
+    # the command line) unless they are set themselves.
+    s = cfg.get_ref("jitter_strength")
+    b, c, sat, h = jitter_scale
+    cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue = s * b, s * c, s * sat, s * h
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise KeyError(f"unknown view config field {key!r}.{nearest_keys(key, cfg.keys())}")
+        cfg[key] = value
+    return cfg
+
+
+def simclr_view_config(**overrides) -> ml_collections.ConfigDict:
+    """SimCLR (Chen et al. 2020): crop (0.08, 1), flip 0.5, jitter p 0.8 with
+    strength s=1 -> (0.8s, 0.8s, 0.8s, 0.2s), grayscale 0.2, blur p 0.5 sigma (0.1, 2)."""
+    return _recipe(dict(jitter_strength=1.0), (0.8, 0.8, 0.8, 0.2), overrides)
+
+
+def moco_v2_view_config(**overrides) -> ml_collections.ConfigDict:
+    """MoCo v2 (Chen et al. 2020b): crop (0.2, 1), jitter p 0.8 with
+    (0.4, 0.4, 0.4, 0.1) (= SimCLR's at s=0.5), grayscale 0.2, blur p 0.5
+    sigma (0.1, 2), flip 0.5."""
+    return _recipe(dict(crop_scale=(0.2, 1.0), jitter_strength=0.5), (0.8, 0.8, 0.8, 0.2),
+                   overrides)
+
+
+def byol_view_configs(**overrides) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """BYOL / SimCLR v2 asymmetric pair (use one per view): jitter (0.4, 0.4, 0.2, 0.1)
+    with p 0.8; view 1 always blurred, never solarized; view 2 blurred with p 0.1,
+    solarized with p 0.2. overrides apply to both."""
+    return tuple(_recipe(dict(jitter_strength=1.0, blur_p=blur_p, solarize_p=sol_p),
+                         (0.4, 0.4, 0.2, 0.1), overrides)
+                 for blur_p, sol_p in ((1.0, 0.0), (0.1, 0.2)))
+
+
+def eval_view_config(**overrides) -> ml_collections.ConfigDict:
+    """Deterministic view for evaluation: center crop (crop_frac, crop_size) and
+    normalise only."""
+    return _recipe(dict(crop="center", flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                        blur_p=0.0, solarize_p=0.0), (0.8, 0.8, 0.8, 0.2), overrides)
+
+
+def _fields(cfg) -> dict:
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    unknown = [k for k in cfg if k not in DEFAULTS]
+    if unknown:
+        raise KeyError(f"unknown view config field(s) {unknown}.{nearest_keys(unknown[0], DEFAULTS)}")
+    return dict(DEFAULTS, **cfg)
+
+
+def view(rng, image, cfg):
+    """One augmented view of one example.
+
+    image: (H, W, C) or (H, W) uint8 (or float in [0, 1]) -> (h, w, C) float32,
+    normalised with cfg.mean / cfg.std. cfg: a view config (ConfigDict or dict);
+    missing fields take DEFAULTS.
+    """
+    c = _fields(cfg)
+    x = image.astype(jnp.float32)
+    if image.dtype == jnp.uint8:
+        x = x / 255.0
+    if x.ndim == 2:
+        x = x[..., None]
+    # One key per op, always the same split, so switching one op on or off does
+    # not change the randomness of the others.
+    k_crop, k_flip, k_jit, k_gray, k_blur, k_sol = jax.random.split(rng, 6)
+    out_size = tuple(c["crop_size"])
+    if c["crop"] == "resized":
+        x = random_resized_crop(k_crop, x, out_size, c["crop_scale"], c["crop_ratio"])
+    elif c["crop"] == "padded":
+        x = random_crop_with_padding(k_crop, x, c["crop_pad"]) if c["crop_pad"] else x
+    elif c["crop"] == "center":
+        if c["crop_frac"] != 1.0 or out_size != x.shape[:2]:
+            x = center_crop_resize(x, out_size, c["crop_frac"])
+    else:
+        raise ValueError(f"crop must be 'resized', 'padded' or 'center', got {c['crop']!r}")
+    if c["flip_p"] > 0:
+        x = random_flip(k_flip, x, c["flip_p"])
+    x = color_jitter(k_jit, x, c["brightness"], c["contrast"], c["saturation"], c["hue"],
+                     c["jitter_p"])
+    x = random_grayscale(k_gray, x, c["grayscale_p"])
+    x = gaussian_blur(k_blur, x, c["blur_sigma"], c["blur_kernel"] or None, c["blur_p"])
+    x = solarize(k_sol, x, c["solarize_threshold"], c["solarize_p"])
+    return normalize(x, c["mean"], c["std"])
+
+
+def batch_views(rng, images, cfg):
+    """One view per example: images (B, H, W, C) or (B, H, W) uint8 ->
+    (B, h, w, C) float32, each example with its own key from split(rng, B)."""
+    keys = jax.random.split(rng, images.shape[0])
+    return jax.vmap(lambda k, x: view(k, x, cfg))(keys, images)

@@ -1,0 +1,1 @@
+"""Offline evaluators of frozen encoders: features (extraction), linear (probe), knn."""

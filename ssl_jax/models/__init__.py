@@ -1,0 +1,58 @@
+"""Encoders and heads; the registry of encoder names lives here.
+
+Every encoder maps images (B, H, W, C) to a dict of stage features
+{stage: (B, h, w, c)}, so probes can read any stage; `final_stage(name)` is
+the one the projection heads and the default evaluators read.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+
+from ssl_jax.models.convnet import ConvNet
+from ssl_jax.models.heads import LinearHead, MLPHead
+from ssl_jax.models.norm import BatchNorm
+from ssl_jax.models.resnet import ResNet
+
+ENCODERS = {
+    "convnet": ConvNet,
+    "resnet18": functools.partial(ResNet, depth=18),
+    "resnet34": functools.partial(ResNet, depth=34),
+    "resnet50": functools.partial(ResNet, depth=50),
+    "resnet101": functools.partial(ResNet, depth=101),
+}
+
+STAGES = {
+    "convnet": lambda widths=(32, 64, 128, 256), **_: [f"block{i + 1}" for i in range(len(widths))],
+    **{name: lambda **_: ["stem", "stage1", "stage2", "stage3", "stage4"]
+       for name in ENCODERS if name.startswith("resnet")},
+}
+
+
+def _check(name: str):
+    if name not in ENCODERS:
+        raise ValueError(f"Unknown encoder {name!r} (config.model.name); valid: {sorted(ENCODERS)}.")
+
+
+def make_encoder(name: str, **kwargs) -> nn.Module:
+    """The encoder called `name`, built with kwargs (e.g. width, stem, dtype, bn_groups)."""
+    _check(name)
+    try:
+        return ENCODERS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"config.model for {name!r}: {e}") from None
+
+
+def stages(name: str, **kwargs) -> list[str]:
+    """Stage names `name` returns, shallow to deep."""
+    _check(name)
+    return STAGES[name](**kwargs)
+
+
+def final_stage(name: str, **kwargs) -> str:
+    return stages(name, **kwargs)[-1]
+
+
+__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "ResNet",
+           "final_stage", "make_encoder", "stages"]
