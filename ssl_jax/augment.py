@@ -356,15 +356,6 @@ def moco_v2_view_config(**overrides) -> ml_collections.ConfigDict:
                    overrides)
 
 
-def byol_view_configs(**overrides) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    """BYOL / SimCLR v2 asymmetric pair (use one per view): jitter (0.4, 0.4, 0.2, 0.1)
-    with p 0.8; view 1 always blurred, never solarized; view 2 blurred with p 0.1,
-    solarized with p 0.2. overrides apply to both."""
-    return tuple(_recipe(dict(jitter_strength=1.0, blur_p=blur_p, solarize_p=sol_p),
-                         (0.4, 0.4, 0.2, 0.1), overrides)
-                 for blur_p, sol_p in ((1.0, 0.0), (0.1, 0.2)))
-
-
 def eval_view_config(**overrides) -> ml_collections.ConfigDict:
     """Deterministic view for evaluation: center crop (crop_frac, crop_size) and
     normalise only."""
