@@ -3,6 +3,10 @@
 Features are L2-normalised; each test example takes its k most cosine-similar
 train examples, and each neighbour votes for its label with weight
 exp(similarity / temperature). NPID's defaults: k=200, temperature=0.07.
+
+Test examples are scored in fixed-size batches against the whole train bank:
+the (batch, N) similarity matrix is the only large intermediate (256 x 60000
+float32 = 61 MB), and padding the last batch keeps one compiled program.
 """
 from __future__ import annotations
 
@@ -12,60 +16,73 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.eval.linear import _check
+from ssl_jax.eval.linear import check_inputs
 
 
-def _normalise(x):
+def _normalise(x: jax.Array) -> jax.Array:
+    """x: (N, D) -> rows of unit L2 norm; an all-zero row stays zero (similarity 0 to all)."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
-def _votes(query, bank, bank_labels, *, k: int, num_classes: int, temperature: float):
-    """query (Q, D), bank (N, D), both normalised, bank_labels (N,) -> class scores (Q, C)."""
+def _votes(query, bank, bank_labels, temperature, *, k: int, num_classes: int):
+    """query (Q, D), bank (N, D), both normalised, bank_labels (N,) int32 -> scores (Q, C).
+
+    A query's weights are exp((sim - sim_max) / T): NPID's exp(sim / T) times a
+    per-query constant, which changes no vote but cannot overflow float32 at a
+    small temperature (exp(1 / 0.01) would).
+    """
+    # HIGHEST: on GPU/TPU the default bf16 passes would blur close neighbours.
     sim = jnp.dot(query, bank.T, precision=jax.lax.Precision.HIGHEST)  # (Q, N)
-    top_sim, top_idx = jax.lax.top_k(sim, k)  # (Q, k)
-    weights = jnp.exp(top_sim / temperature)
-    onehot = jax.nn.one_hot(bank_labels[top_idx], num_classes)  # (Q, k, C)
-    return jnp.einsum("qk,qkc->qc", weights, onehot)
+    top_sim, top_idx = jax.lax.top_k(sim, k)  # (Q, k), most similar first
+    weights = jnp.exp((top_sim - top_sim[:, :1]) / temperature)
+    rows = jnp.arange(query.shape[0])[:, None]
+    # Scatter-add rather than a (Q, k, C) one-hot, which is 200 MB per batch at C = 1000.
+    return jnp.zeros((query.shape[0], num_classes), jnp.float32).at[
+        rows, bank_labels[top_idx]].add(weights)
 
 
 def knn_scores(train_x, train_y, test_x, *, num_classes: int, k: int = 200,
                temperature: float = 0.07, batch_size: int = 256) -> np.ndarray:
-    """-> (M, num_classes) summed neighbour weights per class for each test row.
+    """train_x (N, D), train_y (N,) int, test_x (M, D) -> (M, num_classes) float32 votes.
 
-    Test rows are scored in batches of batch_size (the last one padded) so the
-    (batch, N) similarity matrix stays small and the function compiles once.
+    Row i holds, per class, the summed weights of test row i's k nearest train
+    rows, scaled so the nearest neighbour weighs 1. k is clipped to N. Inputs
+    are not validated here: knn_classify does that.
     """
     bank = _normalise(jnp.asarray(train_x, jnp.float32))
     labels = jnp.asarray(train_y, jnp.int32)
     k = int(min(k, len(bank)))
     test_x = np.asarray(test_x, np.float32)
     m = len(test_x)
+    bs = max(1, min(batch_size, m))  # a small test set need not be padded to a full batch
     out = []
-    for i in range(0, m, batch_size):
-        q = test_x[i:i + batch_size]
-        pad = batch_size - len(q)
-        q = np.pad(q, ((0, pad), (0, 0)))
-        s = _votes(_normalise(jnp.asarray(q)), bank, labels, k=k, num_classes=num_classes,
-                   temperature=float(temperature))
-        out.append(np.asarray(s)[:batch_size - pad])
+    for i in range(0, m, bs):
+        q = test_x[i:i + bs]
+        n_real = len(q)
+        q = np.pad(q, ((0, bs - n_real), (0, 0)))  # zero rows: scored, then dropped
+        s = _votes(_normalise(jnp.asarray(q)), bank, labels, jnp.float32(temperature), k=k,
+                   num_classes=num_classes)
+        out.append(np.asarray(s)[:n_real])
     return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 
 
 def knn_classify(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 200,
                  temperature: float = 0.07, batch_size: int = 256) -> dict:
-    """train_x (N, D), train_y (N,), test_x (M, D), test_y (M,) -> {"top1", "top5"} in percent."""
-    train_x, test_x = np.asarray(train_x), np.asarray(test_x)
-    train_y, test_y = np.asarray(train_y).astype(np.int32), np.asarray(test_y).astype(np.int32)
-    _check(train_x, train_y, num_classes, "train")
-    _check(test_x, test_y, num_classes, "test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train and test features differ in width: {train_x.shape[1]} vs "
-                         f"{test_x.shape[1]}.")
+    """Weighted kNN of test rows among train rows.
+
+    train_x: (N, D), train_y: (N,) int in [0, num_classes); test_x: (M, D), test_y: (M,).
+    Returns {"top1", "top5": test accuracy in percent, "k": the k used (clipped to N),
+    "temperature"}. Raises ValueError on malformed input (see linear.check_inputs).
+    """
+    train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
+    if k < 1 or not temperature > 0 or batch_size < 1:
+        raise ValueError(f"need k >= 1, temperature > 0, batch_size >= 1; got {k}, "
+                         f"{temperature}, {batch_size}.")
     k = int(min(k, len(train_x)))
     scores = knn_scores(train_x, train_y, test_x, num_classes=num_classes, k=k,
                         temperature=temperature, batch_size=batch_size)
-    # Stable ranking: ties go to the lower class index, like argmax.
+    # Stable ranking: tied classes go to the lower index, as argmax does.
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, num_classes)]
     hit = ranked == test_y[:, None]
     return {"top1": float(100.0 * hit[:, 0].mean()), "top5": float(100.0 * hit.any(1).mean()),

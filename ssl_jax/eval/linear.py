@@ -21,6 +21,7 @@ retrained on all of train. The test split is never looked at until the end.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -50,10 +51,35 @@ def _logits(params, x):
 
 def _loss(params, x, y, wds):
     """Sum over the sweep of mean cross-entropy + 0.5 * wd * |W|^2; y: (B,) int32, wds: (S,)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(_logits(params, x), y[None])
+    logits = _logits(params, x)
+    # Labels broadcast explicitly: optax does not promise to broadcast (1, B) against (S, B, C).
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                         jnp.broadcast_to(y, logits.shape[:2]))
     l2 = 0.5 * wds * jnp.sum(jnp.square(params["w"]), axis=(1, 2))
     # The probes share no parameters, so the sum's gradient is each probe's own.
     return jnp.sum(jnp.mean(ce, axis=1) + l2)
+
+
+def _optimizer(lr: float, total_steps: int) -> optax.GradientTransformation:
+    return optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=0.9, nesterov=True)
+
+
+# Module level with hyperparameters static: probes of the same shapes (stages of one width,
+# repeated evaluations) reuse one compiled epoch instead of compiling a fresh closure each.
+@functools.partial(jax.jit, static_argnames=("lr", "total_steps", "batch_size"))
+def _epoch(params, opt_state, key, x, y, wds, *, lr: float, total_steps: int, batch_size: int):
+    """One epoch: N // batch_size minibatches of a permutation of x (N, D) -> new state."""
+    tx = _optimizer(lr, total_steps)
+    steps = x.shape[0] // batch_size  # the N % batch_size rows left out differ from epoch to epoch
+    order = jax.random.permutation(key, x.shape[0])[:steps * batch_size]
+
+    def step(carry, idx):
+        params, opt_state = carry
+        grads = jax.grad(_loss)(params, x[idx], y[idx], wds)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    return jax.lax.scan(step, (params, opt_state), order.reshape(steps, batch_size))[0]
 
 
 def _fit(x: np.ndarray, y: np.ndarray, wds: Sequence[float], *, num_classes: int, epochs: int,
@@ -70,31 +96,15 @@ def _fit(x: np.ndarray, y: np.ndarray, wds: Sequence[float], *, num_classes: int
         x = (x - mean) * inv_std
     else:
         mean, inv_std = jnp.zeros(d), jnp.ones(d)
-    y = jnp.asarray(y, jnp.int32)
-    wds = jnp.asarray(wds, jnp.float32)
     bs = min(batch_size, n)
-    steps = n // bs  # the n % bs rows left out differ from epoch to epoch
-    tx = optax.sgd(optax.cosine_decay_schedule(lr, max(epochs * steps, 1)),
-                   momentum=0.9, nesterov=True)
+    hyper = dict(lr=float(lr), total_steps=max(epochs * (n // bs), 1), batch_size=bs)
     s = len(wds)
     params = {"w": jnp.zeros((s, d, num_classes)), "b": jnp.zeros((s, num_classes))}
-    opt_state = tx.init(params)
-
-    @jax.jit  # data as arguments: a closed-over array would be baked into the program
-    def epoch(params, opt_state, key, x, y):
-        order = jax.random.permutation(key, n)[:steps * bs].reshape(steps, bs)
-
-        def step(carry, idx):
-            params, opt_state = carry
-            grads = jax.grad(_loss)(params, x[idx], y[idx], wds)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        return jax.lax.scan(step, (params, opt_state), order)[0]
-
-    key = jax.random.key(seed)
+    opt_state = _optimizer(hyper["lr"], hyper["total_steps"]).init(params)
+    y, wds, key = jnp.asarray(y, jnp.int32), jnp.asarray(wds, jnp.float32), jax.random.key(seed)
     for e in range(epochs):
-        params, opt_state = epoch(params, opt_state, jax.random.fold_in(key, e), x, y)
+        params, opt_state = _epoch(params, opt_state, jax.random.fold_in(key, e), x, y, wds,
+                                   **hyper)
     return dict(params, mean=mean, inv_std=inv_std)
 
 
@@ -115,17 +125,42 @@ def accuracy(params, x: np.ndarray, y: np.ndarray, chunk: int = 16384) -> np.nda
     return 100.0 * correct / len(x)
 
 
-def _check(x, y, num_classes, name):
-    if x.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"{name} features must be (N, D) with N = len(labels); "
-                         f"got {x.shape} and {len(y)} labels.")
+def _check_split(x: np.ndarray, y: np.ndarray, num_classes: int, name: str) -> None:
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"{name} features must be (N, D) and labels (N,) with N = len(labels); "
+                         f"got features {x.shape} and labels {y.shape}.")
+    if not len(x):
+        raise ValueError(f"{name} split is empty.")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ValueError(f"{name} features must be numeric; got dtype {x.dtype}.")
     if not np.isfinite(x).all():
         raise ValueError(f"{name} features contain NaN or Inf (rows "
                          f"{np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()}...): "
                          "the encoder diverged or the checkpoint is corrupt.")
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    # Checked before any cast: float labels would be truncated to int silently.
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name} labels must be integers; got dtype {y.dtype}.")
+    if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"{name} labels must lie in [0, {num_classes}); "
                          f"got [{y.min()}, {y.max()}].")
+
+
+def check_inputs(train_x, train_y, test_x, test_y, num_classes: int):
+    """Validates a train/test pair of features and labels; raises ValueError naming the problem.
+
+    Returns (train_x (N, D), train_y (N,) int32, test_x (M, D), test_y (M,) int32) as numpy.
+    Shared by the offline evaluators so that they reject the same inputs the same way.
+    """
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+    train_x, test_x = np.asarray(train_x), np.asarray(test_x)
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    _check_split(train_x, train_y, num_classes, "train")
+    _check_split(test_x, test_y, num_classes, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"train and test features differ in width: {train_x.shape[1]} vs "
+                         f"{test_x.shape[1]}.")
+    return train_x, train_y.astype(np.int32), test_x, test_y.astype(np.int32)
 
 
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -138,30 +173,35 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
     train_x: (N, D) float32, train_y: (N,) int in [0, num_classes); test_x: (M, D), test_y: (M,).
     weight_decay: one value, or a sequence to choose from on a held-out 10% of train.
     Returns {"top1", "top5": test accuracy in percent, "train_top1", "weight_decay": the value
-    used, "sweep": {wd: held-out top-1} (only when sweeping), "params": {"w": (D, C),
+    used, "sweep": {wd: held-out top-1} (only when sweeping over > 1 value), "params": {"w": (D, C),
     "b": (C,), "mean": (D,), "inv_std": (D,)} numpy; logits = ((x - mean) * inv_std) @ w + b}.
     """
-    train_x, test_x = np.asarray(train_x), np.asarray(test_x)
-    train_y, test_y = np.asarray(train_y).astype(np.int32), np.asarray(test_y).astype(np.int32)
-    _check(train_x, train_y, num_classes, "train")
-    _check(test_x, test_y, num_classes, "test")
+    train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, "
+                         f"{batch_size}, {lr}.")
+    wds = [float(w) for w in np.atleast_1d(weight_decay)]
+    if not wds or not all(np.isfinite(w) and w >= 0 for w in wds):
+        raise ValueError(f"weight_decay must be >= 0 (or a non-empty sequence of such); "
+                         f"got {weight_decay!r}.")
     fit = dict(num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                standardize=standardize)
-    result = {}
-    if np.ndim(weight_decay):
-        wds = [float(w) for w in weight_decay]
+    result, best = {}, wds[0]
+    if len(wds) > 1:
+        if len(train_x) < 2:
+            raise ValueError("a weight-decay sweep needs >= 2 train examples to hold one out.")
         order = np.random.default_rng(seed).permutation(len(train_x))
         n_val = max(1, int(round(VAL_FRACTION * len(train_x))))
         val, fit_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
         params = _fit(train_x[fit_rows], train_y[fit_rows], wds, **fit)
         val_top1 = accuracy(params, train_x[val], train_y[val])[:, 0]
         result["sweep"] = {wd: float(a) for wd, a in zip(wds, val_top1)}
-        weight_decay = wds[int(np.argmax(val_top1))]  # ties go to the first listed
-    params = _fit(train_x, train_y, [float(weight_decay)], **fit)
+        best = wds[int(np.argmax(val_top1))]  # ties go to the first listed
+    params = _fit(train_x, train_y, [best], **fit)
     test_acc = accuracy(params, test_x, test_y)[0]
     result.update(top1=float(test_acc[0]), top5=float(test_acc[1]),
                   train_top1=float(accuracy(params, train_x, train_y)[0, 0]),
-                  weight_decay=float(weight_decay))
+                  weight_decay=best)
     result["params"] = {"w": np.asarray(params["w"][0]), "b": np.asarray(params["b"][0]),
                         "mean": np.asarray(params["mean"]),
                         "inv_std": np.asarray(params["inv_std"])}
@@ -175,6 +215,8 @@ def train_linear_probes(train_feats: dict[str, np.ndarray], train_y: np.ndarray,
 
     kwargs are train_linear_probe's (num_classes required); every stage gets the same seed.
     """
+    if not train_feats:
+        raise ValueError("train_feats is empty: no stage to probe.")
     missing = sorted(set(train_feats) ^ set(test_feats))
     if missing:
         raise ValueError(f"stages {missing} are in only one of train_feats and test_feats.")
