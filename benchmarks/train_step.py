@@ -1,6 +1,7 @@
 r"""Train-step throughput of the demo's methods, model and batch on this machine.
 
-    python benchmarks/train_step.py [--methods simclr,moco] [--steps 20] [--data_dir DIR]
+    python benchmarks/train_step.py [--methods simclr,moco] [--convs xla,im2col_wgrad]
+                                    [--steps 20] [--data_dir DIR]
 
 For each method, with the config the demo uses (configs/<method>.py:dataset=fashion_mnist):
   * step:       the jitted train step alone (on-device views + forward + backward +
@@ -9,6 +10,8 @@ For each method, with the config the demo uses (configs/<method>.py:dataset=fash
                 fashion_mnist (host batch -> device -> step), median per step;
   * input:      the iterator alone, images/s;
   * compile:    seconds to compile the step.
+Each method runs once per convolution implementation in --convs (models/conv.py),
+so the effect of the matmul weight gradient is measured side by side.
 Prints them and writes benchmarks/results/train_step.json.
 """
 from __future__ import annotations
@@ -28,9 +31,11 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ssl_jax import methods, parallel  # noqa: E402
 from ssl_jax.data import pipeline, prepare  # noqa: E402
-from ssl_jax.train import make_train_step, optimizer, state_initializer  # noqa: E402
+from ssl_jax.train import (make_train_step, optimizer, state_initializer,  # noqa: E402
+                           state_sharding)
 
 _METHODS = flags.DEFINE_list("methods", ["simclr", "moco"], "Methods (configs/<name>.py).")
+_CONVS = flags.DEFINE_list("convs", ["xla", "im2col_wgrad"], "config.model.conv values.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after 3 warm-up).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
 _OUT = flags.DEFINE_string(
@@ -49,9 +54,10 @@ def _median_step_s(run_one, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, data_dir: str, steps: int) -> dict:
+def bench(name: str, conv: str, data_dir: str, steps: int) -> dict:
     config = importlib.import_module(f"configs.{name}").get_config("dataset=fashion_mnist")
     config.data_dir = data_dir
+    config.model.conv = conv
     mesh = parallel.make_mesh()
     method = methods.get(config.method)
     source = pipeline.open_source(config.dataset, config.train_split, data_dir)
@@ -60,9 +66,10 @@ def bench(name: str, data_dir: str, steps: int) -> dict:
                                  worker_count=config.data.worker_count)
     with jax.set_mesh(mesh):
         batch = parallel.global_batch(next(it), mesh)
-        state = jax.jit(state_initializer(config, method, tx),
-                        out_shardings=parallel.replicated(mesh))(batch["image"])
-        step_fn = make_train_step(config, method, tx, schedule, mesh)
+        init = state_initializer(config, method, tx)
+        state_sh = state_sharding(method, jax.eval_shape(init, batch["image"]), mesh)
+        state = jax.jit(init, out_shardings=state_sh)(batch["image"])
+        step_fn = make_train_step(config, method, tx, schedule, mesh, state_sh)
         t = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
@@ -95,10 +102,10 @@ def main(argv):
     data_dir = _DATA_DIR.value or pipeline.default_data_dir()
     prepare.prepare("fashion_mnist", data_dir)
     rows = []
-    for name in _METHODS.value:
-        r = bench(name, data_dir, _STEPS.value)
+    for name, conv in [(n, c) for n in _METHODS.value for c in _CONVS.value]:
+        r = bench(name, conv, data_dir, _STEPS.value)
         rows.append(r)
-        print(f"{name:7s} B={r['batch_size']}: step {r['step_ms']} ms = "
+        print(f"{name:7s} {conv:13s} B={r['batch_size']}: step {r['step_ms']} ms = "
               f"{r['step_images_per_s']} img/s | end-to-end {r['end_to_end_images_per_s']} img/s"
               f" | input alone {r['input_images_per_s']} img/s | compile {r['compile_s']} s",
               flush=True)

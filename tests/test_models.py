@@ -22,7 +22,9 @@ def test_convnet_stages_shapes():
     _, feats = _init_apply(net, jnp.zeros((2, 28, 28, 1)))
     assert {k: v.shape for k, v in feats.items()} == {
         "block1": (2, 14, 14, 8), "block2": (2, 7, 7, 16), "block3": (2, 3, 3, 32),
-        "block4": (2, 1, 1, 64)}
+        "block4": (2, 3, 3, 64)}
+    net = models.make_encoder("convnet", widths=(8, 16, 32, 64), last_pool=True)
+    assert _init_apply(net, jnp.zeros((2, 28, 28, 1)))[1]["block4"].shape == (2, 1, 1, 64)
     assert models.stages("convnet", widths=(8, 16, 32)) == ["block1", "block2", "block3"]
     assert models.final_stage("convnet", widths=(8, 16, 32)) == "block3"
 
@@ -108,3 +110,48 @@ def test_registry_errors():
         models.make_encoder("resnet19")
     with pytest.raises(ValueError, match="config.model for 'convnet'"):
         models.make_encoder("convnet", stem="small")
+
+
+@pytest.mark.parametrize("kernel,strides,padding,shape", [
+    ((3, 3), (1, 1), "SAME", (4, 14, 14, 5)),
+    ((3, 3), (2, 2), "SAME", (3, 9, 8, 4)),        # odd sizes: asymmetric SAME padding
+    ((7, 7), (2, 2), "SAME", (2, 16, 16, 3)),      # an ImageNet stem
+    ((1, 1), (2, 2), "VALID", (2, 8, 8, 6)),       # a ResNet projection shortcut
+    ((3, 3), (1, 1), ((2, 0), (1, 1)), (2, 6, 6, 2)),
+])
+def test_im2col_wgrad_conv_equals_lax_values_and_gradients(kernel, strides, padding, shape):
+    from ssl_jax.models import conv
+    kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, kernel + (shape[-1], 7))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def run(fn):
+        f = lambda x, w: fn(x, w, strides, padding, dimension_numbers=dn)
+        y, vjp = jax.vjp(f, x, w)
+        return (y,) + vjp(jax.random.normal(kd, y.shape))
+
+    ours, ref = run(conv.conv_general_dilated), run(jax.lax.conv_general_dilated)
+    for name, a, b in zip(("y", "dx", "dw"), ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()),
+                                   err_msg=name)
+    # The patches really are the im2col of the input: the forward through them is the conv.
+    pads = jax.lax.padtype_to_pads(shape[1:3], kernel, strides, padding) \
+        if isinstance(padding, str) else padding
+    p = conv.patches(x, kernel, strides, pads)
+    np.testing.assert_allclose(p @ w.reshape(-1, 7), ref[0], rtol=1e-4, atol=1e-3)
+
+
+def test_encoders_train_identically_with_either_conv():
+    x = jax.random.normal(jax.random.key(3), (4, 28, 28, 1))
+    grads = {}
+    for impl in ("xla", "im2col_wgrad"):
+        net = models.make_encoder("convnet", widths=(4, 8, 8, 16), conv=impl)
+        v = net.init(jax.random.key(0), x, train=True)
+        loss = lambda p: jnp.sum(net.apply({**v, "params": p}, x, train=True,
+                                           mutable=["batch_stats"])[0]["block4"] ** 2)
+        grads[impl] = jax.grad(loss)(v["params"])
+    for a, b in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads["im2col_wgrad"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="conv='cudnn'"):
+        models.make_encoder("convnet", conv="cudnn").init(jax.random.key(0), x, train=True)

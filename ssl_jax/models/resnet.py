@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.models.conv import CONV_IMPLS
 from ssl_jax.models.norm import BatchNorm
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -64,16 +65,20 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     dtype: Any = jnp.float32
     bn_groups: int = 1
+    conv: str = "xla"  # or "im2col_wgrad": models/conv.py, for CPUs
 
     @nn.compact
     def __call__(self, x, train: bool):
+        if self.conv not in CONV_IMPLS:
+            raise ValueError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
         if self.depth not in STAGE_SIZES:
             raise ValueError(f"ResNet depth {self.depth}: use one of {sorted(STAGE_SIZES)}.")
         if self.stem not in ("imagenet", "small"):
             raise ValueError(f"ResNet stem {self.stem!r}: use 'imagenet' or 'small'.")
         conv = lambda *a, **k: nn.Conv(*a, use_bias=False, padding="SAME", dtype=self.dtype,
                                        param_dtype=jnp.float32,
-                                       kernel_init=nn.initializers.he_normal(), **k)
+                                       kernel_init=nn.initializers.he_normal(),
+                                       conv_general_dilated=CONV_IMPLS[self.conv], **k)
         norm = lambda **k: BatchNorm(groups=self.bn_groups, **k)
         block = Bottleneck if self.depth >= 50 else BasicBlock
         base = int(64 * self.width)
