@@ -12,11 +12,12 @@ import ml_collections
 UNITS = ("steps", "epochs", "examples")
 
 
-def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None) -> int | None:
+def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None):
     """Turns `{name}_steps` / `{name}_epochs` / `{name}_examples` into steps.
 
     Exactly one of the three may be set (not None); e.g. steps(config, "total", ...)
     reads config.total_steps, config.total_epochs or config.total_examples.
+    A tuple (e.g. optimizer.decay_epochs=(30, 60, 80)) gives a tuple of steps.
     """
     given = {u: config.get(f"{name}_{u}") for u in UNITS}
     given = {u: v for u, v in given.items() if v is not None}
@@ -26,11 +27,14 @@ def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None
     if not given:
         return default
     (unit, value), = given.items()
-    if unit == "steps":
-        return int(value)
-    if unit == "epochs":
-        return max(1, int(round(value * steps_per_epoch)))
-    return max(1, int(round(value / batch_size)))
+
+    def convert(v):
+        if unit == "steps":
+            return int(v)
+        if unit == "epochs":
+            return max(1, int(round(v * steps_per_epoch)))
+        return max(1, int(round(v / batch_size)))
+    return tuple(convert(v) for v in value) if isinstance(value, (tuple, list)) else convert(value)
 
 
 def nearest_keys(key: str, valid) -> str:

@@ -74,3 +74,25 @@ def tiny_dataset(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tiny"))
     arrays.build_from_arrays("tiny_rgb", data_dir, data, num_classes=5)
     return data_dir, data
+
+
+# ---------------------------------------------------------------------- jit
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent compilation cache for one test: repeated train() calls
+    (train, crash, resume) compile the same programs, and compiling dominates
+    a tiny run's time. reset_cache: JAX memoises whether a cache is in use."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = [getattr(jax.config, n) for n in names]
+    cc.reset_cache()
+    jax.config.update(names[0], str(tmp_path / "xla_cache"))
+    jax.config.update(names[1], 0.0)
+    yield
+    cc.reset_cache()
+    for n, v in zip(names, old):
+        jax.config.update(n, v)
