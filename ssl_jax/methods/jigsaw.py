@@ -1,0 +1,113 @@
+"""Jigsaw (Noroozi & Favaro 2016): solve 3x3 puzzles made from the image.
+
+Each image gives 9 tiles (ssl_jax/jigsaw.py), shuffled by one of P fixed
+permutations of maximal Hamming distance; the network predicts which:
+
+  tiles (B, 9, t, t, C) -> (B*9, t, t, C), one image's tiles adjacent
+    -> shared encoder, final stage globally average-pooled     (B*9, c)
+    -> per-tile linear embedding + BN + ReLU                   (B*9, dim)
+    -> concatenated in the shuffled order                      (B, 9*dim)
+    -> MLP classifier (config.head.layers)                     (B, P) logits
+
+and is trained with cross-entropy against the permutation's index.
+
+config.jigsaw: num_perms (P), perm_seed, tiles (fields of
+jigsaw.tile_view_config; mean and std come from config.aug, which also
+describes the whole-image eval view). config.head: dim (per-tile embedding),
+hidden, layers (of the classifier).
+
+One encoder pass over all B*9 tiles: BN statistics cover every tile of the
+global batch (synchronised under jit), and the loss is a plain mean over the
+global batch, so loss and gradients are the same on 1 or 8 devices. The tiles
+of an image are adjacent rows, so reshaping keeps each device's rows on it.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import jigsaw as puzzle
+from ssl_jax import losses, models
+from ssl_jax.methods import network
+
+
+class JigsawHead(nn.Module):
+    """pooled tile features (B*9, c), shuffled order -> permutation logits (B, P) float32."""
+    dim: int
+    hidden: int
+    num_perms: int
+    layers: int = 2
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(self.dim, use_bias=False, name="embed")(x.astype(jnp.float32))
+        x = nn.relu(models.BatchNorm(name="embed_bn")(x, train))
+        # The order of a puzzle's tiles along this axis is what the classifier reads.
+        x = x.reshape((-1, puzzle.NUM_TILES * self.dim))
+        return models.MLPHead(hidden=self.hidden, out=self.num_perms, num_layers=self.layers,
+                              name="classifier")(x, train)
+
+
+def _net(config) -> network.EncoderHead:
+    h = config.head
+    return network.EncoderHead(
+        encoder=network.make_encoder(config.model),
+        head=JigsawHead(dim=h.dim, hidden=h.hidden, num_perms=config.jigsaw.num_perms,
+                        layers=h.layers),
+        stage=network.final_stage(config.model))
+
+
+def tile_config(config):
+    """The tile view config of a run: config.jigsaw.tiles with config.aug's mean/std."""
+    return puzzle.tile_view_config(**dict(config.jigsaw.tiles.to_dict(),
+                                          mean=tuple(config.aug.mean), std=tuple(config.aug.std)))
+
+
+def perms(config):
+    """(P, 9) int32: the constant permutation table (not a parameter; see jigsaw.permutations)."""
+    return puzzle.permutations(config.jigsaw.num_perms, config.jigsaw.perm_seed)
+
+
+def check(config, global_batch: int) -> None:
+    """Raises before compiling on impossible tiles; computes (and caches) the permutations."""
+    del global_batch
+    puzzle.tile_geometry(tile_config(config))
+    perms(config)
+
+
+def views(rng, images, config) -> dict:
+    """images: (B, H, W, C) uint8 -> {"tiles": (B, 9, t, t, C) float32 shuffled,
+    "perm_index": (B,) int32}."""
+    t, index = puzzle.batch_jigsaw(rng, images, tile_config(config), perms(config))
+    return {"tiles": t, "perm_index": index}
+
+
+def _flat(tiles):
+    return tiles.reshape((-1,) + tiles.shape[2:])   # (B, 9, ...) -> (B*9, ...), tiles adjacent
+
+
+def init(rng, views, config):
+    tiles = _flat(views["tiles"])
+    net = _net(config)
+    # A final map with no pixels would pool to NaN: say so instead of training on it.
+    final = jax.eval_shape(lambda x: net.encoder.init_with_output(rng, x, train=False)[0],
+                           tiles[:1])[net.stage]
+    if 0 in final.shape[1:3]:
+        raise ValueError(
+            f"{config.model.name} maps {tiles.shape[1]}x{tiles.shape[2]} px tiles to an empty "
+            f"{net.stage} ({final.shape[1]}x{final.shape[2]}): raise config.jigsaw.tiles.tile_size "
+            "(or tile_side / crop_size), or use an encoder with fewer downsampling stages.")
+    params, batch_stats = network.init(net, rng, tiles)
+    return params, {"batch_stats": batch_stats}
+
+
+def loss(params, state, views, indices, rng, config):
+    """Returns (loss, (metrics, new_state)); indices and rng are unused."""
+    del indices, rng
+    _, logits, batch_stats = network.apply(_net(config), params, state["batch_stats"],
+                                           _flat(views["tiles"]), train=True)
+    labels = views["perm_index"]
+    value = jnp.mean(losses.cross_entropy(logits, labels))
+    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    return value, ({"perm_acc": acc}, {"batch_stats": batch_stats})
