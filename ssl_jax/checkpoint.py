@@ -69,5 +69,9 @@ class Checkpointer:
 
 
 def abstract(tree, sharding) -> object:
-    """ShapeDtypeStructs of `tree` (arrays or shapes) placed with `sharding`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """ShapeDtypeStructs of `tree` (arrays or shapes) placed with `sharding`:
+    one Sharding for every leaf, or a pytree of them with tree's structure."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding)

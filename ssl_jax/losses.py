@@ -79,3 +79,42 @@ def info_nce_queue(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: fl
     loss = _global_mean(jnp.sum(cross_entropy(logits, labels)), b, axis_name)
     acc = _global_mean(jnp.sum(jnp.argmax(logits, -1) == 0), b, axis_name)
     return loss, {"contrast_acc": acc}
+
+
+def _global_log_mean_exp(x: jax.Array, axis_name: str | None) -> jax.Array:
+    """log(mean(exp(x))) over every element of x on every device, overflow-free."""
+    m = jnp.max(x) if axis_name is None else jax.lax.pmax(jnp.max(x), axis_name)
+    return m + jnp.log(_global_mean(jnp.sum(jnp.exp(x - m)), x.size, axis_name))
+
+
+def nce(z: jax.Array, pos: jax.Array, neg: jax.Array, temperature: float, num_data: int,
+        log_z: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, dict]:
+    """NPID's / PIRL's noise-contrastive estimation against a memory bank.
+
+    z: (b, D) embeddings (L2-normalised here; gradients flow); pos: (b, D) each
+    example's memory row; neg: (K, D) rows drawn uniformly from the bank, shared
+    by the global batch (pos and neg are constants). With s = z.m / temperature,
+    P(m) = exp(s) / Z and noise probability 1/N:
+      h(m) = P / (P + K/N),  loss = mean_i [-log h(pos_i) - sum_k log(1 - h(neg_k))].
+    log_z: () the stored log Z; -inf means "not estimated yet", and then Z is
+    estimated from this global batch as N * mean(exp(s)) over all b x (K + 1)
+    scores (NPID's rule). Returns (loss, {"contrast_acc", "log_z"}); store the
+    returned log_z so Z stays fixed afterwards.
+    """
+    z = l2_normalize(z)
+    pos = jax.lax.stop_gradient(pos).astype(jnp.float32)
+    neg = jax.lax.stop_gradient(neg).astype(jnp.float32)
+    s_pos = jnp.sum(z * pos, -1) / temperature                          # (b,)
+    s_neg = z @ neg.T / temperature                                     # (b, K)
+    scores = jnp.concatenate([s_pos[:, None], s_neg], axis=1)
+    estimate = jnp.log(num_data) + _global_log_mean_exp(jax.lax.stop_gradient(scores), axis_name)
+    log_z = jnp.where(jnp.isneginf(log_z), estimate, log_z)
+    # In logs: log h = log P - log(P + K/N); log(1 - h) = log(K/N) - log(P + K/N).
+    log_noise = jnp.log(neg.shape[0] / num_data)
+    log_p = scores - log_z
+    log_denom = jnp.logaddexp(log_p, log_noise)
+    per_example = -(log_p[:, 0] - log_denom[:, 0]) - jnp.sum(log_noise - log_denom[:, 1:], axis=1)
+    b = z.shape[0]
+    loss = _global_mean(jnp.sum(per_example), b, axis_name)
+    acc = _global_mean(jnp.sum(jnp.argmax(scores, -1) == 0), b, axis_name)
+    return loss, {"contrast_acc": acc, "log_z": log_z}

@@ -1,7 +1,9 @@
 """The device mesh, shardings, and running per-shard functions across it.
 
 One 1-D mesh axis, "data", over every device of every process. Parameters and
-method state are replicated; batches are sharded along their leading axis.
+method state are replicated, except state a method shards itself (its
+`state_sharding`, e.g. a memory bank's rows); batches are sharded along their
+leading axis.
 
 Why Auto axes: in this JAX `jax.make_mesh` defaults to Explicit axis types, under
 which `z @ z.T` on a batch-sharded array raises a ShardingTypeError. With Auto
@@ -76,12 +78,15 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
-def on_shards(fn: Callable[..., Any], batch_args: tuple[bool, ...]) -> Callable[..., Any]:
+def on_shards(fn: Callable[..., Any], batch_args: tuple[bool, ...],
+              batch_out: bool = False) -> Callable[..., Any]:
     """Runs `fn(*args, axis_name=...)` on each device's rows of the batch.
 
-    `batch_args[i]` says whether positional argument i is sharded along the
-    batch (its leading axis) or replicated. `fn` must return values that are
-    already reduced across the axis (e.g. with psum), which come back replicated.
+    `batch_args[i]` says whether positional argument i is sharded along its
+    leading axis (a batch, or a memory bank's rows) or replicated. `fn` must
+    return values that are already reduced across the axis (e.g. with psum),
+    which come back replicated; or, with batch_out=True, each device's block of
+    rows, which come back sharded along the leading axis.
     With no ambient mesh (`jax.set_mesh`), or a one-device one, `fn` runs
     directly with `axis_name=None`, so losses are testable without a mesh.
     """
@@ -91,5 +96,6 @@ def on_shards(fn: Callable[..., Any], batch_args: tuple[bool, ...]) -> Callable[
             return fn(*args, axis_name=None)
         specs = tuple(P(AXIS) if b else P() for b in batch_args)
         return jax.shard_map(lambda *a: fn(*a, axis_name=AXIS),
-                             in_specs=specs, out_specs=P(), check_vma=False)(*args)
+                             in_specs=specs, out_specs=P(AXIS) if batch_out else P(),
+                             check_vma=False)(*args)
     return wrapped

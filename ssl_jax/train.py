@@ -58,7 +58,8 @@ def optimizer(config, num_train_examples: int):
     if total_steps is None:
         raise ValueError("Set one of config.total_steps / total_epochs / total_examples.")
     warmup = cfg_lib.steps(config.optimizer, "warmup", **units, default=0)
-    schedule = optim.learning_rate(config.optimizer, config.batch_size, total_steps, warmup)
+    decay = cfg_lib.steps(config.optimizer, "decay", **units, default=())  # "step" schedule
+    schedule = optim.learning_rate(config.optimizer, config.batch_size, total_steps, warmup, decay)
     return total_steps, schedule, optim.make_optimizer(config.optimizer, schedule)
 
 
@@ -76,17 +77,29 @@ def state_initializer(config, method, tx):
     return init_state
 
 
-def make_train_step(config, method, tx, schedule, mesh):
+def state_sharding(method, shapes, mesh):
+    """Where each leaf of the train state lives: replicated, except the method
+    state of a method that says otherwise with `state_sharding(shapes, mesh)`
+    (PIRL/NPID shard their memory bank's rows over the mesh)."""
+    repl = parallel.replicated(mesh)
+    out = jax.tree.map(lambda _: repl, shapes)
+    if hasattr(method, "state_sharding"):
+        out["method_state"] = method.state_sharding(shapes["method_state"], mesh)
+    return out
+
+
+def make_train_step(config, method, tx, schedule, mesh, state_sh):
     """-> jitted (state, batch) -> (state, metrics); the state is donated.
 
     batch: {"image": (B, H, W, C) uint8, "index": (B,) int32} sharded over the
-    mesh's data axis; views are made on device inside the step.
+    mesh's data axis; views are made on device inside the step. state_sh: the
+    state's shardings (`state_sharding`).
     """
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     repl, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     @functools.partial(jax.jit, donate_argnums=0,
-                       in_shardings=(repl, batch_sharding), out_shardings=(repl, repl))
+                       in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, repl))
     def train_step(state, batch):
         # Every random number of step s comes from fold_in(seed, s): resuming at
         # step s replays exactly the randomness an uninterrupted run would use.
@@ -105,7 +118,7 @@ def make_train_step(config, method, tx, schedule, mesh):
 
 
 def train(config, workdir: str):
-    """Trains config.method and returns the final state (replicated arrays)."""
+    """Trains config.method and returns the final state (placed as `state_sharding`)."""
     # ---------------------------------------------------------------- mesh
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh()
@@ -134,18 +147,20 @@ def train(config, workdir: str):
     image_shape = tuple(source[0]["image"].shape)
 
     # ------------------------------------------ method, optimizer and state
-    repl, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    batch_sharding = parallel.batch_sharding(mesh)
     init_state = state_initializer(config, method, tx)
     sample = jax.ShapeDtypeStruct((config.batch_size,) + image_shape, jnp.uint8,
                                   sharding=batch_sharding)
-    abstract_state = checkpoint.abstract(jax.eval_shape(init_state, sample), repl)
+    shapes = jax.eval_shape(init_state, sample)
+    state_sh = state_sharding(method, shapes, mesh)
+    abstract_state = checkpoint.abstract(shapes, state_sh)
 
     # ------------------------------------------------------------- restore
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_ckpts)
     state, start = ckpt.restore(abstract_state, data_iter)
     with jax.set_mesh(mesh):
         if state is None:
-            state = jax.jit(init_state, out_shardings=repl)(
+            state = jax.jit(init_state, out_shardings=state_sh)(
                 jnp.zeros(sample.shape, jnp.uint8, device=batch_sharding))
             start = 0
         elif is_main:
@@ -153,7 +168,7 @@ def train(config, workdir: str):
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     # ----------------------------------------------------------- jitted step
-    train_step = make_train_step(config, method, tx, schedule, mesh)
+    train_step = make_train_step(config, method, tx, schedule, mesh, state_sh)
 
     # ---------------------------------------------------------------- loop
     writer = None

@@ -1,0 +1,254 @@
+"""NPID and PIRL through the network: the same loss, gradients and new state
+(memory bank included) on 1 and on 8 devices for the same global batch and key;
+Z fixed after the first step; one tiny train -> resume -> evaluate run."""
+import functools
+import os
+import pickle
+import shutil
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import npid as npid_config
+from configs import pirl as pirl_config
+from ssl_jax import evaluate, train
+from ssl_jax.methods import pirl
+from tests import multidevice, test_train
+from tests.test_train import tiny_data  # noqa: F401  (a fixture)
+
+B, N = 16, 100
+# A global batch of dataset indices, with one duplicate (the bank's policy applies).
+INDICES = np.array([3, 97, 50, 12, 64, 3, 28, 71, 5, 99, 40, 86, 17, 33, 58, 0], np.int32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_random_compiles():
+    """XLA:CPU compiles partitionable threefry ~10x slower (8 normal draws: 29 s
+    against 3 s here), and network inits are mostly random draws. The values
+    differ between the two modes, but nothing here depends on which is used, only
+    that both sides of a comparison use the same one (the 8-device run too)."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
+def small_config(name):
+    c = {"npid": npid_config, "pirl": pirl_config}[name].get_config("runlocal")
+    c.model.widths = (4, 8, 8, 16)
+    c.head.dim = 8
+    c.memory.update(size=N, pad_to=8, negatives=64)
+    return c
+
+
+@functools.cache  # one compilation per method and process
+def _loss_fn(name):
+    c = small_config(name)
+    return jax.jit(jax.value_and_grad(
+        lambda p, s, v, i: pirl.loss(p, s, v, i, jax.random.key(3), c), has_aux=True))
+
+
+def _flat(prefix, tree):
+    return {f"{prefix}{jax.tree_util.keystr(k)}": np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _npid_inputs(params, state, views):
+    """PIRL's params, state and views restricted to NPID's: no jigsaw branch."""
+    return ({k: params[k] for k in ("encoder", "head")},
+            dict(state, log_z={"image": state["log_z"]["image"]}), {"image": views["image"]})
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """Runs both methods here (one device); saves their inputs for the 8-device run."""
+    c = small_config("pirl")
+    # Stand-ins for the views (their shapes are pinned by test_views_shapes): the
+    # augmentations are tested in their own modules and cost ~45 s to compile here.
+    rng = np.random.default_rng(0)
+    views = {k: jnp.asarray(rng.normal(size=(B,) + s.shape[1:]), jnp.float32)
+             for k, s in _view_shapes("pirl").items()}
+    params, state = pirl.init(jax.random.key(2), views, c)
+    inputs = {"pirl": (params, state, views), "npid": _npid_inputs(params, state, views)}
+    out = {}
+    for name, (p, s, v) in inputs.items():
+        (loss, (metrics, new_state)), grads = _loss_fn(name)(p, s, v, INDICES)
+        # A second step from the new state: Z must not be re-estimated.
+        (_, (metrics2, _)), _ = _loss_fn(name)(p, new_state, v, INDICES[::-1].copy())
+        out[name] = dict(loss=loss, metrics=metrics, metrics2=metrics2,
+                         **_flat("grad", grads), **_flat("state", new_state))
+    path = str(tmp_path_factory.mktemp("inputs") / "inputs.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(jax.device_get(inputs), f)
+    return out, inputs, path
+
+
+def _view_shapes(name):
+    images = jax.ShapeDtypeStruct((B, 28, 28, 1), jnp.uint8)
+    return jax.eval_shape(lambda x: pirl.views(jax.random.key(1), x, small_config(name)), images)
+
+
+def test_views_shapes():
+    assert {k: v.shape for k, v in _view_shapes("npid").items()} == {"image": (B, 28, 28, 1)}
+    pirl_views = _view_shapes("pirl")
+    assert {k: v.shape for k, v in pirl_views.items()} == {
+        "image": (B, 28, 28, 1), "tiles": (B, 9, 16, 16, 1)}
+    assert all(v.dtype == jnp.float32 for v in pirl_views.values())
+
+
+SNIPPET = """
+import pickle, jax, jax.numpy as jnp
+jax.config.update("jax_threefry_partitionable", False)  # as fast_random_compiles
+from ssl_jax import checkpoint, parallel, train
+from ssl_jax.methods import pirl
+from tests.test_pirl import INDICES, _flat, _loss_fn
+with open(INPUTS, "rb") as f:
+    inputs = pickle.load(f)
+mesh = parallel.make_mesh()
+out["devices"] = len(jax.devices())
+with jax.set_mesh(mesh):
+    rows = parallel.batch_sharding(mesh)
+    for name, (p, s, v) in inputs.items():
+        s = jax.device_put(s, pirl.state_sharding(s, mesh))
+        args = (p, s, jax.device_put(v, rows), jax.device_put(INDICES, rows))
+        (loss, (metrics, new_state)), grads = _loss_fn(name)(*args)
+        if name == "npid":  # no collective may move the whole (104, 8) bank
+            hlo = _loss_fn(name).lower(*args).compile().as_text().splitlines()
+            out["whole_bank_collectives"] = np.array(
+                [l for l in hlo if "f32[104,8]" in l and ("all-" in l or "collective" in l)])
+        out[name + "loss"] = loss
+        out.update({name + k: x for k, x in _flat("grad", grads).items()})
+        out.update({name + k: x for k, x in _flat("state", new_state).items()})
+        out[name + "bank_spec"] = np.array(str(new_state["bank"].sharding.spec))
+    # The train loop's shardings, and a checkpoint round trip of the sharded bank.
+    shapes = {"params": p, "method_state": jax.eval_shape(lambda: s)}
+    sh = train.state_sharding(pirl, shapes, mesh)
+    out["train_bank_spec"] = np.array(str(sh["method_state"]["bank"].spec))
+    out["train_param_spec"] = np.array(str(jax.tree.leaves(sh["params"])[0].spec))
+    ckpt = checkpoint.Checkpointer(CKPT_DIR, async_save=False)
+    ckpt.save(1, new_state)
+    ckpt.wait()
+    restored, _ = ckpt.restore_state_only(checkpoint.abstract(new_state, pirl.state_sharding(new_state, mesh)))
+    ckpt.close()
+    out["restored_bank"] = restored["bank"]
+    out["restored_bank_spec"] = np.array(str(restored["bank"].sharding.spec))
+    out["restored_shard_rows"] = np.array([x.data.shape[0] for x in restored["bank"].addressable_shards])
+"""
+
+
+@pytest.fixture(scope="module")
+def eight_devices(one_device, tmp_path_factory):
+    _, _, path = one_device
+    ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
+    snippet = f"INPUTS, CKPT_DIR = {path!r}, {ckpt_dir!r}\n" + SNIPPET
+    return multidevice.run(snippet, tmp_path_factory.mktemp("eight"), devices=8)
+
+
+def test_npid_params_are_pirl_without_the_jigsaw_branch(one_device):
+    _, inputs, _ = one_device
+    c = small_config("npid")
+    views = {"image": jax.ShapeDtypeStruct((B, 28, 28, 1), jnp.float32)}
+    p_shapes, s_shapes = jax.eval_shape(lambda v: pirl.init(jax.random.key(2), v, c), views)
+    p, s, _ = inputs["npid"]
+    assert jax.tree.structure(p_shapes) == jax.tree.structure(p)
+    assert jax.tree.structure(s_shapes) == jax.tree.structure(s)
+    assert pirl.jigsaw_weight(c) == 0.0 and "pirl" not in c and c.method == "npid"
+    assert s["bank"].shape == (104, 8)  # N = 100 padded to a multiple of 8
+
+
+@pytest.mark.parametrize("name", ["npid", "pirl"])
+def test_loss_gradients_and_state_equal_on_one_and_eight_devices(name, one_device, eight_devices):
+    one, eight = one_device[0][name], eight_devices
+    assert int(eight["devices"]) == 8
+    np.testing.assert_allclose(eight[name + "loss"], one["loss"], rtol=2e-5)
+    keys = [k for k in one if k.startswith(("grad", "state"))]
+    assert len(keys) > 10 and any("bank" in k for k in keys)
+    for k in keys:
+        np.testing.assert_allclose(eight[name + k], one[k], rtol=2e-4, atol=2e-5, err_msg=k)
+    assert "data" in str(eight[name + "bank_spec"])  # the bank came back sharded
+    assert eight["whole_bank_collectives"].size == 0, eight["whole_bank_collectives"]
+    assert np.isfinite(one["loss"]) and one["loss"] > 0
+    assert max(np.abs(v).max() for k, v in one.items() if k.startswith("grad")) > 0
+
+
+@pytest.mark.parametrize("name", ["npid", "pirl"])
+def test_bank_rows_of_the_batch_move_and_z_stays_fixed(name, one_device):
+    out, inputs, _ = one_device
+    one = out[name]
+    old = np.asarray(inputs[name][1]["bank"])
+    new = one["state['bank']"]
+    moved = np.flatnonzero(np.any(old != new, axis=1))
+    np.testing.assert_array_equal(moved, np.unique(INDICES))
+    np.testing.assert_allclose(np.linalg.norm(new, axis=1), 1.0, rtol=1e-5)
+    branches = ["image"] + (["jigsaw"] if name == "pirl" else [])
+    assert sorted(k for k in one["metrics"] if k.startswith("log_z")) == [f"log_z_{b}" for b in branches]
+    for b in branches:
+        first = float(one["metrics"][f"log_z_{b}"])
+        assert np.isfinite(first) and one[f"state['log_z']['{b}']"] == first
+        assert float(one["metrics2"][f"log_z_{b}"]) == first  # estimated once, then fixed
+
+
+def test_checkpointed_sharded_bank_restores_sharded(one_device, eight_devices):
+    eight = eight_devices
+    assert "data" in str(eight["train_bank_spec"]) and str(eight["train_param_spec"]) == "P()"
+    np.testing.assert_array_equal(eight["restored_bank"], eight["pirlstate['bank']"])
+    assert "data" in str(eight["restored_bank_spec"])
+    assert list(eight["restored_shard_rows"]) == [13] * 8  # 104 rows over 8 devices
+
+
+def test_infonce_form_is_softmax_cross_entropy_over_the_same_rows():
+    from tests.test_memory import _data, _info_nce_reference
+    z, pos, neg, _ = _data()
+    c = small_config("npid")
+    c.memory.loss = "infonce"
+    value, metrics = pirl._contrast(z, pos, neg, None, c)
+    np.testing.assert_allclose(float(value), _info_nce_reference(z, pos, neg, 0.07), rtol=1e-4)
+    assert "log_z" not in metrics  # no Z in this form (and no -inf metric for the loop)
+    views = {"image": jax.ShapeDtypeStruct((B, 28, 28, 1), jnp.float32)}
+    assert jax.eval_shape(lambda v: pirl.init(jax.random.key(0), v, c), views)[1]["log_z"] == {}
+
+
+def tiny_npid_config(data_dir):
+    # test_train's tiny run, made for NPID: its CONFIGS name the method's config module.
+    with mock.patch.dict(test_train.CONFIGS, {"npid": npid_config}):
+        c = test_train.tiny_config("npid", data_dir)
+    c.memory.update(size=256, pad_to=64, negatives=128)  # tiny_squares: 256 train images
+    return c
+
+
+def test_npid_train_resume_evaluate(tiny_data, tmp_path):  # noqa: F811
+    config = tiny_npid_config(tiny_data)
+    workdir = str(tmp_path / "w")
+    # The second run recompiles the same programs: read them from a disk cache.
+    cache = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jit_cache"))
+    try:
+        full = train.train(config, workdir)
+        assert int(full["step"]) == 6
+        full = jax.device_get(full)
+        # Crash after the step-3 checkpoint: remove step 6, run the same command again.
+        shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+        resumed = jax.device_get(train.train(config, workdir))
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache)
+    assert int(resumed["step"]) == 6
+    for a, b in zip(test_train._leaves(full), test_train._leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    bank_full, bank_resumed = full["method_state"]["bank"], resumed["method_state"]["bank"]
+    np.testing.assert_array_equal(bank_full, bank_resumed)
+    np.testing.assert_array_equal(full["method_state"]["log_z"]["image"],
+                                  resumed["method_state"]["log_z"]["image"])
+    assert bank_resumed.shape == (256, 8)
+    np.testing.assert_allclose(np.linalg.norm(bank_resumed, axis=1), 1.0, rtol=1e-5)
+
+    results = evaluate.evaluate(workdir, ("knn",))
+    assert 0.0 <= results["knn"]["top1"] <= 100.0 and results["knn"]["step"] == 6
+
+
+def test_wrong_memory_size_fails_before_compiling(tiny_data, tmp_path):  # noqa: F811
+    bad = tiny_npid_config(tiny_data)
+    bad.memory.size = 300
+    with pytest.raises(ValueError, match="memory.size=300 but tiny_squares"):
+        train.train(bad, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
