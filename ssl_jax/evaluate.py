@@ -1,10 +1,11 @@
 r"""Offline evaluation of a trained encoder, frozen.
 
-  python -m ssl_jax.evaluate --workdir runs/simclr --eval linear,knn
+  python -m ssl_jax.evaluate --workdir runs/simclr --eval linear,knn [--stages all]
 
-Reads the config and the newest checkpoint of --workdir, extracts the pooled
-features of the final encoder stage for the train and test splits, and runs
-each evaluator. "Offline" means after pretraining, on a frozen encoder (the
+Reads the config and the newest checkpoint of --workdir, extracts the globally
+pooled features of the encoder's stages for the train and test splits, and runs
+each evaluator on each requested stage (`--stages final`, the default; `all`;
+or names such as `block2,block4`). "Offline" means after pretraining, on a frozen encoder (the
 numbers papers report), as opposed to the online probes logged during training.
 Results are printed and written to WORKDIR/eval_<name>.json.
 """
@@ -18,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from ssl_jax import checkpoint, methods, parallel
+from ssl_jax import checkpoint, methods, models, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
 from ssl_jax.eval import features, knn, linear
@@ -29,8 +30,10 @@ from ssl_jax.methods import network
 EVALUATORS = ("linear", "knn")
 
 
-def load_encoder(workdir: str, mesh):
-    """-> (config, encoder module, encoder variables, step) from a workdir's newest checkpoint."""
+def load_encoder(workdir: str, mesh, random_init: bool = False):
+    """-> (config, encoder module, encoder variables, step) from a workdir's newest
+    checkpoint; or, with random_init, the same encoder as initialised (step 0,
+    seed config.seed), the baseline a pretrained encoder must beat."""
     config = cfg_lib.load(workdir)
     method = methods.get(config.method)
     from ssl_jax.train import optimizer, state_initializer  # the one definition of the state
@@ -39,21 +42,57 @@ def load_encoder(workdir: str, mesh):
     sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(source[0]["image"].shape), jnp.uint8)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(state_initializer(config, method, tx), sample)
-    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    state, step = ckpt.restore_state_only(checkpoint.abstract(shapes, parallel.replicated(mesh)))
-    ckpt.close()
+    if random_init:
+        with jax.set_mesh(mesh):
+            state = jax.jit(state_initializer(config, method, tx))(jnp.zeros(sample.shape,
+                                                                              jnp.uint8))
+        step = 0
+    else:
+        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+        state, step = ckpt.restore_state_only(checkpoint.abstract(shapes,
+                                                                  parallel.replicated(mesh)))
+        ckpt.close()
     variables = network.encoder_variables(state["params"], state["method_state"])
     return config, network.make_encoder(config.model), variables, step
 
 
-def evaluate(workdir: str, evals=EVALUATORS) -> dict:
+def _stages(config, stages) -> list[str]:
+    """'final' | 'all' | [names] -> stage names, shallow to deep; errors list the valid ones."""
+    valid = models.stages(config.model.name, **network.encoder_kwargs(config.model))
+    if stages in ("final", ["final"], ("final",)):
+        return [valid[-1]]
+    if stages in ("all", ["all"], ("all",)):
+        return valid
+    names = [stages] if isinstance(stages, str) else list(stages)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"--stages {unknown}: {config.model.name} has stages {valid} "
+                         "(or use 'final' / 'all').")
+    return [n for n in valid if n in names]
+
+
+def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool = False) -> dict:
+    """Runs each evaluator on each stage. Returns {evaluator: record}, where a record
+    holds the deepest requested stage's numbers ("top1", "top5", "stage", ...) and
+    "stages": {stage: {"top1", "top5"}} for every requested stage.
+
+    random_init: evaluate the run's encoder as initialised instead, with its BN
+    statistics measured on the train split (features.calibrate_bn): the random
+    baseline. Results then go to eval_<name>_random_init.json.
+    """
     unknown = [e for e in evals if e not in EVALUATORS]
     if unknown:
         raise ValueError(f"--eval {unknown} unknown; valid: {list(EVALUATORS)}.")
     mesh = parallel.make_mesh()
-    config, encoder, variables, step = load_encoder(workdir, mesh)
-    fn = features.make_features_fn(encoder, features.eval_view_config(config))
-    stage = network.final_stage(config.model)
+    config, encoder, variables, step = load_encoder(workdir, mesh, random_init)
+    names = _stages(config, stages)
+    view_cfg = features.eval_view_config(config)
+    fn = features.make_features_fn(encoder, view_cfg)
+    if random_init:
+        src = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
+        with jax.set_mesh(mesh):
+            variables = features.calibrate_bn(encoder, view_cfg, variables, src,
+                                              batch_size=config.eval.batch_size, mesh=mesh)
     t0 = time.time()
     splits = {}
     for split, limit in ((config.train_split, config.eval.train_examples),
@@ -62,45 +101,64 @@ def evaluate(workdir: str, evals=EVALUATORS) -> dict:
         with jax.set_mesh(mesh):
             feats, labels = features.extract(fn, variables, src, batch_size=config.eval.batch_size,
                                              mesh=mesh, max_examples=limit)
-        splits[split] = (feats[stage], labels)
-    (xtr, ytr), (xte, yte) = splits[config.train_split], splits[config.eval.test_split]
+        splits[split] = ({n: feats[n] for n in names}, labels)
+    (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
     num_classes = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
-    print(f"Features of {stage} at step {step}: train {xtr.shape}, test {xte.shape} "
-          f"({time.time() - t0:.1f}s)", flush=True)
+    print(f"Features of {', '.join(f'{n} {ftr[n].shape[1]}-d' for n in names)} at step {step}: "
+          f"{len(ytr)} train, {len(yte)} test ({time.time() - t0:.1f}s)", flush=True)
 
     results = {}
     for name in evals:
         t0 = time.time()
-        if name == "linear":
-            lc = config.eval.linear
-            r = linear.train_linear_probe(xtr, ytr, xte, yte, num_classes=num_classes,
-                                          epochs=lc.epochs, lr=lc.lr,
-                                          weight_decay=lc.weight_decay,
-                                          batch_size=lc.batch_size, seed=config.seed)
-        else:
-            kc = config.eval.knn
-            r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, k=kc.k,
-                                 temperature=kc.temperature)
-        r = {"top1": float(r["top1"]), "top5": float(r["top5"]), "stage": stage, "step": int(step),
-             "train_examples": int(len(ytr)), "test_examples": int(len(yte)),
-             "seconds": round(time.time() - t0, 1)}
+        per_stage = {n: _run(name, config, ftr[n], ytr, fte[n], yte, num_classes) for n in names}
+        final = names[-1]
+        r = {"top1": per_stage[final]["top1"], "top5": per_stage[final]["top5"], "stage": final,
+             "stages": per_stage, "step": int(step), "random_init": random_init,
+             "train_examples": int(len(ytr)),
+             "test_examples": int(len(yte)), "seconds": round(time.time() - t0, 1)}
         results[name] = r
-        print(f"{name} ({'offline, frozen ' + stage}): top-1 {r['top1']:.2f}%  "
-              f"top-5 {r['top5']:.2f}%  [{config.dataset} {config.eval.test_split}, "
-              f"{r['seconds']}s]", flush=True)
+        what = "offline, frozen" + (", random init" if random_init else "")
+        for n in names:
+            print(f"{name} ({what} {n}): top-1 {per_stage[n]['top1']:.2f}%  "
+                  f"top-5 {per_stage[n]['top5']:.2f}%  [{config.dataset} "
+                  f"{config.eval.test_split}]", flush=True)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
+            suffix = "_random_init" if random_init else ""
+            with open(os.path.join(workdir, f"eval_{name}{suffix}.json"), "w") as f:
                 json.dump(r, f, indent=2)
     return results
 
 
+def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
+    """One evaluator on one stage's features -> {"top1", "top5"} in percent."""
+    if name == "linear":
+        lc = config.eval.linear
+        r = linear.train_linear_probe(xtr, ytr, xte, yte, num_classes=num_classes,
+                                      epochs=lc.epochs, lr=lc.lr, weight_decay=lc.weight_decay,
+                                      batch_size=lc.batch_size, seed=config.seed)
+    else:
+        kc = config.eval.knn
+        r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, k=kc.k,
+                             temperature=kc.temperature)
+    return {"top1": float(r["top1"]), "top5": float(r["top5"])}
+
+
 def main(argv):
     del argv
-    evaluate(flags.FLAGS.workdir, tuple(flags.FLAGS.eval))
+    # TFDS logs every split it opens at INFO; results are what this command prints.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    stages = flags.FLAGS.stages
+    evaluate(flags.FLAGS.workdir, tuple(flags.FLAGS.eval),
+             stages[0] if len(stages) == 1 else stages, flags.FLAGS.random_init)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints).")
     flags.DEFINE_list("eval", list(EVALUATORS), f"Evaluators to run: {', '.join(EVALUATORS)}.")
+    flags.DEFINE_list("stages", ["final"], "Encoder stages to probe: final, all, or names "
+                      "(e.g. block2,block4).")
+    flags.DEFINE_bool("random_init", False, "Evaluate the run's encoder as initialised (BN "
+                      "statistics measured on train): the baseline pretraining must beat.")
     flags.mark_flags_as_required(["workdir"])
     sys.exit(app.run(main))

@@ -187,3 +187,32 @@ def test_bad_settings_raise():
         knn.knn_classify(x, y, x, y, num_classes=4, k=0)
     with pytest.raises(ValueError, match="temperature > 0"):
         knn.knn_classify(x, y, x, y, num_classes=4, temperature=0.0)
+
+
+def test_calibrate_bn_measures_running_statistics_on_data():
+    from ssl_jax import augment, models, parallel
+    from ssl_jax.data.pipeline import ArraySource
+    from ssl_jax.eval import features
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+    source = ArraySource(images, np.zeros(64, np.int32))
+    enc = models.make_encoder("convnet", widths=(4, 8))
+    variables = enc.init(jax.random.key(0), np.zeros((2, 8, 8, 1), np.float32), train=True)
+    view = augment.eval_view_config(crop_size=(8, 8), mean=(0.0,), std=(1.0,))
+    mesh = parallel.make_mesh()
+    with jax.set_mesh(mesh):
+        new = features.calibrate_bn(enc, view, variables, source, batch_size=16, mesh=mesh,
+                                    num_batches=3)
+    # The first BN's input does not depend on any BN: its running mean is the EMA
+    # (momentum 0.9, from 0) of the conv outputs' per-batch channel means.
+    kernel = np.asarray(variables["params"]["conv1"]["kernel"])
+    want = np.zeros(4)
+    for i in range(3):
+        x = images[16 * i:16 * (i + 1)].astype(np.float32) / 255.0
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        want = 0.9 * want + 0.1 * np.asarray(y).mean((0, 1, 2))
+    np.testing.assert_allclose(new["batch_stats"]["bn1"]["mean"], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(new["params"]["conv1"]["kernel"], kernel)  # params untouched
+    assert not np.allclose(new["batch_stats"]["bn2"]["var"], 1.0)

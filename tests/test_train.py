@@ -69,12 +69,25 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path):
         np.testing.assert_array_equal(a, b)
     assert any(np.abs(a).sum() > 0 for a in _leaves(resumed))
 
-    results = evaluate.evaluate(workdir, ("linear", "knn"))
+    results = evaluate.evaluate(workdir, ("linear", "knn"), stages="all")
     for name in ("linear", "knn"):
         r = results[name]
-        assert 0.0 <= r["top1"] <= r["top5"] <= 100.0 and r["step"] == 6
+        assert sorted(r["stages"]) == ["block1", "block2", "block3", "block4"]
+        assert r["stage"] == "block4" and r["top1"] == r["stages"]["block4"]["top1"]
+        for s in r["stages"].values():
+            assert 0.0 <= s["top1"] <= s["top5"] <= 100.0
+        assert r["step"] == 6
         with open(os.path.join(workdir, f"eval_{name}.json")) as f:
             assert json.load(f)["top1"] == r["top1"]
+    with pytest.raises(ValueError, match=r"has stages \['block1'"):
+        evaluate.evaluate(workdir, ("knn",), stages=["block9"])
+    if method == "simclr":  # the random-init baseline reads the same workdir, writes its own file
+        base = evaluate.evaluate(workdir, ("knn",), random_init=True)["knn"]
+        assert base["step"] == 0 and base["random_init"]
+        with open(os.path.join(workdir, "eval_knn_random_init.json")) as f:
+            assert json.load(f)["top1"] == base["top1"]
+        with open(os.path.join(workdir, "eval_knn.json")) as f:
+            assert json.load(f)["step"] == 6  # the trained result is kept
 
 
 def test_resume_under_a_different_config_is_refused(tiny_data, tmp_path):

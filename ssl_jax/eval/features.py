@@ -55,3 +55,31 @@ def extract(features_fn, variables, source, *, batch_size: int, mesh,
         labels.append(np.asarray(label)[keep])
     feats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     return feats, np.concatenate(labels).astype(np.int32)
+
+
+def calibrate_bn(encoder, view_cfg, variables, source, *, batch_size: int, mesh,
+                 num_batches: int = 50) -> dict:
+    """BN running statistics of `variables` re-estimated on the first
+    num_batches * batch_size examples of `source` (train mode, eval view, no
+    gradients); parameters unchanged. Returns new variables.
+
+    For a randomly initialised encoder, whose running statistics are still the
+    initial (0, 1): without this its eval-mode features would be badly scaled and
+    the random baseline unfairly weak. BN's running averages use momentum 0.9,
+    so after 50 batches the initial values weigh 0.9^50 < 1%.
+    """
+    parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
+    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def step(variables, images):
+        x = augment.batch_views(jax.random.key(0), images, view_cfg)
+        _, updates = encoder.apply(variables, x, train=True, mutable=["batch_stats"])
+        return dict(variables, batch_stats=updates["batch_stats"])
+    fn = jax.jit(step, in_shardings=(repl, shard), out_shardings=repl)
+    variables = jax.device_put(variables, repl)
+    n = min(len(source), num_batches * batch_size) // batch_size * batch_size  # full batches only
+    for batch in pipeline.eval_batches(source, batch_size, num_examples=n,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+        variables = fn(variables, parallel.global_batch({"image": batch["image"]}, mesh)["image"])
+    return variables

@@ -4,14 +4,19 @@
   init(rng, views, config) -> (params, state)     state: what gradients do not train
   loss(params, state, views, indices, rng, config) -> (loss, (metrics, new_state))
 
-and optionally check(config, global_batch) that raises before compiling.
+and optionally check(config, global_batch) that raises before compiling, and
+state_sharding(state_shapes, mesh) -> shardings of the state (default: replicated).
 The train loop knows nothing else about a method.
 """
-from ssl_jax.methods import moco, simclr
+from ssl_jax.methods import jigsaw, moco, pirl, rotnet, simclr
 
 METHODS = {
     "simclr": simclr,
     "moco": moco,
+    "pirl": pirl,
+    "npid": pirl,  # NPID is PIRL without the jigsaw branch (its config has no `pirl` block)
+    "jigsaw": jigsaw,
+    "rotnet": rotnet,
 }
 
 

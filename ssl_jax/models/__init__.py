@@ -12,6 +12,7 @@ import flax.linen as nn
 
 from ssl_jax.models.convnet import ConvNet
 from ssl_jax.models.heads import LinearHead, MLPHead
+from ssl_jax.models.nin import NIN
 from ssl_jax.models.norm import BatchNorm
 from ssl_jax.models.resnet import ResNet
 
@@ -21,12 +22,14 @@ ENCODERS = {
     "resnet34": functools.partial(ResNet, depth=34),
     "resnet50": functools.partial(ResNet, depth=50),
     "resnet101": functools.partial(ResNet, depth=101),
+    "nin": NIN,
 }
 
 STAGES = {
     "convnet": lambda widths=(32, 64, 128, 256), **_: [f"block{i + 1}" for i in range(len(widths))],
     **{name: lambda **_: ["stem", "stage1", "stage2", "stage3", "stage4"]
        for name in ENCODERS if name.startswith("resnet")},
+    "nin": lambda num_blocks=4, **_: [f"block{i + 1}" for i in range(num_blocks)],
 }
 
 
@@ -54,5 +57,5 @@ def final_stage(name: str, **kwargs) -> str:
     return stages(name, **kwargs)[-1]
 
 
-__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "ResNet",
+__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet",
            "final_stage", "make_encoder", "stages"]
