@@ -25,7 +25,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
