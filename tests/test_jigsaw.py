@@ -9,24 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as cc
 
 from configs import jigsaw as jigsaw_config
 from ssl_jax import augment, evaluate, jigsaw, train
 from tests import multidevice, test_train
-from tests.test_train import tiny_data  # noqa: F401  (fixture)
 
 KEY = jax.random.key(0)
 ALL = np.array(list(itertools.permutations(range(9))), np.int8)   # the reference: all 9!
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiling_prng():
-    """This JAX's default partitionable threefry makes XLA:CPU spend ~10 s
-    compiling each random draw (one jitted uniform: 11.7 s vs 0.8 s without, on
-    the 2-core CI machine); nothing tested here depends on which threefry runs."""
-    with jax.threefry_partitionable(False):
-        yield
+pytestmark = pytest.mark.usefixtures("fast_prng")  # conftest.py
 
 
 def hamming(a, b):
@@ -170,7 +162,7 @@ def tiny(c):
 
 SNIPPET = """
 import jax, jax.numpy as jnp
-jax.config.update("jax_threefry_partitionable", False)  # see fast_compiling_prng
+jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
 from configs import jigsaw as cfg_mod
 from ssl_jax import methods, parallel
 from tests.test_jigsaw import tiny
@@ -210,22 +202,7 @@ def test_loss_gradients_and_state_equal_on_one_and_eight_devices(tmp_path):
     assert np.isfinite(one["loss"]) and abs(float(one["loss"]) - np.log(8)) < 1.0
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """The three train() calls below compile the same steps: a persistent
-    compilation cache makes the second and third calls load them."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = [getattr(jax.config, n) for n in names]
-    cc.reset_cache()
-    jax.config.update(names[0], str(tmp_path / "xla_cache"))
-    jax.config.update(names[1], 0.0)
-    yield
-    cc.reset_cache()
-    for n, v in zip(names, old):
-        jax.config.update(n, v)
-
-
-def test_train_resume_evaluate(tiny_data, tmp_path, monkeypatch, compilation_cache):  # noqa: F811
+def test_train_resume_evaluate(tiny_data, tmp_path, monkeypatch, compilation_cache):
     monkeypatch.setitem(test_train.CONFIGS, "jigsaw", jigsaw_config)
     config = tiny(test_train.tiny_config("jigsaw", tiny_data))
     full = train.train(config, str(tmp_path / "full"))

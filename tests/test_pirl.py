@@ -17,21 +17,13 @@ from configs import pirl as pirl_config
 from ssl_jax import evaluate, train
 from ssl_jax.methods import pirl
 from tests import multidevice, test_train
-from tests.test_train import tiny_data  # noqa: F401  (a fixture)
 
 B, N = 16, 100
 # A global batch of dataset indices, with one duplicate (the bank's policy applies).
 INDICES = np.array([3, 97, 50, 12, 64, 3, 28, 71, 5, 99, 40, 86, 17, 33, 58, 0], np.int32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_random_compiles():
-    """XLA:CPU compiles partitionable threefry ~10x slower (8 normal draws: 29 s
-    against 3 s here), and network inits are mostly random draws. The values
-    differ between the two modes, but nothing here depends on which is used, only
-    that both sides of a comparison use the same one (the 8-device run too)."""
-    with jax.threefry_partitionable(False):
-        yield
+pytestmark = pytest.mark.usefixtures("fast_prng")  # conftest.py
 
 
 def small_config(name):
@@ -99,7 +91,7 @@ def test_views_shapes():
 
 SNIPPET = """
 import pickle, jax, jax.numpy as jnp
-jax.config.update("jax_threefry_partitionable", False)  # as fast_random_compiles
+jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
 from ssl_jax import checkpoint, parallel, train
 from ssl_jax.methods import pirl
 from tests.test_pirl import INDICES, _flat, _loss_fn
@@ -217,21 +209,15 @@ def tiny_npid_config(data_dir):
     return c
 
 
-def test_npid_train_resume_evaluate(tiny_data, tmp_path):  # noqa: F811
+def test_npid_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
     config = tiny_npid_config(tiny_data)
     workdir = str(tmp_path / "w")
-    # The second run recompiles the same programs: read them from a disk cache.
-    cache = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jit_cache"))
-    try:
-        full = train.train(config, workdir)
-        assert int(full["step"]) == 6
-        full = jax.device_get(full)
-        # Crash after the step-3 checkpoint: remove step 6, run the same command again.
-        shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-        resumed = jax.device_get(train.train(config, workdir))
-    finally:
-        jax.config.update("jax_compilation_cache_dir", cache)
+    full = train.train(config, workdir)
+    assert int(full["step"]) == 6
+    full = jax.device_get(full)
+    # Crash after the step-3 checkpoint: remove step 6, run the same command again.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    resumed = jax.device_get(train.train(config, workdir))
     assert int(resumed["step"]) == 6
     for a, b in zip(test_train._leaves(full), test_train._leaves(resumed)):
         np.testing.assert_array_equal(a, b)
@@ -246,7 +232,7 @@ def test_npid_train_resume_evaluate(tiny_data, tmp_path):  # noqa: F811
     assert 0.0 <= results["knn"]["top1"] <= 100.0 and results["knn"]["step"] == 6
 
 
-def test_wrong_memory_size_fails_before_compiling(tiny_data, tmp_path):  # noqa: F811
+def test_wrong_memory_size_fails_before_compiling(tiny_data, tmp_path):
     bad = tiny_npid_config(tiny_data)
     bad.memory.size = 300
     with pytest.raises(ValueError, match="memory.size=300 but tiny_squares"):

@@ -17,7 +17,7 @@ from ssl_jax import config as cfg_lib
 from ssl_jax.methods import rotnet
 from ssl_jax.models import nin
 from tests import multidevice
-from tests.test_train import _leaves, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from tests.test_train import _leaves
 
 # A NIN small enough to compile in seconds: block widths 8/7/4, then 8.
 TINY_NIN = dict(name="nin", num_blocks=3, width=1 / 24, dtype="float32")
@@ -183,7 +183,7 @@ def test_loss_gradients_and_bn_state_equal_on_one_and_eight_devices(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
-def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):  # noqa: F811
+def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
     # compilation_cache (conftest.py): the three runs load one another's compiled steps.
     # The Fashion-MNIST config's encoder, tiny (NIN's multi-device test covers NIN).
     c = _config(name="convnet", widths=(4, 8, 8, 16), dtype="float32", conv="im2col_wgrad")

@@ -10,27 +10,8 @@ import pytest
 from configs import moco as moco_config
 from configs import simclr as simclr_config
 from ssl_jax import evaluate, train
-from ssl_jax.data import arrays
 
 CONFIGS = {"simclr": simclr_config, "moco": moco_config}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A 10-class 28x28x1 dataset whose classes differ in where a bright square sits."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
-        for i, y in enumerate(labels):
-            r, c = divmod(int(y), 5)
-            images[i, 4 + 12 * r:12 + 12 * r, 1 + 5 * c:6 + 5 * c] = 250
-        return images, labels
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    arrays.build_from_arrays("tiny_squares", data_dir, {"train": make(256), "test": make(128)},
-                             num_classes=10)
-    return data_dir
 
 
 def tiny_config(method, data_dir, **overrides):

@@ -14,7 +14,6 @@ device count.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from ssl_jax import augment, losses, models

@@ -8,7 +8,7 @@ accelerators); BN statistics stay float32 (norm.py).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
