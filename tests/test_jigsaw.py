@@ -3,7 +3,6 @@ tiny train -> resume -> evaluate run."""
 import concurrent.futures
 import itertools
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import jigsaw as jigsaw_config
-from ssl_jax import augment, evaluate, jigsaw, train
+from ssl_jax import augment, evaluate, jigsaw
 from tests import multidevice, test_train
 
 KEY = jax.random.key(0)
@@ -205,16 +204,7 @@ def test_loss_gradients_and_state_equal_on_one_and_eight_devices(tmp_path):
 def test_train_resume_evaluate(tiny_data, tmp_path, monkeypatch, compilation_cache):
     monkeypatch.setitem(test_train.CONFIGS, "jigsaw", jigsaw_config)
     config = tiny(test_train.tiny_config("jigsaw", tiny_data))
-    full = train.train(config, str(tmp_path / "full"))
-    assert int(full["step"]) == 6
-
-    # Crash after the step-3 checkpoint: remove step 6, run the same command again.
-    workdir = str(tmp_path / "resumed")
-    train.train(config, workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    resumed = train.train(config, workdir)
-    for a, b in zip(test_train._leaves(full), test_train._leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
+    _, _, workdir = test_train.train_crash_resume(config, tmp_path)
 
     results = evaluate.evaluate(workdir, ("linear", "knn"))
     for name in ("linear", "knn"):

@@ -4,7 +4,6 @@ Z fixed after the first step; one tiny train -> resume -> evaluate run."""
 import functools
 import os
 import pickle
-import shutil
 from unittest import mock
 
 import jax
@@ -211,16 +210,7 @@ def tiny_npid_config(data_dir):
 
 def test_npid_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
     config = tiny_npid_config(tiny_data)
-    workdir = str(tmp_path / "w")
-    full = train.train(config, workdir)
-    assert int(full["step"]) == 6
-    full = jax.device_get(full)
-    # Crash after the step-3 checkpoint: remove step 6, run the same command again.
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    resumed = jax.device_get(train.train(config, workdir))
-    assert int(resumed["step"]) == 6
-    for a, b in zip(test_train._leaves(full), test_train._leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
+    full, resumed, workdir = test_train.train_crash_resume(config, tmp_path)
     bank_full, bank_resumed = full["method_state"]["bank"], resumed["method_state"]["bank"]
     np.testing.assert_array_equal(bank_full, bank_resumed)
     np.testing.assert_array_equal(full["method_state"]["log_z"]["image"],

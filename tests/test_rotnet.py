@@ -1,7 +1,5 @@
 """RotNet: the four-rotation views, the NIN encoder, the step schedule, loss and
 gradients on 1 vs 8 devices, and one tiny train -> resume -> evaluate run."""
-import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -17,7 +15,7 @@ from ssl_jax import config as cfg_lib
 from ssl_jax.methods import rotnet
 from ssl_jax.models import nin
 from tests import multidevice
-from tests.test_train import _leaves
+from tests.test_train import train_crash_resume
 
 # A NIN small enough to compile in seconds: block widths 8/7/4, then 8.
 TINY_NIN = dict(name="nin", num_blocks=3, width=1 / 24, dtype="float32")
@@ -191,17 +189,7 @@ def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
     c.batch_size, c.total_steps, c.ckpt_every_steps, c.log_every_steps = 16, 6, 3, 3
     c.optimizer.decay_steps = (4,)  # the decay falls after the resume point
     c.eval.batch_size, c.eval.linear.epochs, c.eval.knn.k = 64, 5, 20
-    full = train.train(c, str(tmp_path / "full"))
-    assert int(full["step"]) == 6
-
-    # Crash after the step-3 checkpoint: remove step 6, run the same command again.
-    workdir = str(tmp_path / "resumed")
-    train.train(c, workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    resumed = train.train(c, workdir)
-    assert int(resumed["step"]) == 6
-    for a, b in zip(_leaves(full), _leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
+    _, resumed, workdir = train_crash_resume(c, tmp_path)
     assert sorted(resumed["params"]) == ["encoder", "head"]
     assert resumed["params"]["head"]["Dense_0"]["kernel"].shape == (16, 4)
 

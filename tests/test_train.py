@@ -33,21 +33,28 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["params"]))]
 
 
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_train_resume_evaluate(method, tiny_data, tmp_path):
-    config = tiny_config(method, tiny_data)
-    full = train.train(config, str(tmp_path / "full"))
-    assert int(full["step"]) == 6
-
-    # Crash after the step-3 checkpoint: remove step 6, run the same command again.
-    workdir = str(tmp_path / "resumed")
-    train.train(config, workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    resumed = train.train(config, workdir)
-    assert int(resumed["step"]) == 6
-    # Same data order, same RNG streams: bitwise equal parameters.
+def train_crash_resume(config, tmp_path, crash_after: int = 3):
+    """Trains config to its end, then simulates a crash after the step-`crash_after`
+    checkpoint (the later checkpoints removed) and re-runs the same command;
+    asserts both runs end with bitwise-equal parameters (same data order, same
+    RNG streams). Returns (full state, resumed state) as numpy, and the workdir."""
+    workdir = str(tmp_path / "w")
+    full = jax.device_get(train.train(config, workdir))
+    assert int(full["step"]) == config.total_steps
+    ckpts = os.path.join(workdir, "checkpoints")
+    for step in os.listdir(ckpts):
+        if step.isdigit() and int(step) > crash_after:
+            shutil.rmtree(os.path.join(ckpts, step))
+    resumed = jax.device_get(train.train(config, workdir))
+    assert int(resumed["step"]) == config.total_steps
     for a, b in zip(_leaves(full), _leaves(resumed)):
         np.testing.assert_array_equal(a, b)
+    return full, resumed, workdir
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_train_resume_evaluate(method, tiny_data, tmp_path):
+    _, resumed, workdir = train_crash_resume(tiny_config(method, tiny_data), tmp_path)
     assert any(np.abs(a).sum() > 0 for a in _leaves(resumed))
 
     results = evaluate.evaluate(workdir, ("linear", "knn"), stages="all")
