@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import augment
+from ssl_jax import augment, colour
 
 KEY = jax.random.key(0)
 
@@ -43,32 +43,32 @@ def test_flip():
 
 
 def test_grayscale_equalises_channels_and_is_noop_on_one_channel():
-    g = augment.random_grayscale(KEY, rgb(), p=1.0)
+    g = colour.random_grayscale(KEY, rgb(), p=1.0)
     np.testing.assert_allclose(g[..., 0], g[..., 1], atol=1e-6)
     np.testing.assert_allclose(g[..., 1], g[..., 2], atol=1e-6)
     gray = rgb(shape=(8, 8, 1))
-    np.testing.assert_array_equal(augment.random_grayscale(KEY, gray, p=1.0), gray)
+    np.testing.assert_array_equal(colour.random_grayscale(KEY, gray, p=1.0), gray)
 
 
 def test_colour_ops():
     x = rgb()
-    np.testing.assert_allclose(augment.adjust_brightness(x, 1.0), x, atol=1e-6)
-    np.testing.assert_allclose(augment.adjust_contrast(x, 1.0), x, atol=1e-6)
-    np.testing.assert_allclose(augment.adjust_saturation(x, 1.0), x, atol=1e-6)
-    np.testing.assert_allclose(augment.adjust_hue(x, 0.0), x, atol=1e-5)
-    np.testing.assert_allclose(augment.hsv_to_rgb(augment.rgb_to_hsv(x)), x, atol=1e-5)
+    np.testing.assert_allclose(colour.adjust_brightness(x, 1.0), x, atol=1e-6)
+    np.testing.assert_allclose(colour.adjust_contrast(x, 1.0), x, atol=1e-6)
+    np.testing.assert_allclose(colour.adjust_saturation(x, 1.0), x, atol=1e-6)
+    np.testing.assert_allclose(colour.adjust_hue(x, 0.0), x, atol=1e-5)
+    np.testing.assert_allclose(colour.hsv_to_rgb(colour.rgb_to_hsv(x)), x, atol=1e-5)
     # Contrast 0 gives a flat image at the mean grey level; brightness 0.5 halves.
-    flat = augment.adjust_contrast(x, 0.0)
+    flat = colour.adjust_contrast(x, 0.0)
     assert float(jnp.ptp(flat)) < 1e-6
-    np.testing.assert_allclose(augment.adjust_brightness(x, 0.5), x * 0.5, atol=1e-6)
+    np.testing.assert_allclose(colour.adjust_brightness(x, 0.5), x * 0.5, atol=1e-6)
     # A hue shift of a full turn is the identity; a third of a turn rotates R -> G.
     red = jnp.zeros((2, 2, 3)).at[..., 0].set(1.0)
-    np.testing.assert_allclose(augment.adjust_hue(red, 1 / 3)[0, 0], [0, 1, 0], atol=1e-5)
+    np.testing.assert_allclose(colour.adjust_hue(red, 1 / 3)[0, 0], [0, 1, 0], atol=1e-5)
     # On one channel, saturation and hue are no-ops; jitter changes only brightness/contrast.
     g = rgb(shape=(8, 8, 1))
-    np.testing.assert_array_equal(augment.adjust_saturation(g, 0.0), g)
-    np.testing.assert_array_equal(augment.adjust_hue(g, 0.3), g)
-    j = augment.color_jitter(KEY, g, brightness=0.0, contrast=0.0, saturation=0.8, hue=0.2, p=1.0)
+    np.testing.assert_array_equal(colour.adjust_saturation(g, 0.0), g)
+    np.testing.assert_array_equal(colour.adjust_hue(g, 0.3), g)
+    j = colour.color_jitter(KEY, g, brightness=0.0, contrast=0.0, saturation=0.8, hue=0.2, p=1.0)
     np.testing.assert_array_equal(j, g)
 
 
