@@ -5,8 +5,9 @@ r"""Offline evaluation of a trained encoder, frozen.
 Reads the config and the newest checkpoint of --workdir, extracts the globally
 pooled features of the encoder's stages for the train and test splits, and runs
 each evaluator on each requested stage (`--stages final`, the default; `all`;
-or names such as `block2,block4`). "Offline" means after pretraining, on a frozen encoder (the
-numbers papers report), as opposed to the online probes logged during training.
+or names such as `block2,block4`). "Offline" means after pretraining, on a
+frozen encoder (the numbers papers report), as opposed to the online probes
+logged during training.
 Results are printed and written to WORKDIR/eval_<name>.json.
 """
 from __future__ import annotations
@@ -87,19 +88,21 @@ def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool =
     names = _stages(config, stages)
     view_cfg = features.eval_view_config(config)
     fn = features.make_features_fn(encoder, view_cfg)
+    sources = {split: pipeline.open_source(config.dataset, split, config.data_dir)
+               for split in (config.train_split, config.eval.test_split)}  # each decoded once
     if random_init:
-        src = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
         with jax.set_mesh(mesh):
-            variables = features.calibrate_bn(encoder, view_cfg, variables, src,
+            variables = features.calibrate_bn(encoder, view_cfg, variables,
+                                              sources[config.train_split],
                                               batch_size=config.eval.batch_size, mesh=mesh)
     t0 = time.time()
     splits = {}
     for split, limit in ((config.train_split, config.eval.train_examples),
                          (config.eval.test_split, 0)):
-        src = pipeline.open_source(config.dataset, split, config.data_dir)
         with jax.set_mesh(mesh):
-            feats, labels = features.extract(fn, variables, src, batch_size=config.eval.batch_size,
-                                             mesh=mesh, max_examples=limit)
+            feats, labels = features.extract(fn, variables, sources[split],
+                                             batch_size=config.eval.batch_size, mesh=mesh,
+                                             max_examples=limit)
         splits[split] = ({n: feats[n] for n in names}, labels)
     (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
     num_classes = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
