@@ -31,7 +31,7 @@ case "${1:-}" in
     $PY -m ssl_jax.data.prepare --dataset fashion_mnist --data_dir "$DATA_DIR"
     $PY -m ssl_jax.train --config "configs/simclr.py:dataset=fashion_mnist" \
         --workdir "$WORKDIR" --config.data_dir="$DATA_DIR" "${@:2}"
-    $PY -m ssl_jax.evaluate --workdir "$WORKDIR" --eval linear
+    $PY -m ssl_jax.evaluate --workdir "$WORKDIR" --eval linear,knn
     ;;
   test)
     setup

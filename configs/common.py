@@ -80,7 +80,9 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     # Offline evaluation (python -m ssl_jax.evaluate) of the frozen encoder.
     c.eval = dict(test_split=ds["test_split"], batch_size=512, train_examples=0,
                   linear=dict(epochs=30, lr=0.1, weight_decay=1e-4, batch_size=1024),
-                  knn=dict(k=200, temperature=0.07))
+                  knn=dict(k=200, temperature=0.07),
+                  # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units.
+                  mlp=dict(hidden=200, epochs=30, lr=0.1, weight_decay=5e-4, batch_size=256))
     return c
 
 
@@ -99,3 +101,4 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
         c.head.hidden, c.head.dim = 64, 32
     c.eval.train_examples = 5000
     c.eval.linear.epochs = 10
+    c.eval.mlp.epochs = 5

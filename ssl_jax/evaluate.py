@@ -24,10 +24,10 @@ from absl import app, flags, logging
 from ssl_jax import checkpoint, methods, models, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
-from ssl_jax.eval import features, knn, linear
+from ssl_jax.eval import features, knn, linear, mlp
 from ssl_jax.methods import network
 
-EVALUATORS = ("linear", "knn")
+EVALUATORS = ("linear", "knn", "mlp")
 
 
 def load_encoder(workdir: str, mesh, random_init: bool = False):
@@ -138,6 +138,11 @@ def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
         r = linear.train_linear_probe(xtr, ytr, xte, yte, num_classes=num_classes,
                                       epochs=lc.epochs, lr=lc.lr, weight_decay=lc.weight_decay,
                                       batch_size=lc.batch_size, seed=config.seed)
+    elif name == "mlp":
+        # Workdirs trained before eval.mlp existed get train_mlp_probe's defaults.
+        settings = dict(config.eval.get("mlp", {}))
+        r = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=num_classes, seed=config.seed,
+                                **settings)
     else:
         kc = config.eval.knn
         r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, k=kc.k,

@@ -1,4 +1,4 @@
-"""Offline evaluators (eval/linear.py, eval/knn.py) on features with known answers."""
+"""Offline evaluators (eval/linear.py, knn.py, mlp.py) on features with known answers."""
 import jax
 import numpy as np
 import pytest
@@ -170,10 +170,12 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("case", sorted(_bad_inputs()))
-@pytest.mark.parametrize("evaluator", ["linear", "knn"])
+@pytest.mark.parametrize("evaluator", ["linear", "knn", "mlp"])
 def test_bad_input_raises_a_clear_error(case, evaluator):
+    from ssl_jax.eval import mlp
     (xtr, ytr, xte, yte, num_classes), message = _bad_inputs()[case]
-    fn = linear.train_linear_probe if evaluator == "linear" else knn.knn_classify
+    fn = {"linear": linear.train_linear_probe, "knn": knn.knn_classify,
+          "mlp": mlp.train_mlp_probe}[evaluator]
     with pytest.raises(ValueError, match=message):
         fn(xtr, ytr, xte, yte, num_classes=num_classes)
 
@@ -216,3 +218,40 @@ def test_calibrate_bn_measures_running_statistics_on_data():
     np.testing.assert_allclose(new["batch_stats"]["bn1"]["mean"], want, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(new["params"]["conv1"]["kernel"], kernel)  # params untouched
     assert not np.allclose(new["batch_stats"]["bn2"]["var"], 1.0)
+
+
+def rings(n, *, seed):
+    """2 classes on concentric rings (radius 1 vs 2, noise 0.1) in 2-D: (n, 2), (n,).
+
+    No line separates them (a linear probe is near chance); a small MLP does.
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    r = 1.0 + y + 0.1 * rng.normal(size=n)
+    return np.stack([r * np.cos(angle), r * np.sin(angle)], 1).astype(np.float32), y
+
+
+def test_mlp_probe_separates_what_a_linear_probe_cannot():
+    from ssl_jax.eval import mlp
+    (xtr, ytr), (xte, yte) = rings(2000, seed=1), rings(1000, seed=2)
+    lin = linear.train_linear_probe(xtr, ytr, xte, yte, num_classes=2, epochs=10, batch_size=128)
+    nonlin = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=2, epochs=10, batch_size=128)
+    assert lin["top1"] < 70.0
+    assert nonlin["top1"] > 98.0 and nonlin["train_top1"] > 98.0
+    again = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=2, epochs=10, batch_size=128)
+    assert again == nonlin  # deterministic given the seed
+
+
+def test_mlp_probe_bn_uses_running_statistics_at_test():
+    from ssl_jax.eval import mlp
+    params, stats = mlp.init(jax.random.key(0), 3, 8, 2)
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    _, new = mlp.apply(params, stats, x, train=True)
+    h = x @ np.asarray(params["w0"])
+    np.testing.assert_allclose(new["mean0"], 0.1 * h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var0"], 0.9 + 0.1 * h.var(0), rtol=1e-5)
+    # At test a row's logits do not depend on the other rows of its batch.
+    one, _ = mlp.apply(params, new, x[:1], train=False)
+    many, _ = mlp.apply(params, new, x, train=False)
+    np.testing.assert_allclose(one, many[:1], rtol=1e-5, atol=1e-6)

@@ -35,6 +35,10 @@ def _votes(query, bank, bank_labels, temperature, *, k: int, num_classes: int):
     # HIGHEST: on GPU/TPU the default bf16 passes would blur close neighbours.
     sim = jnp.dot(query, bank.T, precision=jax.lax.Precision.HIGHEST)  # (Q, N)
     top_sim, top_idx = jax.lax.top_k(sim, k)  # (Q, k), most similar first
+    # The barrier keeps XLA:CPU from fusing the elementwise users below into the
+    # top-k, which turns it into a full sort of every row: 6.3 s -> 0.21 s per
+    # batch of 256 against 60000 rows (measured here), 4 min -> 8 s for a test split.
+    top_sim, top_idx = jax.lax.optimization_barrier((top_sim, top_idx))
     weights = jnp.exp((top_sim - top_sim[:, :1]) / temperature)
     rows = jnp.arange(query.shape[0])[:, None]
     # Scatter-add rather than a (Q, k, C) one-hot, which is 200 MB per batch at C = 1000.
