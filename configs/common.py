@@ -64,6 +64,9 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.keep_ckpts = 2
     c.resume_from_different_config = False
+    # A non-finite loss or gradient: "raise" (stop, naming the step) or "skip" (count it).
+    c.nonfinite = "raise"
+    c.debug_nan_at_step = config_dict.placeholder(int)  # tests: poison the loss at step N
 
     c.model = dict(ds["model"])
     c.head = dict(hidden=512, dim=128, layers=2)

@@ -8,10 +8,13 @@ batches an uninterrupted run would have seen next.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
@@ -35,19 +38,56 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
-        """Returns (state, step) of `step` (default: the latest) or (None, None).
+        """Returns (state, step) of `step` (default: the newest readable) or (None, None).
 
         abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) that
         says where each restored array goes. data_iter is restored in place.
+
+        Without `step`, a checkpoint that fails to restore (files truncated or
+        deleted after orbax finalised it: a bad disk, a user's rm) is reported and
+        the next older one is tried; once one restores, the unreadable newer ones
+        are moved to WORKDIR/corrupt_checkpoints/ (kept for inspection, and out of
+        the way of later saves). If none restores, the newest one's error is
+        raised and nothing is moved.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None, None
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], step
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        failed = []
+        for s in steps:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: try an older one
+                if step is not None:
+                    raise
+                logging.warning("Checkpoint %d in %s cannot be restored (%s: %s); trying an "
+                                "older one.", s, self.dir, type(e).__name__, e)
+                failed.append((s, e))
+                continue
+            if failed:
+                self._quarantine([f for f, _ in failed])
+                print(f"WARNING: checkpoint(s) {[f for f, _ in failed]} in {self.dir} could not "
+                      f"be restored; resumed from step {s} instead. They were moved to "
+                      f"{self._corrupt_dir()}.", flush=True)
+            return restored["state"], s
+        if failed:
+            raise RuntimeError(
+                f"No checkpoint in {self.dir} can be restored (steps {[f for f, _ in failed]}); "
+                f"the newest failed with: {failed[0][1]}. Move the checkpoints directory aside "
+                "to start afresh.") from failed[0][1]
+        return None, None
+
+    def _corrupt_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.dir), "corrupt_checkpoints")
+
+    def _quarantine(self, steps) -> None:
+        if jax.process_index() == 0:
+            os.makedirs(self._corrupt_dir(), exist_ok=True)
+            for s in steps:
+                dest = os.path.join(self._corrupt_dir(), f"{s}-{int(time.time())}")
+                shutil.move(os.path.join(self.dir, str(s)), dest)
+        self.manager.reload()
 
     def restore_state_only(self, abstract_state, step: int | None = None):
         """Restores just the arrays (evaluation, export): no data iterator needed."""

@@ -15,26 +15,16 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ssl_jax import checkpoint, methods, optim, parallel
+from ssl_jax import checkpoint, faults, methods, optim, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
 from ssl_jax.progress import Progress
 
 FLAGS = flags.FLAGS
-
-
-def _finite_or_raise(metrics: dict, step: int) -> None:
-    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
-    if bad:
-        raise FloatingPointError(
-            f"Non-finite {', '.join(bad)} at step {step} ({ {k: float(metrics[k]) for k in bad} }). "
-            "No checkpoint of this state was written; the latest checkpoint is the last good "
-            "one. Lower config.optimizer.lr or check the input data.")
 
 
 def _check_same_config(config, workdir: str) -> None:
@@ -97,6 +87,13 @@ def make_train_step(config, method, tx, schedule, mesh, state_sh):
     """
     base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     repl, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    nan_at = config.get("debug_nan_at_step")  # tests only: poison the loss at this step
+
+    def loss_fn(params, method_state, views, index, rng, step):
+        loss, aux = method.loss(params, method_state, views, index, rng, config)
+        if nan_at is not None:
+            loss = loss * jnp.where(step + 1 == nan_at, jnp.nan, 1.0)
+        return loss, aux
 
     @functools.partial(jax.jit, donate_argnums=0,
                        in_shardings=(state_sh, batch_sharding), out_shardings=(state_sh, repl))
@@ -105,15 +102,19 @@ def make_train_step(config, method, tx, schedule, mesh, state_sh):
         # step s replays exactly the randomness an uninterrupted run would use.
         r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
         views = method.views(r_views, batch["image"], config)
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (metrics, method_state)), grads = grad_fn(
-            state["params"], state["method_state"], views, batch["index"], r_loss, config)
+            state["params"], state["method_state"], views, batch["index"], r_loss, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, loss=loss, lr=schedule(state["step"]),
                        grad_norm=optax.tree.norm(grads))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                "method_state": method_state}, metrics
+        # A non-finite loss or gradient leaves the state as it was (faults.py); the
+        # step counter moves on either way, as the data iterator does.
+        new = {"params": params, "opt_state": opt_state, "method_state": method_state}
+        old = {k: state[k] for k in new}
+        new, flags = faults.guarded_update(loss, grads, new, old)
+        return dict(new, step=state["step"] + 1), dict(metrics, **flags)
     return train_step
 
 
@@ -179,34 +180,53 @@ def train(config, workdir: str):
               f"({steps_per_epoch} per epoch) of {config.batch_size} images on "
               f"{mesh.devices.size} device(s); workdir {workdir}", flush=True)
     progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
-    with jax.set_mesh(mesh):
-        for step in range(start + 1, total_steps + 1):
-            batch = parallel.global_batch(next(data_iter), mesh)
-            state, metrics = train_step(state, batch)
-            last = step == total_steps
-            if step % log_every == 0 or last or step % ckpt_every == 0:
-                metrics = jax.device_get(metrics)
-                _finite_or_raise(metrics, step)  # before any checkpoint of this state
-                progress.update(step, metrics)
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"train/{k}", float(v), step)
-                    writer.add_scalar("train/images_per_sec", progress.rate, step)
-                    logging.info("step %d %s", step, {k: float(v) for k, v in metrics.items()})
-            if step % ckpt_every == 0 or last:
-                ckpt.save(step, state, data_iter, force=last)
-    progress.close()
-    ckpt.close()
-    if writer is not None:
-        writer.close()
-        print(f"Done: {total_steps} steps, checkpoint in {ckpt.dir}", flush=True)
+    preemption = faults.Preemption()
+    nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
+                                      faults.leaf_names(state["params"]))
+    step = start
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start + 1, total_steps + 1):
+                batch = parallel.global_batch(next(data_iter), mesh)
+                state, metrics = train_step(state, batch)
+                metrics = nonfinite.add(step, metrics)
+                last, stop = step == total_steps, preemption.requested(step)
+                save = step % ckpt_every == 0 or last or stop
+                if step % log_every == 0 or save:
+                    nonfinite.check()  # before any checkpoint of this state
+                    metrics = jax.device_get(metrics)
+                    progress.update(step, metrics)
+                    if writer is not None:
+                        scalars = dict(metrics, skipped_steps=nonfinite.skipped,
+                                       images_per_sec=progress.rate)
+                        for k, v in scalars.items():
+                            writer.add_scalar(f"train/{k}", float(v), step)
+                        logging.info("step %d %s", step, {k: float(v) for k, v in scalars.items()})
+                if save:
+                    ckpt.save(step, state, data_iter, force=True)
+                if stop:
+                    break
+    finally:
+        preemption.close()
+        progress.close()
+        ckpt.close()  # waits for the last save: a checkpoint is complete or absent
+        if writer is not None:
+            writer.close()
+    if is_main:
+        if step < total_steps:
+            print(f"Preempted (SIGTERM) at step {step}/{total_steps}: checkpoint saved in "
+                  f"{ckpt.dir}. Re-run the same command to resume.", flush=True)
+        else:
+            skipped = f" ({nonfinite.skipped} non-finite steps skipped)" if nonfinite.skipped else ""
+            print(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}", flush=True)
     return state
 
 
 def main(argv):
     del argv
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
+    if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR wins
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
     train(FLAGS.config, FLAGS.workdir)
 
 

@@ -1,0 +1,173 @@
+"""Faults caused for real: SIGTERM / SIGKILL to a training process, a corrupt
+checkpoint, a NaN. Each test asserts nothing is lost: the resumed run ends with
+parameters bitwise equal to an uninterrupted run's."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from ssl_jax import train
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(workdir, step=None):
+    """{leaf path: array} of the params saved at `step` (default: the latest) in a workdir."""
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step() if step is None else step
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    flat = jax.tree_util.tree_flatten_with_path(state["state"]["params"])[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+
+
+def _assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# -------------------------------------------------------- real training processes
+
+def _command(workdir, data_dir, total_steps, ckpt_every):
+    """A tiny SimCLR run through the real command line, logging every step."""
+    return [sys.executable, "-m", "ssl_jax.train",
+            "--config", "configs/simclr.py:dataset=fashion_mnist,runlocal",
+            "--workdir", workdir, "--config.dataset=tiny_squares",
+            f"--config.data_dir={data_dir}", "--config.batch_size=32",
+            "--config.model.widths=(4,8,8,16)", "--config.head.hidden=16",
+            "--config.head.dim=8", f"--config.total_steps={total_steps}",
+            f"--config.ckpt_every_steps={ckpt_every}", "--config.log_every_steps=1"]
+
+
+def _env(tmp_path):
+    # One compilation cache for the test's runs: the same programs, compiled once.
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def _run(cmd, tmp_path):
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def _run_until(cmd, tmp_path, step, sig, repeat=1):
+    """Starts cmd, sends `sig` (`repeat` times, 50 ms apart) once it logs step `step`;
+    -> (return code, stdout)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out = []
+    deadline = time.time() + 300
+    for line in p.stdout:
+        out.append(line)
+        if f"step {step}/" in line:
+            for _ in range(repeat):
+                p.send_signal(sig)
+                time.sleep(0.05)
+            break
+        assert time.time() < deadline, "".join(out)
+    out.append(p.stdout.read())
+    return p.wait(timeout=120), "".join(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """An uninterrupted 12-step run: (its final params, data_dir)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    workdir = str(tmp / "w")
+    _run(_command(workdir, tiny_data, 12, 100), tmp)
+    return _params(workdir), tiny_data
+
+
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(reference, tmp_path):
+    ref, data_dir = reference
+    workdir = str(tmp_path / "w")
+    cmd = _command(workdir, data_dir, 12, 100)  # no periodic checkpoint before the end
+    # Two SIGTERMs: the second lands while the first one's checkpoint is being written.
+    rc, out = _run_until(cmd, tmp_path, 4, signal.SIGTERM, repeat=2)
+    assert rc == 0, out
+    assert "Preempted (SIGTERM) at step" in out and "Re-run the same command" in out, out
+    stopped = int(out.split("Preempted (SIGTERM) at step ")[1].split("/")[0])
+    assert 4 <= stopped < 12
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [stopped]
+    out = _run(cmd, tmp_path)
+    assert f"step {stopped + 1}/12" in out and "Done: 12 steps" in out
+    _assert_same_params(_params(workdir), ref)
+
+
+def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path):
+    ref, data_dir = reference
+    workdir = str(tmp_path / "w")
+    cmd = _command(workdir, data_dir, 12, 2)
+    rc, out = _run_until(cmd, tmp_path, 7, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out
+    ckpts = os.path.join(workdir, "checkpoints")
+    # What a kill during a save leaves: orbax's temporary folder, never finalised.
+    half = os.path.join(ckpts, "8.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(half, "state"))
+    with open(os.path.join(half, "state", "manifest.ocdbt"), "wb") as f:
+        f.write(b"\x00" * 10)
+    out = _run(cmd, tmp_path)
+    assert "Done: 12 steps" in out
+    assert not os.path.exists(half)  # cleaned up, not loaded
+    _assert_same_params(_params(workdir), ref)
+
+
+# ----------------------------------------------------------- in-process faults
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
+        tiny_data, tmp_path, compilation_cache, capsys):
+    c = tiny_config("simclr", tiny_data)  # 6 steps, checkpoints at 3 and 6
+    workdir = str(tmp_path / "w")
+    train.train(c, workdir)
+    full = _params(workdir)
+    # Truncate every data file of the newest checkpoint's arrays to half its size.
+    files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", "6", "state", "**", "*"),
+                                  recursive=True) if os.path.isfile(f) and "ocdbt.process" in f]
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+    capsys.readouterr()
+    train.train(c, workdir)
+    out = capsys.readouterr().out
+    assert "checkpoint(s) [6]" in out and "resumed from step 3" in out, out
+    assert len(glob.glob(os.path.join(workdir, "corrupt_checkpoints", "6-*"))) == 1
+    _assert_same_params(_params(workdir), full)
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,
+                                                                        compilation_cache):
+    c = tiny_config("simclr", tiny_data, debug_nan_at_step=5)  # checkpoints at 3 and 6
+    c.log_every_steps = 1
+    workdir = str(tmp_path / "w")
+    with pytest.raises(FloatingPointError,
+                       match=r"Non-finite loss \(nan\) and the gradient of \S+ \(and \d+ more "
+                             r"parameters\) at step 5\."):
+        train.train(c, workdir)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [3]
+
+
+def test_nan_skip_policy_keeps_the_state_and_counts(tiny_data, tmp_path, compilation_cache,
+                                                    capsys):
+    c = tiny_config("simclr", tiny_data, debug_nan_at_step=6, nonfinite="skip")
+    c.ckpt_every_steps, c.keep_ckpts = 1, 3
+    workdir = str(tmp_path / "w")
+    state = train.train(c, workdir)
+    assert "1 non-finite steps skipped" in capsys.readouterr().out
+    assert int(state["step"]) == 6
+    # Step 6 was skipped: its parameters are step 5's.
+    _assert_same_params(_params(workdir, 6), _params(workdir, 5))
+    assert not np.array_equal(*(list(_params(workdir, s).values())[0] for s in (4, 5)))
