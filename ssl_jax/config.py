@@ -37,6 +37,68 @@ def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None
     return tuple(convert(v) for v in value) if isinstance(value, (tuple, list)) else convert(value)
 
 
+def _load_config_file(spec: str):
+    """'configs/simclr.py:dataset=x' -> that file's get_config('dataset=x')."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_ssl_jax_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise SystemExit(f"Config file {path!r} not found (from --config {spec}).")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _flag_value(argv, name: str):
+    for i, a in enumerate(argv):
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _overrides(argv, name: str = "config") -> list[str]:
+    """Dotted keys given as --config.a.b=value (or --config.a.b value) in argv."""
+    return [a[len(name) + 3:].split("=", 1)[0] for a in argv if a.startswith(f"--{name}.")]
+
+
+def check_command_line(argv, name: str = "config") -> None:
+    """Before flag parsing: every --config.a.b override must name an existing key.
+
+    ml_collections reports an unknown key as a traceback from inside flag
+    parsing; this exits with one line naming the key, the nearest valid ones and
+    the keys valid at that level.
+    """
+    spec = _flag_value(argv, name)
+    keys = _overrides(argv, name)
+    if spec is None or not keys:
+        return
+    config = _load_config_file(spec)
+    for key in keys:
+        try:
+            get_field(config, key)
+        except KeyError as e:
+            raise SystemExit(f"Unknown config key in --{name}.{key}: {e.args[0]}") from None
+
+
+def clear_other_units(config, argv, name: str = "config") -> None:
+    """An interval given on the command line in one unit replaces the preset's.
+
+    E.g. a preset sets total_epochs=2.5 and the user passes --config.total_steps=100:
+    total_epochs is cleared, rather than failing with "Set only one of".
+    """
+    for key in _overrides(argv, name):
+        parent, _, leaf = key.rpartition(".")
+        stem, _, unit = leaf.rpartition("_")
+        if unit not in UNITS or not stem:
+            continue
+        node = get_field(config, parent) if parent else config
+        for other in UNITS:
+            if other != unit and f"{stem}_{other}" in node:
+                node[f"{stem}_{other}"] = None
+
+
 def nearest_keys(key: str, valid) -> str:
     close = difflib.get_close_matches(key, list(valid), n=3)
     return f" Did you mean {', '.join(close)}?" if close else ""

@@ -227,6 +227,7 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR wins
         jax.config.update("jax_compilation_cache_dir",
                           os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
+    cfg_lib.clear_other_units(FLAGS.config, sys.argv)
     train(FLAGS.config, FLAGS.workdir)
 
 
@@ -235,4 +236,5 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
     flags.mark_flags_as_required(["config", "workdir"])
+    cfg_lib.check_command_line(sys.argv)
     sys.exit(app.run(main))
