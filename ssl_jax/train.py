@@ -40,6 +40,23 @@ def _check_same_config(config, workdir: str) -> None:
             + "\nUse another --workdir, or pass --config.resume_from_different_config=True.")
 
 
+def check_images(config, image_shape) -> None:
+    """The dataset's images must match what the config normalises: one mean/std
+    value per channel (a 1-value preset would silently treat RGB as grey)."""
+    if len(image_shape) != 3:
+        raise ValueError(f"{config.dataset} images have shape {image_shape}; the encoders take "
+                         "(H, W, C) images.")
+    c = image_shape[-1]
+    for name in ("mean", "std"):
+        n = len(config.aug[name])
+        if n != c:
+            raise ValueError(
+                f"{config.dataset} has {c}-channel images {image_shape} but config.aug.{name} has "
+                f"{n} value(s): the config was made for another dataset. Use its preset for "
+                f"this one (configs/{config.method}.py:dataset={config.dataset}) or set "
+                f"--config.aug.mean and --config.aug.std with {c} values each.")
+
+
 def optimizer(config, num_train_examples: int):
     """-> (total_steps, learning-rate schedule, optax transformation) of a run."""
     units = dict(steps_per_epoch=num_train_examples // config.batch_size,
@@ -146,6 +163,7 @@ def train(config, workdir: str):
         process_index=jax.process_index(), process_count=jax.process_count(),
         worker_count=config.data.worker_count)
     image_shape = tuple(source[0]["image"].shape)
+    check_images(config, image_shape)
 
     # ------------------------------------------ method, optimizer and state
     batch_sharding = parallel.batch_sharding(mesh)

@@ -171,3 +171,13 @@ def test_nan_skip_policy_keeps_the_state_and_counts(tiny_data, tmp_path, compila
     # Step 6 was skipped: its parameters are step 5's.
     _assert_same_params(_params(workdir, 6), _params(workdir, 5))
     assert not np.array_equal(*(list(_params(workdir, s).values())[0] for s in (4, 5)))
+
+
+def test_images_with_another_channel_count_than_the_config_are_refused(tiny_dataset, tmp_path):
+    data_dir, _ = tiny_dataset  # 6x6 RGB images; the Fashion-MNIST preset normalises 1 channel
+    c = tiny_config("simclr", data_dir)
+    c.dataset = "tiny_rgb"
+    with pytest.raises(ValueError, match=r"tiny_rgb has 3-channel images \(6, 6, 3\) but "
+                                         r"config.aug.mean has 1 value\(s\).*--config.aug.mean"):
+        train.train(c, str(tmp_path / "w"))
+    assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
