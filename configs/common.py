@@ -55,7 +55,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.dataset = dataset
     c.data_dir = config_dict.placeholder(str)  # None: TFDS's default, ~/tensorflow_datasets
     c.train_split = "train"
-    c.data = dict(worker_count=0)
+    c.data = dict(worker_count=0, skip_corrupt=False)  # skip: leave unreadable records out
     c.batch_size = 256
     # Training length and intervals: set exactly one unit of each.
     for name in ("total", "log_every", "ckpt_every"):

@@ -152,7 +152,8 @@ def train(config, workdir: str):
         logging.get_absl_handler().use_absl_log_file("train", workdir)
 
     # --------------------------------------------------------------- input
-    source = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
+    source = pipeline.open_source(config.dataset, config.train_split, config.data_dir,
+                                  skip_corrupt=config.data.get("skip_corrupt", False))
     steps_per_epoch = len(source) // config.batch_size
     units = dict(steps_per_epoch=steps_per_epoch, batch_size=config.batch_size)
     total_steps, schedule, tx = optimizer(config, len(source))

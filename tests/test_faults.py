@@ -181,3 +181,50 @@ def test_images_with_another_channel_count_than_the_config_are_refused(tiny_data
                                          r"config.aug.mean has 1 value\(s\).*--config.aug.mean"):
         train.train(c, str(tmp_path / "w"))
     assert not os.path.exists(os.path.join(tmp_path, "w", "checkpoints"))
+
+
+# ------------------------------------------------------------- corrupt records
+
+@pytest.fixture
+def corrupt_data(tmp_path):
+    """A 600-record dataset with 50 bytes flipped in the middle of its train shard:
+    -> (data_dir, images (600, 28, 28, 1))."""
+    from ssl_jax.data import arrays
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (600, 28, 28, 1), dtype=np.uint8)
+    data = {"train": (images, rng.integers(0, 10, 600)),
+            "test": (images[:10], rng.integers(0, 10, 10))}
+    arrays.build_from_arrays("tiny_corrupt", str(tmp_path), data, num_classes=10)
+    shard, = glob.glob(str(tmp_path / "tiny_corrupt" / "*" / "*train.array_record*"))
+    raw = bytearray(open(shard, "rb").read())
+    for i in range(len(raw) // 2, len(raw) // 2 + 50):
+        raw[i] ^= 0xFF
+    with open(shard, "wb") as f:
+        f.write(raw)
+    return str(tmp_path), images
+
+
+def test_corrupt_record_is_named_or_skipped(corrupt_data):
+    from ssl_jax.data import pipeline
+    data_dir, images = corrupt_data
+    with pytest.raises(pipeline.CorruptRecordError,
+                       match=r"Record (\d+) of tiny_corrupt train in .* cannot be read: .*Riegeli"
+                             r".*skip_corrupt=True") as e:
+        pipeline.open_source("tiny_corrupt", "train", data_dir)
+    bad = int(str(e.value).split("Record ")[1].split(" ")[0])
+    # Skipped: the other 599 records, each with its own index and image.
+    src = pipeline.open_source("tiny_corrupt", "train", data_dir, skip_corrupt=True)
+    assert len(src) == 599 and bad not in src.index
+    batch = pipeline.read_batch(src, np.arange(599))
+    np.testing.assert_array_equal(batch["image"], images[batch["index"]])
+    # Read lazily (big datasets): the batch holding it fails naming it, or is filled.
+    lazy = pipeline.open_source("tiny_corrupt", "train", data_dir, memory_limit=0)
+    ix = np.arange(bad - 3, bad + 3)
+    with pytest.raises(pipeline.CorruptRecordError, match=f"Record {bad} of"):
+        pipeline.read_batch(lazy, ix)
+    lazy = pipeline.open_source("tiny_corrupt", "train", data_dir, memory_limit=0,
+                                skip_corrupt=True)
+    batch = pipeline.read_batch(lazy, ix)
+    assert batch["image"].shape == (6, 28, 28, 1)
+    good = ix != bad
+    np.testing.assert_array_equal(batch["image"][good], images[ix[good]])

@@ -37,6 +37,10 @@ class DatasetNotFoundError(ValueError):
     """The dataset is not prepared in the data directory."""
 
 
+class CorruptRecordError(ValueError):
+    """A record of a prepared dataset cannot be read or decoded."""
+
+
 def default_data_dir() -> str:
     """TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
@@ -77,10 +81,12 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> dict:
 class ArraySource:
     """A split decoded into memory; a grain random-access source.
 
-    image: (N, H, W, C) uint8; label: (N,) int32; row i is record i of the split.
+    image: (N, H, W, C) uint8; label: (N,) int32; row i is record i of the split,
+    or record index[i] when `index` is given (corrupt records were skipped).
     """
     image: np.ndarray
     label: np.ndarray
+    index: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
@@ -92,34 +98,118 @@ class ArraySource:
         return [self[i] for i in ix]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class CheckedSource:
+    """A lazily read source whose unreadable records raise CorruptRecordError
+    naming them, or, with skip, are replaced by a readable record of the same
+    read (logged; the batch keeps its shape and the replaced record's index)."""
+    src: object
+    name: str
+    skip: bool = False
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, ix: Sequence[int]) -> list[dict]:
+        records, kept = read_records(self.src, list(ix), self.name, self.skip)
+        if len(kept) == len(ix):
+            return records
+        if not records:
+            raise CorruptRecordError(f"Every record of {list(ix)[:8]}... of {self.name} is "
+                                     "corrupt: re-prepare the dataset.")
+        by_index = dict(zip(kept, records))
+        return [by_index.get(i, records[0]) for i in ix]
+
+    @property
+    def dataset_info(self):
+        return self.src.dataset_info
+
+
+def read_records(src, ix: list[int], name: str, skip: bool) -> tuple[list[dict], list[int]]:
+    """Reads records ix of a random-access source -> (records, the indices read).
+
+    When the batched read fails, records are re-read one by one to find the bad
+    ones: each raises CorruptRecordError naming it and the fix, or, with skip,
+    is left out (logged).
+    """
+    try:
+        return src.__getitems__(ix), ix
+    except Exception:  # noqa: BLE001 -- find which record it was
+        pass
+    records, kept = [], []
+    for i in ix:
+        try:
+            records.append(src[i])
+            kept.append(i)
+        except Exception as e:  # noqa: BLE001 -- any reader or decoder error
+            if not skip:
+                raise CorruptRecordError(
+                    f"Record {i} of {name} cannot be read: {type(e).__name__}: {e}. The prepared "
+                    "files are damaged: delete the dataset's folder and prepare it again "
+                    "(python -m ssl_jax.data.prepare), or set --config.data.skip_corrupt=True "
+                    "to skip unreadable records.") from e
+            logging.warning("Skipping corrupt record %d of %s (%s: %s).", i, name,
+                            type(e).__name__, e)
+    return records, kept
+
+
 def open_source(dataset: str, split: str, data_dir: str | None = None, *,
-                memory_limit: int = MEMORY_LIMIT):
+                memory_limit: int = MEMORY_LIMIT, skip_corrupt: bool = False):
     """A grain random-access source over one split of a prepared TFDS dataset.
 
     A split whose decoded images take at most `memory_limit` bytes is decoded
     once into an ArraySource; a bigger one, or one whose image sizes vary, is
     read lazily from array_record (memory_limit=0: always lazily). `split`
     takes TFDS's slicing syntax too ("train[:10%]").
-    Raises DatasetNotFoundError (a ValueError) naming the command that prepares it.
+    Raises DatasetNotFoundError (a ValueError) naming the command that prepares it,
+    and CorruptRecordError naming an unreadable record (skip_corrupt: skip it).
     """
     _, data_dir = _prepared_builder(dataset, data_dir)
     src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    name = f"{dataset} {split} in {data_dir}"
     shape = src.dataset_info.features["image"].shape
     if None in shape or len(src) * int(np.prod(shape)) > memory_limit:
-        return src
+        return CheckedSource(src, name, skip_corrupt)
     t = time.perf_counter()
-    mem = load_into_memory(src)
+    mem = load_into_memory(src, name, skip_corrupt)
     logging.info("Decoded %s %s into memory: %s in %.1f s.", dataset, split,
                  mem.image.shape, time.perf_counter() - t)
     return mem
 
 
-def load_into_memory(src) -> ArraySource:
-    """Decodes every record of a random-access source, in order."""
-    parts = [read_batch(src, np.arange(i, min(i + _CHUNK, len(src))))
-             for i in range(0, len(src), _CHUNK)]
+def load_into_memory(src, name: str = "the source", skip_corrupt: bool = False) -> ArraySource:
+    """Decodes every record of a random-access source, in order; unreadable
+    records raise CorruptRecordError, or are left out with skip_corrupt (the
+    ArraySource's `index` then maps rows to record indices)."""
+    parts, kept = [], []
+    for i in range(0, len(src), _CHUNK):
+        records, ix = read_records(src, list(range(i, min(i + _CHUNK, len(src)))), name,
+                                   skip_corrupt)
+        if records:
+            parts.append(read_batch(_Records(records), np.arange(len(records))))
+        kept += ix
+    if len(kept) < len(src):
+        logging.warning("%d corrupt records of %s skipped.", len(src) - len(kept), name)
+    if not parts:
+        raise CorruptRecordError(f"No record of {name} can be read: re-prepare the dataset.")
     return ArraySource(image=np.concatenate([p["image"] for p in parts]),
-                       label=np.concatenate([p["label"] for p in parts]))
+                       label=np.concatenate([p["label"] for p in parts]),
+                       index=None if len(kept) == len(src) else np.asarray(kept, np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Records:
+    """Records already read, as a random-access source (so read_batch stacks them)."""
+    records: list
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitems__(self, ix) -> list[dict]:
+        return [self.records[i] for i in ix]
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -144,6 +234,8 @@ def read_batch(src, ix, image_size: int | None = None) -> dict:
     ix = np.asarray(ix, np.int64)
     if isinstance(src, ArraySource):
         images, labels = src.image[ix], src.label[ix]
+        if src.index is not None:
+            ix = src.index[ix]
         if image_size is not None and images.shape[1:3] != (image_size, image_size):
             images = np.stack([_fit(im, image_size) for im in images])
     else:
