@@ -7,6 +7,7 @@ batches an uninterrupted run would have seen next.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -17,10 +18,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous complete one is intact."""
+
+
 class Checkpointer:
     """Thin wrapper over ocp.CheckpointManager for {state, data} items."""
 
     def __init__(self, workdir: str, max_to_keep: int = 2, async_save: bool = True):
+        self._saving = None  # the step being written in the background, if any
         self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.dir,
@@ -32,10 +38,34 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
+        """Starts writing checkpoint `step` (in the background). A failed write, this
+        one's or the previous background one's, raises CheckpointSaveError."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        # orbax waits for the previous background write before starting this one
+        # anyway; waiting here first attributes its failure to its own step.
+        with self._failures(self._saving):
+            self.manager.wait_until_finished()
+        self._saving = step
+        with self._failures(step):
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _failures(self, step: int | None):
+        """Turns a failed save (disk full, permissions, a vanished mount) into one error
+        naming the step that failed and the newest complete checkpoint, which orbax's
+        write-then-rename leaves intact."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- orbax re-raises background errors as-is
+            complete = sorted(int(d) for d in os.listdir(self.dir) if d.isdigit())
+            kept = (f"the newest complete checkpoint is step {complete[-1]} in {self.dir}"
+                    if complete else f"no complete checkpoint is in {self.dir}")
+            raise CheckpointSaveError(
+                f"Saving the checkpoint of step {step} failed ({type(e).__name__}: {e}); "
+                f"{kept}. Fix the cause (e.g. free disk space) and re-run the same command "
+                "to resume from it.") from e
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
         """Returns (state, step) of `step` (default: the newest readable) or (None, None).
@@ -101,10 +131,12 @@ class Checkpointer:
         return restored["state"], step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failures(self._saving):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failures(self._saving):
+            self.manager.wait_until_finished()
         self.manager.close()
 
 

@@ -228,9 +228,14 @@ def train(config, workdir: str):
     finally:
         preemption.close()
         progress.close()
-        ckpt.close()  # waits for the last save: a checkpoint is complete or absent
-        if writer is not None:
-            writer.close()
+        try:
+            ckpt.close()  # waits for the last save: a checkpoint is complete or absent
+        finally:
+            if writer is not None:
+                try:
+                    writer.close()
+                except OSError as e:  # a full disk must not hide the checkpoint's error
+                    logging.warning("TensorBoard writer: %s", e)
     if is_main:
         if step < total_steps:
             print(f"Preempted (SIGTERM) at step {step}/{total_steps}: checkpoint saved in "

@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -113,20 +114,36 @@ def fast_prng():
         yield
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent compilation cache for one test: repeated train() calls
-    (train, crash, resume) compile the same programs, and compiling dominates
-    a tiny run's time. reset_cache: JAX memoises whether a cache is in use."""
+@contextlib.contextmanager
+def _compilation_cache_at(path):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = [getattr(jax.config, n) for n in names]
     cc.reset_cache()
-    jax.config.update(names[0], str(tmp_path / "xla_cache"))
+    jax.config.update(names[0], str(path))
     jax.config.update(names[1], 0.0)
-    yield
-    cc.reset_cache()
-    for n, v in zip(names, old):
-        jax.config.update(n, v)
+    try:
+        yield str(path)
+    finally:
+        cc.reset_cache()
+        for n, v in zip(names, old):
+            jax.config.update(n, v)
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent compilation cache for one test: repeated train() calls
+    (train, crash, resume) compile the same programs, and compiling dominates
+    a tiny run's time. reset_cache: JAX memoises whether a cache is in use."""
+    with _compilation_cache_at(tmp_path / "xla_cache") as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+    """compilation_cache shared by a module's tests (they train the same tiny
+    programs); its folder also serves the module's training subprocesses."""
+    with _compilation_cache_at(tmp_path_factory.mktemp("xla_cache")) as path:
+        yield path

@@ -3,6 +3,7 @@ checkpoint, a NaN. Each test asserts nothing is lost: the resumed run ends with
 parameters bitwise equal to an uninterrupted run's."""
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,23 +49,31 @@ def _command(workdir, data_dir, total_steps, ckpt_every):
             f"--config.ckpt_every_steps={ckpt_every}", "--config.log_every_steps=1"]
 
 
-def _env(tmp_path):
-    # One compilation cache for the test's runs: the same programs, compiled once.
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+@pytest.fixture(autouse=True, scope="module")
+def _cache(module_compilation_cache, fast_prng):
+    """Every run of this module, in-process or not, shares one compilation cache:
+    they compile the same tiny programs. In-process runs also use fast_prng
+    (conftest.py); the subprocesses use the default PRNG, and are only compared
+    with one another."""
+    yield module_compilation_cache
+
+
+def _env(cache):
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
-def _run(cmd, tmp_path):
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+def _run(cmd, cache):
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(cache), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p.stdout
 
 
-def _run_until(cmd, tmp_path, step, sig, repeat=1):
+def _run_until(cmd, cache, step, sig, repeat=1):
     """Starts cmd, sends `sig` (`repeat` times, 50 ms apart) once it logs step `step`;
     -> (return code, stdout)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     out = []
     deadline = time.time() + 300
@@ -81,36 +90,36 @@ def _run_until(cmd, tmp_path, step, sig, repeat=1):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
+def reference(tiny_data, tmp_path_factory, _cache):
     """An uninterrupted 12-step run: (its final params, data_dir)."""
-    tmp = tmp_path_factory.mktemp("ref")
-    workdir = str(tmp / "w")
-    _run(_command(workdir, tiny_data, 12, 100), tmp)
+    workdir = str(tmp_path_factory.mktemp("ref") / "w")
+    _run(_command(workdir, tiny_data, 12, 100), _cache)
     return _params(workdir), tiny_data
 
 
-def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(reference, tmp_path,
+                                                                          _cache):
     ref, data_dir = reference
     workdir = str(tmp_path / "w")
     cmd = _command(workdir, data_dir, 12, 100)  # no periodic checkpoint before the end
     # Two SIGTERMs: the second lands while the first one's checkpoint is being written.
-    rc, out = _run_until(cmd, tmp_path, 4, signal.SIGTERM, repeat=2)
+    rc, out = _run_until(cmd, _cache, 4, signal.SIGTERM, repeat=2)
     assert rc == 0, out
     assert "Preempted (SIGTERM) at step" in out and "Re-run the same command" in out, out
     stopped = int(out.split("Preempted (SIGTERM) at step ")[1].split("/")[0])
     assert 4 <= stopped < 12
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps == [stopped]
-    out = _run(cmd, tmp_path)
+    out = _run(cmd, _cache)
     assert f"step {stopped + 1}/12" in out and "Done: 12 steps" in out
     _assert_same_params(_params(workdir), ref)
 
 
-def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path):
+def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path, _cache):
     ref, data_dir = reference
     workdir = str(tmp_path / "w")
     cmd = _command(workdir, data_dir, 12, 2)
-    rc, out = _run_until(cmd, tmp_path, 7, signal.SIGKILL)
+    rc, out = _run_until(cmd, _cache, 7, signal.SIGKILL)
     assert rc == -signal.SIGKILL, out
     ckpts = os.path.join(workdir, "checkpoints")
     # What a kill during a save leaves: orbax's temporary folder, never finalised.
@@ -118,7 +127,7 @@ def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path
     os.makedirs(os.path.join(half, "state"))
     with open(os.path.join(half, "state", "manifest.ocdbt"), "wb") as f:
         f.write(b"\x00" * 10)
-    out = _run(cmd, tmp_path)
+    out = _run(cmd, _cache)
     assert "Done: 12 steps" in out
     assert not os.path.exists(half)  # cleaned up, not loaded
     _assert_same_params(_params(workdir), ref)
@@ -127,7 +136,7 @@ def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path
 # ----------------------------------------------------------- in-process faults
 
 def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
-        tiny_data, tmp_path, compilation_cache, capsys):
+        tiny_data, tmp_path, capsys):
     c = tiny_config("simclr", tiny_data)  # 6 steps, checkpoints at 3 and 6
     workdir = str(tmp_path / "w")
     train.train(c, workdir)
@@ -147,8 +156,7 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     _assert_same_params(_params(workdir), full)
 
 
-def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,
-                                                                        compilation_cache):
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     c = tiny_config("simclr", tiny_data, debug_nan_at_step=5)  # checkpoints at 3 and 6
     c.log_every_steps = 1
     workdir = str(tmp_path / "w")
@@ -160,17 +168,19 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data,
     assert steps == [3]
 
 
-def test_nan_skip_policy_keeps_the_state_and_counts(tiny_data, tmp_path, compilation_cache,
-                                                    capsys):
-    c = tiny_config("simclr", tiny_data, debug_nan_at_step=6, nonfinite="skip")
-    c.ckpt_every_steps, c.keep_ckpts = 1, 3
+def test_nan_skip_policy_keeps_the_state_and_counts(tiny_data, tmp_path, capsys):
+    # The same poisoned step as above: one compiled program for both tests.
+    c = tiny_config("simclr", tiny_data, debug_nan_at_step=5, nonfinite="skip")
+    c.ckpt_every_steps, c.keep_ckpts = 1, 6
     workdir = str(tmp_path / "w")
     state = train.train(c, workdir)
     assert "1 non-finite steps skipped" in capsys.readouterr().out
     assert int(state["step"]) == 6
-    # Step 6 was skipped: its parameters are step 5's.
-    _assert_same_params(_params(workdir, 6), _params(workdir, 5))
-    assert not np.array_equal(*(list(_params(workdir, s).values())[0] for s in (4, 5)))
+    assert all(np.isfinite(x).all() for x in _params(workdir).values())
+    # Step 5 was skipped: its parameters are step 4's; the other steps trained.
+    _assert_same_params(_params(workdir, 5), _params(workdir, 4))
+    for a, b in ((3, 4), (5, 6)):
+        assert not np.array_equal(*(list(_params(workdir, s).values())[0] for s in (a, b)))
 
 
 def test_images_with_another_channel_count_than_the_config_are_refused(tiny_dataset, tmp_path):
@@ -228,3 +238,42 @@ def test_corrupt_record_is_named_or_skipped(corrupt_data):
     assert batch["image"].shape == (6, 28, 28, 1)
     good = ix != bad
     np.testing.assert_array_equal(batch["image"][good], images[ix[good]])
+
+
+# ----------------------------------------------------------------- disk full
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (room for ~5 tiny checkpoints); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN)")
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, small_disk):
+    import shutil
+
+    from ssl_jax import checkpoint
+    c = tiny_config("simclr", tiny_data)
+    c.total_steps, c.ckpt_every_steps, c.keep_ckpts = 12, 1, 100
+    full = str(tmp_path / "full")
+    train.train(c, full)
+    workdir = os.path.join(small_disk, "w")
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r"Saving the checkpoint of step (\d+) failed .*No space left on "
+                             r"device.*newest complete checkpoint is step (\d+) in .*re-run") as e:
+        train.train(c, workdir)
+    failed, kept = (int(x) for x in re.search(r"step (\d+) failed.*step (\d+) in",
+                                              str(e.value)).groups())
+    assert 1 <= kept == failed - 1 < 11
+    # The kept checkpoint is whole: moved to a disk with room, the run resumes from it
+    # and ends where the uninterrupted run did.
+    moved = str(tmp_path / "moved")
+    shutil.copytree(workdir, moved)
+    _assert_same_params(_params(moved, kept), _params(full, kept))
+    train.train(c, moved)
+    _assert_same_params(_params(moved), _params(full))
