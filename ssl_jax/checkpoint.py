@@ -27,6 +27,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, max_to_keep: int = 2, async_save: bool = True):
         self._saving = None  # the step being written in the background, if any
+        self.blocked_s, self.saves = 0.0, 0  # time the caller waited in save(), and count
         self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.dir,
@@ -40,6 +41,7 @@ class Checkpointer:
     def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
         """Starts writing checkpoint `step` (in the background). A failed write, this
         one's or the previous background one's, raises CheckpointSaveError."""
+        t0 = time.perf_counter()
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -49,7 +51,10 @@ class Checkpointer:
             self.manager.wait_until_finished()
         self._saving = step
         with self._failures(step):
-            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.blocked_s += time.perf_counter() - t0
+        self.saves += int(saved)
+        return saved
 
     @contextlib.contextmanager
     def _failures(self, step: int | None):

@@ -243,6 +243,8 @@ def train(config, workdir: str):
         else:
             skipped = f" ({nonfinite.skipped} non-finite steps skipped)" if nonfinite.skipped else ""
             print(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}", flush=True)
+        print(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
+              "in all (arrays are copied to host, then written in the background).", flush=True)
     return state
 
 
