@@ -115,11 +115,11 @@ def get_field(config, path: str):
     return node
 
 
-def _to_tuples(x):
+def to_tuples(x):
     if isinstance(x, dict):
-        return {k: _to_tuples(v) for k, v in x.items()}
+        return {k: to_tuples(v) for k, v in x.items()}
     if isinstance(x, list):
-        return tuple(_to_tuples(v) for v in x)
+        return tuple(to_tuples(v) for v in x)
     return x
 
 
@@ -136,7 +136,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: {workdir} is not a training workdir. Train first with "
             f"`python -m ssl_jax.train --config configs/simclr.py --workdir {workdir}`.")
     with open(path) as f:
-        return ml_collections.ConfigDict(_to_tuples(json.load(f)))
+        return ml_collections.ConfigDict(to_tuples(json.load(f)))
 
 
 def diff(a, b, prefix="") -> list[str]:
@@ -148,6 +148,6 @@ def diff(a, b, prefix="") -> list[str]:
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += diff(va, vb, f"{prefix}{k}.")
-        elif _to_tuples(va) != _to_tuples(vb):
+        elif to_tuples(va) != to_tuples(vb):
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out

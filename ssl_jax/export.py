@@ -1,0 +1,108 @@
+r"""Encoder-only export: what a user keeps after pretraining.
+
+  python -m ssl_jax.export --workdir runs/simclr --out exported/simclr
+
+writes into OUT
+  encoder/      the encoder's parameters and BN statistics (an orbax checkpoint)
+  params.npz    the same arrays flat, "params/conv1/kernel" -> array, for other frameworks
+  export.json   format version, the model config, the preprocessing the encoder
+                expects (input size and channels, eval crop, mean/std), its
+                stages, and where it came from (workdir, step, method, dataset)
+
+and `load(OUT)` gives back `(features_fn, variables)` with
+`features_fn(variables, images) -> {stage: (B, C) float32}` for uint8 images
+(B, H, W, C): the eval view (centre crop, normalisation) and global average
+pooling included. Loading needs no method code, optimizer state or training
+config; an artefact written by a newer format version is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+
+from ssl_jax.config import to_tuples
+
+FORMAT_VERSION = 1
+
+
+def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out["/".join([prefix] + [str(getattr(k, "key", k)) for k in path])] = np.asarray(leaf)
+    return out
+
+
+def export(workdir: str, out: str) -> dict:
+    """Writes the encoder of `workdir`'s newest checkpoint to `out`; -> export.json's contents."""
+    from ssl_jax import evaluate, models, parallel  # training-side code, not needed by load()
+    from ssl_jax.data import pipeline
+    from ssl_jax.eval import features
+    from ssl_jax.methods import network
+
+    mesh = parallel.make_mesh()
+    config, _, variables, step = evaluate.load_encoder(workdir, mesh)
+    variables = jax.device_get(variables)
+    info = pipeline.dataset_info(config.dataset, config.data_dir)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": config.model.to_dict(),
+        "preprocessing": {"input_shape": list(info["image_shape"]),
+                          "view": features.eval_view_config(config).to_dict(),
+                          "dtype": "uint8"},
+        "stages": models.stages(config.model.name, **network.encoder_kwargs(config.model)),
+        "source": {"workdir": os.path.abspath(workdir), "step": int(step),
+                   "method": config.method, "dataset": config.dataset},
+    }
+    os.makedirs(out, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.abspath(os.path.join(out, "encoder")), variables, force=True)
+    ckpt.wait_until_finished()
+    np.savez(os.path.join(out, "params.npz"),
+             **_flat(variables["params"], "params"), **_flat(variables["batch_stats"],
+                                                            "batch_stats"))
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump(meta, f, indent=2, default=list)
+    return meta
+
+
+def load(out: str):
+    """-> (features_fn, variables) of an exported encoder (see the module docstring)."""
+    from ssl_jax.eval import features
+    from ssl_jax.methods import network
+
+    path = os.path.join(out, "export.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {out} is not an exported encoder. Write one "
+                                "with `python -m ssl_jax.export --workdir RUN --out OUT`.")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{out} was exported with format version {meta['format_version']}; "
+                         f"this ssl_jax reads versions <= {FORMAT_VERSION}: upgrade ssl_jax.")
+    model = ml_collections.ConfigDict(to_tuples(meta["model"]))
+    encoder = network.make_encoder(model)
+    variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(out, "encoder")))
+    view = ml_collections.ConfigDict(to_tuples(meta["preprocessing"]["view"]))
+    return jax.jit(features.make_features_fn(encoder, view)), variables
+
+
+def main(argv):
+    del argv
+    meta = export(flags.FLAGS.workdir, flags.FLAGS.out)
+    print(f"Exported the {meta['model']['name']} encoder of {meta['source']['method']} "
+          f"(step {meta['source']['step']}) to {flags.FLAGS.out}: encoder/, params.npz, "
+          "export.json. Load it with ssl_jax.export.load(OUT).", flush=True)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "A training workdir.")
+    flags.DEFINE_string("out", None, "Where to write the exported encoder.")
+    flags.mark_flags_as_required(["workdir", "out"])
+    sys.exit(app.run(main))
