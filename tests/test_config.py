@@ -34,3 +34,19 @@ def test_an_interval_in_another_unit_replaces_the_presets():
                                   "--config.optimizer.warmup_steps=2"])
     assert c.total_epochs is None and c.optimizer.warmup_epochs is None
     assert cfg_lib.steps(c, "total", steps_per_epoch=100, batch_size=8) == 7
+
+
+def test_the_trainer_command_line_rejects_bad_keys_and_types_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [sys.executable, "-m", "ssl_jax.train", "--config", SPEC + ",runlocal",
+            "--workdir", str(tmp_path / "w")]
+    for arg, message in (("--config.optimizer.lrr=0.1", "Did you mean lr?"),
+                         ("--config.optimizer.lr=abc",
+                          "flag --config.optimizer.lr=abc: could not convert string to float")):
+        p = subprocess.run(base + [arg], cwd=root, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+    assert not os.path.exists(tmp_path / "w")  # nothing started, nothing written

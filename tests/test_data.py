@@ -308,3 +308,13 @@ def test_build_from_arrays_round_trips_grayscale(tmp_path):
     src = pipeline.open_source("tiny_gray", "train", str(tmp_path))
     np.testing.assert_array_equal(src.image, images)
     np.testing.assert_array_equal(src.label, labels)
+
+
+def test_a_dataset_of_another_version_names_both_versions_and_the_command(tmp_path):
+    # What a folder from another TFDS release looks like: fashion_mnist/2.0.0 only.
+    (tmp_path / "fashion_mnist" / "2.0.0").mkdir(parents=True)
+    with pytest.raises(pipeline.DatasetNotFoundError,
+                       match=r"'fashion_mnist' version 3\.0\.1 is not prepared .*found version\(s\) "
+                             r"\['2\.0\.0'\].*python -m ssl_jax\.data\.prepare --dataset "
+                             r"fashion_mnist"):
+        pipeline.open_source("fashion_mnist", "train", str(tmp_path))

@@ -57,6 +57,14 @@ def _prepared_builder(dataset: str, data_dir: str | None):
     # A name TFDS knows gives a builder even with no files behind it; reading
     # would then fail with a misleading file-format error.
     if not builder.is_prepared():
+        folder = os.path.join(data_dir, dataset.split(":")[0])
+        others = sorted(v for v in (os.listdir(folder) if os.path.isdir(folder) else [])
+                        if v[:1].isdigit())
+        if others:
+            hint = (f"Dataset {dataset!r} version {builder.version} is not prepared in "
+                    f"{data_dir} (found version(s) {others} there, which this code does not "
+                    f"read). Prepare it with `python -m ssl_jax.data.prepare --dataset "
+                    f"{dataset} --data_dir {data_dir}`.")
         raise DatasetNotFoundError(hint)
     return builder, data_dir
 
