@@ -4,10 +4,12 @@ r"""Soak test: a long real training run, watched from outside for leaks.
 
 Runs `python -m ssl_jax.train` on the prepared Fashion-MNIST (the method's
 config, grain reading in a worker process) for --minutes at full speed,
-checkpointing about every --ckpt_every_s seconds, then stops it the way a
-cluster does (SIGTERM) and checks what it leaves behind. While it runs, the
-trainer's resident memory (RSS), threads and child processes are sampled every
-2 s from /proc. Then the offline evaluators run on its last checkpoint.
+checkpointing about every --ckpt_every_s seconds, with the offline evaluators
+(`python -m ssl_jax.evaluate --eval knn`) run on its newest checkpoint every
+--eval_every_min minutes beside it, then stops it the way a cluster does
+(SIGTERM) and checks what it leaves behind. While it runs, the trainer's
+resident memory (RSS), threads and child processes are sampled every 2 s from
+/proc. Then linear and kNN evaluation run on its last checkpoint.
 
 Reports: RSS at minute 1 and at the end (and the peak), thread count at both,
 the grain worker processes seen and whether any outlived the trainer, the time
@@ -32,6 +34,8 @@ _METHOD = flags.DEFINE_string("method", "simclr", "configs/<method>.py")
 _CKPT_EVERY_S = flags.DEFINE_float("ckpt_every_s", 60.0, "Seconds between checkpoints (aimed).")
 _STEP_S = flags.DEFINE_float("step_s", 0.57, "Expected seconds per step, to turn "
                              "--ckpt_every_s into steps (the demo's SimCLR step here).")
+_EVAL_EVERY_MIN = flags.DEFINE_float("eval_every_min", 3.0, "Minutes between evaluations "
+                                     "run beside training (0: none).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "soak.json"),
                            "Results file.")
@@ -81,11 +85,25 @@ def main(argv):
     t0 = time.time()
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        samples, workers = [], set()
+        samples, workers, evals, ev_proc, next_eval = [], set(), [], None, _EVAL_EVERY_MIN.value
         while time.time() - t0 < 60 * _MINUTES.value and p.poll() is None:
             time.sleep(2.0)
             samples.append((time.time() - t0, _proc(p.pid, "VmRSS"), _proc(p.pid, "Threads")))
             workers |= _descendants(p.pid)
+            if ev_proc is not None and ev_proc.poll() is not None:
+                evals.append({"minute": round(ev_start / 60, 1), "rc": ev_proc.returncode,
+                              "seconds": round(time.time() - t0 - ev_start, 1),
+                              "result": [ln for ln in ev_proc.communicate()[0].splitlines()
+                                         if "top-1" in ln]})
+                ev_proc = None
+            if (_EVAL_EVERY_MIN.value and ev_proc is None and time.time() - t0 >= 60 * next_eval
+                    and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+                ev_start, next_eval = time.time() - t0, next_eval + _EVAL_EVERY_MIN.value
+                ev_proc = subprocess.Popen(
+                    [sys.executable, "-m", "ssl_jax.evaluate", "--workdir", workdir, "--eval",
+                     "knn"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if ev_proc is not None:
+            ev_proc.wait()
         p.send_signal(signal.SIGTERM)
         rc = p.wait(timeout=300)
     time.sleep(2.0)
@@ -111,7 +129,7 @@ def main(argv):
         "rss_mb_peak_sampled": round(max(rss) / 1024, 1) if rss else None,
         "threads_minute_1": m1[2], "threads_end": end[2],
         "grain_worker_pids_seen": sorted(workers), "processes_left_after_exit": leaked,
-        "exit_code": rc, "trainer_summary": done,
+        "exit_code": rc, "trainer_summary": done, "evaluations_during_training": evals,
         "evaluate_seconds": round(time.time() - t_eval, 1), "evaluate_rc": ev.returncode,
         "evaluate_output": [ln for ln in ev.stdout.splitlines() if "top-1" in ln],
         "workdir": workdir,

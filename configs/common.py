@@ -85,7 +85,9 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
                   linear=dict(epochs=30, lr=0.1, weight_decay=1e-4, batch_size=1024),
                   knn=dict(k=200, temperature=0.07),
                   # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units.
-                  mlp=dict(hidden=200, epochs=30, lr=0.1, weight_decay=5e-4, batch_size=256))
+                  mlp=dict(hidden=200, epochs=30, lr=0.1, weight_decay=5e-4, batch_size=256),
+                  # Goyal et al. 2019: k labelled images per class, mean +- std over seeds.
+                  lowshot=dict(shots=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2, 3, 4), steps=300))
     return c
 
 
@@ -105,3 +107,4 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
     c.eval.train_examples = 5000
     c.eval.linear.epochs = 10
     c.eval.mlp.epochs = 5
+    c.eval.lowshot.update(shots=(1, 8), seeds=(0, 1), steps=50)

@@ -24,10 +24,10 @@ from absl import app, flags, logging
 from ssl_jax import checkpoint, methods, models, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
-from ssl_jax.eval import features, knn, linear, mlp
+from ssl_jax.eval import features, knn, linear, lowshot, mlp
 from ssl_jax.methods import network
 
-EVALUATORS = ("linear", "knn", "mlp")
+EVALUATORS = ("linear", "knn", "mlp", "lowshot")
 
 
 def load_encoder(workdir: str, mesh, random_init: bool = False):
@@ -124,6 +124,9 @@ def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool =
             print(f"{name} ({what} {n}): top-1 {per_stage[n]['top1']:.2f}%  "
                   f"top-5 {per_stage[n]['top5']:.2f}%  [{config.dataset} "
                   f"{config.eval.test_split}]", flush=True)
+            if "per_k" in per_stage[n]:  # low-shot: the whole curve
+                print("    " + "  ".join(f"k={k}: {v['mean']:.2f}±{v['std']:.2f}"
+                                         for k, v in per_stage[n]["per_k"].items()), flush=True)
         if jax.process_index() == 0:
             suffix = "_random_init" if random_init else ""
             with open(os.path.join(workdir, f"eval_{name}{suffix}.json"), "w") as f:
@@ -143,6 +146,10 @@ def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
         settings = dict(config.eval.get("mlp", {}))
         r = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=num_classes, seed=config.seed,
                                 **settings)
+    elif name == "lowshot":
+        r = lowshot.lowshot(xtr, ytr, xte, yte, num_classes=num_classes,
+                            **dict(config.eval.get("lowshot", {})))
+        return {"top1": r["top1"], "top5": r["top5"], "per_k": r["per_k"]}
     else:
         kc = config.eval.knn
         r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, k=kc.k,

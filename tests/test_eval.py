@@ -255,3 +255,22 @@ def test_mlp_probe_bn_uses_running_statistics_at_test():
     one, _ = mlp.apply(params, new, x[:1], train=False)
     many, _ = mlp.apply(params, new, x, train=False)
     np.testing.assert_allclose(one, many[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_lowshot_draws_k_per_class_and_improves_with_k():
+    from ssl_jax.eval import lowshot
+    y = np.repeat(np.arange(4), [10, 3, 10, 10])
+    rows = lowshot.sample_per_class(y, 5, 4, seed=0)
+    assert np.bincount(y[rows]).tolist() == [5, 3, 5, 5]  # class 1 has only 3
+    assert len(set(rows.tolist())) == len(rows)
+    np.testing.assert_array_equal(rows, lowshot.sample_per_class(y, 5, 4, seed=0))
+    assert not np.array_equal(rows, lowshot.sample_per_class(y, 5, 4, seed=1))
+
+    # Noisy clusters: one example per class is a poor guess of the centre; 32 are not.
+    (xtr, ytr), (xte, yte) = clusters(2000, seed=5, spread=4.0), clusters(1000, seed=6, spread=4.0)
+    r = lowshot.lowshot(xtr, ytr, xte, yte, num_classes=4, shots=(1, 32), seeds=(0, 1, 2),
+                        steps=100)
+    assert sorted(r["per_k"]) == [1, 32] and len(r["per_k"][1]["top1"]) == 3
+    assert r["per_k"][1]["std"] > 0.0
+    assert r["per_k"][32]["mean"] > r["per_k"][1]["mean"] + 5.0
+    assert r["top1"] == r["per_k"][32]["mean"]
