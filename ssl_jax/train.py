@@ -119,6 +119,8 @@ def make_train_step(config, method, tx, schedule, mesh, state_sh):
         # step s replays exactly the randomness an uninterrupted run would use.
         r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
         views = method.views(r_views, batch["image"], config)
+        if getattr(method, "USES_LABELS", False):
+            views = dict(views, label=batch["label"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (metrics, method_state)), grads = grad_fn(
             state["params"], state["method_state"], views, batch["index"], r_loss, state["step"])

@@ -4,11 +4,13 @@
   init(rng, views, config) -> (params, state)     state: what gradients do not train
   loss(params, state, views, indices, rng, config) -> (loss, (metrics, new_state))
 
-and optionally check(config, global_batch) that raises before compiling, and
-state_sharding(state_shapes, mesh) -> shardings of the state (default: replicated).
+and optionally check(config, global_batch) that raises before compiling,
+state_sharding(state_shapes, mesh) -> shardings of the state (default: replicated),
+and USES_LABELS = True to receive the batch's labels as views["label"] (only the
+supervised reference does).
 The train loop knows nothing else about a method.
 """
-from ssl_jax.methods import jigsaw, moco, pirl, rotnet, simclr
+from ssl_jax.methods import jigsaw, moco, pirl, rotnet, simclr, supervised
 
 METHODS = {
     "simclr": simclr,
@@ -17,6 +19,7 @@ METHODS = {
     "npid": pirl,  # NPID is PIRL without the jigsaw branch (its config has no `pirl` block)
     "jigsaw": jigsaw,
     "rotnet": rotnet,
+    "supervised": supervised,  # the reference row of every table, not self-supervised
 }
 
 
