@@ -1,6 +1,6 @@
 r"""Representation quality of every method at the same budget, on real Fashion-MNIST.
 
-    python benchmarks/quality.py [--methods rotnet,jigsaw,pirl,npid,moco,simclr]
+    python benchmarks/quality.py [--methods rotnet,jigsaw,pirl,npid,moco,simclr,supervised]
                                  [--epochs 1] [--root runs/quality] [--phase all|train|eval]
 
 For each method: pretrain with its Fashion-MNIST config
@@ -8,7 +8,7 @@ For each method: pretrain with its Fashion-MNIST config
 for --epochs epochs of the 60000 training images (the same budget for all; the
 rest of each recipe is its config's), then evaluate every encoder stage, frozen:
 linear probe, weighted kNN (k=200, tau=0.07) and the RotNet paper's non-linear
-probe (`mlp`). The random-initialised encoder of each distinct architecture is
+probe (`mlp`). `supervised` (cross-entropy on the labels) is the reference row. The random-initialised encoder of each distinct architecture is
 evaluated the same way (BN statistics measured on train): the baseline every
 method must beat. Step decays of the "step" schedule are rescaled to the budget
 (the paper's 30/60/80 % of the run).
@@ -31,8 +31,8 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-_METHODS = flags.DEFINE_list("methods", ["rotnet", "jigsaw", "pirl", "npid", "moco", "simclr"],
-                             "Methods (configs/<name>.py).")
+_METHODS = flags.DEFINE_list("methods", ["rotnet", "jigsaw", "pirl", "npid", "moco", "simclr",
+                                         "supervised"], "Methods (configs/<name>.py).")
 _EPOCHS = flags.DEFINE_float("epochs", 1.0, "Pretraining epochs, the same for every method.")
 _ROOT = flags.DEFINE_string("root", os.path.join(ROOT, "runs", "quality"), "Workdirs' parent.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
