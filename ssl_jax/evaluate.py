@@ -8,7 +8,8 @@ each evaluator on each requested stage (`--stages final`, the default; `all`;
 or names such as `block2,block4`). "Offline" means after pretraining, on a
 frozen encoder (the numbers papers report), as opposed to the online probes
 logged during training.
-Results are printed and written to WORKDIR/eval_<name>.json.
+Results are printed, written to WORKDIR/eval_<name>.json and appended as rows
+to the Markdown table WORKDIR/results.md.
 """
 from __future__ import annotations
 
@@ -131,7 +132,26 @@ def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool =
             suffix = "_random_init" if random_init else ""
             with open(os.path.join(workdir, f"eval_{name}{suffix}.json"), "w") as f:
                 json.dump(r, f, indent=2)
+            append_table(os.path.join(workdir, "results.md"), config, name, r)
     return results
+
+
+TABLE_HEADER = ("| date | method | dataset | step | evaluator | stage | top-1 | top-5 |\n"
+                "|---|---|---|---:|---|---|---:|---:|\n")
+
+
+def append_table(path: str, config, name: str, record: dict) -> None:
+    """Appends one row per stage of an evaluator's record to a Markdown table
+    (written with its header on first use): the file people read and paste."""
+    new = not os.path.exists(path)
+    method = config.method + (" (random init)" if record["random_init"] else "")
+    with open(path, "a") as f:
+        if new:
+            f.write(TABLE_HEADER)
+        for stage, v in record["stages"].items():
+            f.write(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
+                    f"{record['step']} | {name} (offline) | {stage} | {v['top1']:.2f} | "
+                    f"{v['top5']:.2f} |\n")
 
 
 def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:

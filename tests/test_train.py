@@ -67,6 +67,10 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path):
         assert r["step"] == 6
         with open(os.path.join(workdir, f"eval_{name}.json")) as f:
             assert json.load(f)["top1"] == r["top1"]
+    with open(os.path.join(workdir, "results.md")) as f:  # the table people read
+        rows = f.read().splitlines()
+    assert rows[0].startswith("| date | method |") and len(rows) == 2 + 2 * 4
+    assert f"| {method} | tiny_squares | 6 | knn (offline) | block2 |" in rows[-3]
     with pytest.raises(ValueError, match=r"has stages \['block1'"):
         evaluate.evaluate(workdir, ("knn",), stages=["block9"])
     if method == "simclr":  # the random-init baseline reads the same workdir, writes its own file
