@@ -102,8 +102,11 @@ def main(argv):
                 ev_proc = subprocess.Popen(
                     [sys.executable, "-m", "ssl_jax.evaluate", "--workdir", workdir, "--eval",
                      "knn"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if ev_proc is not None:
-            ev_proc.wait()
+        if ev_proc is not None:  # the last one, still running when training stopped
+            evals.append({"minute": round(ev_start / 60, 1), "rc": ev_proc.wait(),
+                          "seconds": round(time.time() - t0 - ev_start, 1),
+                          "result": [ln for ln in ev_proc.communicate()[0].splitlines()
+                                     if "top-1" in ln]})
         p.send_signal(signal.SIGTERM)
         rc = p.wait(timeout=300)
     time.sleep(2.0)
@@ -128,6 +131,8 @@ def main(argv):
         "rss_mb_end": round(end[1] / 1024, 1) if end[1] else None,
         "rss_mb_peak_sampled": round(max(rss) / 1024, 1) if rss else None,
         "threads_minute_1": m1[2], "threads_end": end[2],
+        "rss_mb_per_minute": [round(at(m)[1] / 1024, 1) for m in range(1, int(_MINUTES.value) + 1)
+                              if at(m)[1]],
         "grain_worker_pids_seen": sorted(workers), "processes_left_after_exit": leaked,
         "exit_code": rc, "trainer_summary": done, "evaluations_during_training": evals,
         "evaluate_seconds": round(time.time() - t_eval, 1), "evaluate_rc": ev.returncode,
