@@ -243,7 +243,8 @@ def train(config, workdir: str):
             print(f"Preempted (SIGTERM) at step {step}/{total_steps}: checkpoint saved in "
                   f"{ckpt.dir}. Re-run the same command to resume.", flush=True)
         else:
-            skipped = f" ({nonfinite.skipped} non-finite steps skipped)" if nonfinite.skipped else ""
+            n = nonfinite.skipped
+            skipped = f" ({n} non-finite steps skipped)" if n else ""
             print(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}", flush=True)
         print(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
               "in all (arrays are copied to host, then written in the background).", flush=True)
