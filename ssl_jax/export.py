@@ -32,11 +32,10 @@ from ssl_jax.config import to_tuples
 FORMAT_VERSION = 1
 
 
-def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out["/".join([prefix] + [str(getattr(k, "key", k)) for k in path])] = np.asarray(leaf)
-    return out
+def _flat(tree) -> dict[str, np.ndarray]:
+    """{"params": {"conv1": {"kernel": x}}} -> {"params/conv1/kernel": x}."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def export(workdir: str, out: str) -> dict:
@@ -64,9 +63,7 @@ def export(workdir: str, out: str) -> dict:
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.abspath(os.path.join(out, "encoder")), variables, force=True)
     ckpt.wait_until_finished()
-    np.savez(os.path.join(out, "params.npz"),
-             **_flat(variables["params"], "params"), **_flat(variables["batch_stats"],
-                                                            "batch_stats"))
+    np.savez(os.path.join(out, "params.npz"), **_flat(variables))
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(meta, f, indent=2, default=list)
     return meta

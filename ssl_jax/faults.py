@@ -67,7 +67,7 @@ def guarded_update(loss, grads, new_state, old_state):
 
 def leaf_names(tree) -> list[str]:
     """'encoder/conv1/kernel'-style names of tree's leaves, in jax.tree.leaves order."""
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return [jax.tree_util.keystr(path, simple=True, separator="/")
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 

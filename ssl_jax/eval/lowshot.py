@@ -42,18 +42,17 @@ def lowshot(train_x, train_y, test_x, test_y, *, num_classes: int,
     train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
     if not shots or min(shots) < 1 or not seeds:
         raise ValueError(f"need shots >= 1 and at least one seed; got {shots}, {seeds}.")
-    per_k, top5_last = {}, []
+    per_k, top5 = {}, {}
     for k in sorted(shots):
         runs = []
         for seed in seeds:
             rows = sample_per_class(train_y, k, num_classes, seed)
-            r = train_linear_probe(train_x[rows], train_y[rows], test_x, test_y,
-                                   num_classes=num_classes, epochs=steps, batch_size=len(rows),
-                                   lr=lr, weight_decay=weight_decay, seed=seed)
-            runs.append(r)
+            runs.append(train_linear_probe(train_x[rows], train_y[rows], test_x, test_y,
+                                           num_classes=num_classes, epochs=steps,
+                                           batch_size=len(rows), lr=lr,
+                                           weight_decay=weight_decay, seed=seed))
         top1 = [r["top1"] for r in runs]
-        per_k[int(k)] = {"mean": float(np.mean(top1)), "std": float(np.std(top1)),
-                         "top1": top1}
-        top5_last = [r["top5"] for r in runs]
-    last = per_k[max(per_k)]
-    return {"per_k": per_k, "top1": last["mean"], "top5": float(np.mean(top5_last))}
+        per_k[int(k)] = {"mean": float(np.mean(top1)), "std": float(np.std(top1)), "top1": top1}
+        top5[int(k)] = float(np.mean([r["top5"] for r in runs]))
+    k_max = max(per_k)
+    return {"per_k": per_k, "top1": per_k[k_max]["mean"], "top5": top5[k_max]}
