@@ -38,9 +38,17 @@ def load_encoder(workdir: str, mesh, random_init: bool = False):
     config = cfg_lib.load(workdir)
     method = methods.get(config.method)
     from ssl_jax.train import optimizer, state_initializer  # the one definition of the state
-    source = pipeline.open_source(config.dataset, config.train_split, config.data_dir)
-    _, _, tx = optimizer(config, len(source))
-    sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(source[0]["image"].shape), jnp.uint8)
+    # Shapes only: the dataset's metadata, not a decode of the train split (the
+    # evaluators read the splits themselves). Sliced splits or images of varying
+    # size need one record.
+    info = pipeline.dataset_info(config.dataset, config.data_dir)
+    n, shape = info["num_examples"].get(config.train_split), info["image_shape"]
+    if n is None or None in shape:
+        source = pipeline.open_source(config.dataset, config.train_split, config.data_dir,
+                                      memory_limit=0)
+        n, shape = len(source), source[0]["image"].shape
+    _, _, tx = optimizer(config, n)
+    sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(shape), jnp.uint8)
     with jax.set_mesh(mesh):
         shapes = jax.eval_shape(state_initializer(config, method, tx), sample)
     if random_init:
