@@ -24,8 +24,9 @@ def memory_base(method: str, arg):
         c.model.name = a.model
     # momentum: the bank's moving average; pad_to: bank rows are a multiple of it,
     # so the bank splits evenly over any power-of-two device count up to 1024.
+    # init: "random" rows (the papers) or "encoder" (methods/pirl.warm_start).
     c.memory = dict(size=TRAIN_SIZES.get(a.dataset, 0), pad_to=1024, momentum=0.5,
-                    negatives=4096, temperature=0.07, loss="nce")
+                    negatives=4096, temperature=0.07, loss="nce", init="random")
     c.head.update(dim=128, layers=1)  # a linear projection to 128-d, as both papers
     # NPID's view: crop (0.2, 1), colour jitter 0.4, grayscale 0.2, flip; no blur.
     c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
@@ -48,6 +49,9 @@ def memory_base(method: str, arg):
         c.total_epochs = 4.0
         c.optimizer.update(lr=0.1, warmup_epochs=0.2)
         c.ckpt_every_steps = 200
+        # Random rows make the first epoch's positives noise: at a few epochs
+        # that is most of the run (pirl.warm_start).
+        c.memory.init = "encoder"
 
     if a.runlocal:
         common.runlocal(c)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +186,12 @@ def train(config, workdir: str):
             state = jax.jit(init_state, out_shardings=state_sh)(
                 jnp.zeros(sample.shape, jnp.uint8, device=batch_sharding))
             start = 0
+            if hasattr(method, "warm_start"):  # once, at step 0: a resume keeps its state
+                t0 = time.time()
+                state["method_state"] = method.warm_start(
+                    state["params"], state["method_state"], source, config, mesh)
+                if is_main:
+                    logging.info("%s.warm_start: %.1f s", config.method, time.time() - t0)
         elif is_main:
             logging.info("Resumed from step %d in %s", start, ckpt.dir)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))

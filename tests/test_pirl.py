@@ -13,7 +13,8 @@ import pytest
 
 from configs import npid as npid_config
 from configs import pirl as pirl_config
-from ssl_jax import evaluate, train
+from ssl_jax import augment, evaluate, parallel, train
+from ssl_jax.data import pipeline
 from ssl_jax.methods import pirl
 from tests import multidevice, test_train
 
@@ -198,6 +199,43 @@ def test_infonce_form_is_softmax_cross_entropy_over_the_same_rows():
     assert "log_z" not in metrics  # no Z in this form (and no -inf metric for the loop)
     views = {"image": jax.ShapeDtypeStruct((B, 28, 28, 1), jnp.float32)}
     assert jax.eval_shape(lambda v: pirl.init(jax.random.key(0), v, c), views)[1]["log_z"] == {}
+
+
+def test_warm_start_sets_every_row_to_its_images_initial_embedding():
+    c = small_config("npid")
+    c.batch_size, c.memory.init = 32, "encoder"  # 100 images: 3 full batches + 4 rows
+    images = np.random.default_rng(0).integers(0, 256, (N, 28, 28, 1), np.uint8)
+    source = pipeline.ArraySource(images, np.zeros(N, np.int32))
+    params, state = pirl.init(jax.random.key(2), {"image": jnp.zeros((B, 28, 28, 1))}, c)
+    paper = small_config("npid")
+    paper.memory.init = "random"
+    old = np.asarray(state["bank"])  # warm_start donates the bank
+    mesh = parallel.make_mesh()
+    with jax.set_mesh(mesh):
+        warm = pirl.warm_start(params, state, source, c, mesh)
+        assert pirl.warm_start(params, state, source, paper, mesh) is state
+
+    # The reference: f of the eval view, batch by batch (train-mode BN sees the
+    # zero images that pad the last batch, as the real pass does), normalised.
+    view = augment.eval_view_config(crop_size=(28, 28), mean=c.aug.mean, std=c.aug.std)
+    variables = {"params": params, "batch_stats": state["batch_stats"]}
+    padded = np.concatenate([images, np.zeros((28, 28, 28, 1), np.uint8)])
+    f = np.concatenate([
+        pirl._net(c).apply(variables, augment.batch_views(jax.random.key(0), x, view), None,
+                           train=True, mutable=["batch_stats"])[0][1]
+        for x in np.split(padded, 4)])[:N]
+    expected = f / np.linalg.norm(f, axis=1, keepdims=True)
+    bank = np.asarray(warm["bank"])
+    np.testing.assert_allclose(bank[:N], expected, atol=1e-5)
+    np.testing.assert_array_equal(bank[N:], old[N:])  # padding rows
+    assert np.all(np.any(bank[:N] != old[:N], axis=1))  # every row moved
+
+
+def test_unknown_bank_init_is_refused(tiny_data):
+    c = tiny_npid_config(tiny_data)
+    c.memory.init = "zeros"
+    with pytest.raises(ValueError, match="memory.init='zeros': use one of"):
+        pirl.check(c, c.batch_size)
 
 
 def tiny_npid_config(data_dir):

@@ -6,6 +6,8 @@
 
 and optionally check(config, global_batch) that raises before compiling,
 state_sharding(state_shapes, mesh) -> shardings of the state (default: replicated),
+warm_start(params, state, source, config, mesh) -> state, called once at step 0
+with the train split (NPID/PIRL fill their memory bank from the initial encoder),
 and USES_LABELS = True to receive the batch's labels as views["label"] (only the
 supervised reference does).
 The train loop knows nothing else about a method.
