@@ -5,7 +5,10 @@ r"""Per-layer convolution timings of the demo ConvNet: where a train step's time
 For each of the four 3x3 convolutions (28x28x1 input, widths 32-64-128-256) it
 times, best of 7 after a warm-up: XLA's forward, input gradient and weight
 gradient, and the weight gradient as one im2col matmul (ssl_jax/models/conv.py),
-checking that the two weight gradients agree. Prints a table and writes
+checking that the two weight gradients agree; and, when torch is installed
+(requirements-bench.txt), PyTorch's (oneDNN) forward, input gradient and weight
+gradient of the same layer, channels_last, torch.set_num_threads(cores): the
+kernel-level gap behind benchmarks/step.py's ratio. Prints a table and writes
 benchmarks/results/conv_layers.json.
 """
 from __future__ import annotations
@@ -42,6 +45,40 @@ def best_ms(fn, *args, repeats: int = 7) -> tuple[float, jax.Array]:
     return 1e3 * min(times), out
 
 
+def torch_ms(side: int, cin: int, cout: int, b: int, repeats: int = 7) -> dict:
+    """PyTorch's forward / input-gradient / weight-gradient ms of one layer (best of
+    `repeats` after a warm-up); {} without torch."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(os.cpu_count())
+    cl = torch.channels_last
+    x = torch.randn(b, cin, side, side).to(memory_format=cl)
+    w = torch.randn(cout, cin, 3, 3).to(memory_format=cl)
+    dy = torch.randn(b, cout, side, side).to(memory_format=cl)
+    conv2d = torch.nn.functional.conv2d
+    grad = torch.ops.aten.convolution_backward
+    calls = {
+        "torch_forward_ms": lambda: conv2d(x, w, padding=1),
+        "torch_input_grad_ms": lambda: grad(dy, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                            [0, 0], 1, [True, False, False]),
+        "torch_weight_grad_ms": lambda: grad(dy, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                             [0, 0], 1, [False, True, False]),
+    }
+    out = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            out[name] = round(1e3 * min(times), 1)
+    return out
+
+
 def main(argv):
     del argv
     b, rows = _BATCH.value, []
@@ -61,7 +98,8 @@ def main(argv):
         rows.append(dict(layer=f"{side}x{side}, {cin}->{cout}", forward_ms=round(fwd, 1),
                          input_grad_ms=round(dx, 1), weight_grad_xla_ms=round(dw_xla, 1),
                          weight_grad_im2col_ms=round(dw_mm, 1), max_rel_err=err,
-                         gflop=round(2 * b * side * side * 9 * cin * cout / 1e9, 2)))
+                         gflop=round(2 * b * side * side * 9 * cin * cout / 1e9, 2),
+                         **torch_ms(side, cin, cout, b)))
         print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
     with open(_OUT.value, "w") as f:

@@ -28,6 +28,7 @@ import jax
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import measure  # noqa: E402
 from ssl_jax import methods, parallel  # noqa: E402
 from ssl_jax.data import pipeline, prepare  # noqa: E402
 from ssl_jax.train import (make_train_step, optimizer, state_initializer,  # noqa: E402
@@ -43,14 +44,7 @@ _OUT = flags.DEFINE_string(
 
 
 def _median_step_s(run_one, steps: int) -> float:
-    for _ in range(3):
-        run_one()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        run_one()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(measure.steady(run_one, steps, warmup=3))
 
 
 def bench(name: str, conv: str, data_dir: str, steps: int) -> dict:
