@@ -1,15 +1,26 @@
 r"""Offline evaluation of a trained encoder, frozen.
 
   python -m ssl_jax.evaluate --workdir runs/simclr --eval linear,knn [--stages all]
+  python -m ssl_jax.evaluate --exported exported/simclr --eval knn [--data_dir DIR]
+  python -m ssl_jax.evaluate --workdir runs/simclr --eval linear --stages all --pool avg2x2
 
-Reads the config and the newest checkpoint of --workdir, extracts the globally
-pooled features of the encoder's stages for the train and test splits, and runs
-each evaluator on each requested stage (`--stages final`, the default; `all`;
-or names such as `block2,block4`). "Offline" means after pretraining, on a
-frozen encoder (the numbers papers report), as opposed to the online probes
-logged during training.
-Results are printed, written to WORKDIR/eval_<name>.json and appended as rows
-to the Markdown table WORKDIR/results.md.
+Reads the encoder, either the config and newest checkpoint of --workdir or an
+encoder written by `python -m ssl_jax.export` (--exported; its export.json
+names the dataset, splits and eval settings, and --dataset, --data_dir,
+--train_split, --test_split fill in or override them), extracts the pooled
+features of its stages for the train and test splits, and runs each evaluator
+on each requested stage (`--stages final`, the default; `all`; or names such as
+`block2,block4`). --pool: `global` average (default), or `avg{s}x{s}` (e.g.
+avg2x2, avg3x3), VISSL's pooling of a conv stage to an s x s grid, s*s*C
+features. "Offline" means after pretraining, on a frozen encoder (the numbers
+papers report), as opposed to the online probes logged during training.
+
+Everything goes to RESULTS, which is --results_dir, else the workdir or the
+export: the features under RESULTS/features/, keyed by the weights, model, eval
+view, pooling, stages, split and example limit, so that evaluating the same
+checkpoint again skips extraction (--nocache: neither read nor write them);
+the results printed, written to RESULTS/eval_<name>[_<pool>][_random_init].json
+and appended as rows to the Markdown table RESULTS/results.md.
 """
 from __future__ import annotations
 
@@ -20,9 +31,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from absl import app, flags, logging
 
-from ssl_jax import checkpoint, methods, models, parallel
+from ssl_jax import checkpoint, export, methods, models, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
 from ssl_jax.eval import features, knn, linear, lowshot, mlp
@@ -36,6 +49,16 @@ def load_encoder(workdir: str, mesh, random_init: bool = False):
     checkpoint; or, with random_init, the same encoder as initialised (step 0,
     seed config.seed), the baseline a pretrained encoder must beat."""
     config = cfg_lib.load(workdir)
+    if not random_init:
+        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+        if ckpt.latest_step() is None:  # say so before reading data or tracing the model
+            ckpt.close()
+            raise FileNotFoundError(
+                f"No checkpoint in {ckpt.dir}: {workdir} has a config.json but no trained "
+                f"weights yet. Train first (`python -m ssl_jax.train --config "
+                f"configs/{config.method}.py --workdir {workdir}`, with the config arguments "
+                "it was started with, resumes it), or pass --random_init for the untrained "
+                "baseline.")
     method = methods.get(config.method)
     from ssl_jax.train import optimizer, state_initializer  # the one definition of the state
     # Shapes only: the dataset's metadata, not a decode of the train split (the
@@ -49,15 +72,14 @@ def load_encoder(workdir: str, mesh, random_init: bool = False):
         n, shape = len(source), source[0]["image"].shape
     _, _, tx = optimizer(config, n)
     sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(shape), jnp.uint8)
-    with jax.set_mesh(mesh):
-        shapes = jax.eval_shape(state_initializer(config, method, tx), sample)
+    init_state = state_initializer(config, method, tx, info["num_classes"])
     if random_init:
         with jax.set_mesh(mesh):
-            state = jax.jit(state_initializer(config, method, tx))(jnp.zeros(sample.shape,
-                                                                              jnp.uint8))
+            state = jax.jit(init_state)(jnp.zeros(sample.shape, jnp.uint8))
         step = 0
     else:
-        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+        with jax.set_mesh(mesh):
+            shapes = jax.eval_shape(init_state, sample)
         state, step = ckpt.restore_state_only(checkpoint.abstract(shapes,
                                                                   parallel.replicated(mesh)))
         ckpt.close()
@@ -80,23 +102,103 @@ def _stages(config, stages) -> list[str]:
     return [n for n in valid if n in names]
 
 
-def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool = False) -> dict:
-    """Runs each evaluator on each stage. Returns {evaluator: record}, where a record
-    holds the deepest requested stage's numbers ("top1", "top5", "stage", ...) and
-    "stages": {stage: {"top1", "top5"}} for every requested stage.
+def _exported_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_split=None,
+                     test_split=None) -> ml_collections.ConfigDict:
+    """The config fields evaluate reads, for an export: the arguments given win,
+    then export.json's "data", "eval" and "source", then the common defaults
+    (exports written before "data" and "eval" existed name only the dataset)."""
+    data, source = meta.get("data", {}), meta.get("source", {})
+    dataset = dataset or data.get("dataset") or source.get("dataset")
+    if not dataset:
+        raise ValueError(f"{os.path.join(out, 'export.json')} names no dataset: pass --dataset "
+                         "(and --data_dir) to say what to evaluate on.")
+    ev = dict(meta.get("eval", {}))
+    seed = ev.pop("seed", 0)
+    ev = dict({"test_split": "test", "batch_size": 512, "train_examples": 0}, **ev)
+    if test_split:
+        ev["test_split"] = test_split
+    return ml_collections.ConfigDict(cfg_lib.to_tuples({
+        "method": source.get("method", "exported"), "dataset": dataset,
+        "data_dir": data_dir or data.get("data_dir"),
+        "train_split": train_split or data.get("train_split") or "train",
+        "seed": seed, "model": meta["model"], "eval": ev}))
 
-    random_init: evaluate the run's encoder as initialised instead, with its BN
-    statistics measured on the train split (features.calibrate_bn): the random
-    baseline. Results then go to eval_<name>_random_init.json.
+
+def _num_classes(config, evals) -> int:
+    """The dataset's number of classes; a ValueError naming the dataset when it has
+    no labels (every evaluator here fits or votes on them), before any loading."""
+    n = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
+    if not n:
+        raise ValueError(
+            f"Dataset {config.dataset!r} in {config.data_dir or pipeline.default_data_dir()} has "
+            "no labels (no 'label' feature with a number of classes in its dataset_info), and "
+            f"the evaluators {list(evals)} need labelled train and test splits. Evaluate on a "
+            "labelled dataset: export the encoder (python -m ssl_jax.export) and pass "
+            "--exported OUT --dataset NAME --data_dir DIR.")
+    return n
+
+
+def _label(stage: str, pool: str) -> str:
+    """How a stage is named in printouts and results.md: the pooling unless global."""
+    return stage if pool == "global" else f"{stage} ({pool})"
+
+
+def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
+             random_init: bool = False, *, exported: str | None = None, pool: str = "global",
+             cache: bool = True, results_dir: str | None = None, dataset: str | None = None,
+             data_dir: str | None = None, train_split: str | None = None,
+             test_split: str | None = None, plot: bool = False) -> dict:
+    """Runs each evaluator on each stage of the encoder of `workdir` (a training
+    run) or `exported` (python -m ssl_jax.export's OUT): exactly one. Returns
+    {evaluator: record}, where a record holds the deepest requested stage's
+    numbers ("top1", "top5", "stage", ...), "stages": {stage: {"top1", "top5"}}
+    for every requested stage, and the "pool" that made the features.
+
+    pool: "global" or "avg{s}x{s}" (features.pool_stage).
+    random_init (workdir only): evaluate the run's encoder as initialised instead,
+    with its BN statistics measured on the train split (features.calibrate_bn):
+    the random baseline. Results then go to eval_<name>_random_init.json.
+    cache: read and write the split's features under RESULTS/features/.
+    results_dir: RESULTS, where everything is written (default: workdir or exported).
+    dataset, data_dir, train_split, test_split (exported only): override export.json's.
+    plot: also write figures to RESULTS/figures/ (`_plot`).
     """
+    if (workdir is None) == (exported is None):
+        raise ValueError("Give exactly one of --workdir (a training run) or --exported (an "
+                         "encoder written by `python -m ssl_jax.export`).")
     unknown = [e for e in evals if e not in EVALUATORS]
     if unknown:
         raise ValueError(f"--eval {unknown} unknown; valid: {list(EVALUATORS)}.")
+    features.pool_grid(pool)
+    data_args = dict(dataset=dataset, data_dir=data_dir, train_split=train_split,
+                     test_split=test_split)
+    if workdir is not None and any(v is not None for v in data_args.values()):
+        given = [f"--{k}" for k, v in data_args.items() if v is not None]
+        raise ValueError(f"{', '.join(given)} go with --exported; a workdir's config.json "
+                         "names the data it is evaluated on.")
+    if exported is not None and random_init:
+        raise ValueError("--random_init needs --workdir: an export holds the trained weights, "
+                         "not the run's initialisation.")
+
     mesh = parallel.make_mesh()
-    config, encoder, variables, step = load_encoder(workdir, mesh, random_init)
+    if exported is None:
+        config = cfg_lib.load(workdir)
+    else:
+        meta = export.read_meta(exported)
+        config = _exported_config(exported, meta, **data_args)
+    num_classes = _num_classes(config, evals)  # before the slow loading
     names = _stages(config, stages)
-    view_cfg = features.eval_view_config(config)
-    fn = features.make_features_fn(encoder, view_cfg)
+    if exported is None:
+        config, encoder, variables, step = load_encoder(workdir, mesh, random_init)
+        view_cfg = features.eval_view_config(config)
+        fn = features.make_features_fn(encoder, view_cfg, pool, names)
+        origin = {"step": int(step), "random_init": random_init}
+    else:
+        fn, variables = export.load(exported, pool=pool, stages=names)
+        view_cfg = meta["preprocessing"]["view"]
+        step = meta["source"]["step"]
+        origin = {"step": int(step), "source": meta["source"]}
+    results_dir = results_dir or workdir or exported
     sources = {split: pipeline.open_source(config.dataset, split, config.data_dir)
                for split in (config.train_split, config.eval.test_split)}  # each decoded once
     if random_init:
@@ -104,19 +206,21 @@ def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool =
             variables = features.calibrate_bn(encoder, view_cfg, variables,
                                               sources[config.train_split],
                                               batch_size=config.eval.batch_size, mesh=mesh)
+    key = None
+    if cache:  # everything the features depend on; the weights by content, not by name
+        key = dict(origin, weights=features.fingerprint(variables),
+                   model=config.model.to_dict(), view=dict(view_cfg), pool=pool, stages=names,
+                   dataset=config.dataset,
+                   data_dir=os.path.abspath(config.data_dir or pipeline.default_data_dir()))
     t0 = time.time()
-    splits = {}
-    for split, limit in ((config.train_split, config.eval.train_examples),
-                         (config.eval.test_split, 0)):
-        with jax.set_mesh(mesh):
-            feats, labels = features.extract(fn, variables, sources[split],
-                                             batch_size=config.eval.batch_size, mesh=mesh,
-                                             max_examples=limit)
-        splits[split] = ({n: feats[n] for n in names}, labels)
+    splits = {split: _split_features(fn, variables, sources[split], split, limit, config, mesh,
+                                     names, os.path.join(results_dir, "features"), step, key)
+              for split, limit in ((config.train_split, config.eval.train_examples),
+                                   (config.eval.test_split, 0))}
     (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
-    num_classes = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
-    print(f"Features of {', '.join(f'{n} {ftr[n].shape[1]}-d' for n in names)} at step {step}: "
-          f"{len(ytr)} train, {len(yte)} test ({time.time() - t0:.1f}s)", flush=True)
+    print(f"Features of {', '.join(f'{_label(n, pool)} {ftr[n].shape[1]}-d' for n in names)} "
+          f"at step {step}: {len(ytr)} train, {len(yte)} test ({time.time() - t0:.1f}s)",
+          flush=True)
 
     results = {}
     for name in evals:
@@ -124,24 +228,73 @@ def evaluate(workdir: str, evals=EVALUATORS, stages="final", random_init: bool =
         per_stage = {n: _run(name, config, ftr[n], ytr, fte[n], yte, num_classes) for n in names}
         final = names[-1]
         r = {"top1": per_stage[final]["top1"], "top5": per_stage[final]["top5"], "stage": final,
-             "stages": per_stage, "step": int(step), "random_init": random_init,
+             "pool": pool, "stages": per_stage, "step": int(step), "random_init": random_init,
              "train_examples": int(len(ytr)),
              "test_examples": int(len(yte)), "seconds": round(time.time() - t0, 1)}
+        if exported is not None:
+            r["exported"] = os.path.abspath(exported)
         results[name] = r
         what = "offline, frozen" + (", random init" if random_init else "")
         for n in names:
-            print(f"{name} ({what} {n}): top-1 {per_stage[n]['top1']:.2f}%  "
+            at = n if pool == "global" else f"{n}, {pool}"
+            print(f"{name} ({what} {at}): top-1 {per_stage[n]['top1']:.2f}%  "
                   f"top-5 {per_stage[n]['top5']:.2f}%  [{config.dataset} "
                   f"{config.eval.test_split}]", flush=True)
             if "per_k" in per_stage[n]:  # low-shot: the whole curve
                 print("    " + "  ".join(f"k={k}: {v['mean']:.2f}±{v['std']:.2f}"
                                          for k, v in per_stage[n]["per_k"].items()), flush=True)
         if jax.process_index() == 0:
-            suffix = "_random_init" if random_init else ""
-            with open(os.path.join(workdir, f"eval_{name}{suffix}.json"), "w") as f:
+            os.makedirs(results_dir, exist_ok=True)
+            suffix = ("" if pool == "global" else f"_{pool}") + ("_random_init" if random_init
+                                                                 else "")
+            with open(os.path.join(results_dir, f"eval_{name}{suffix}.json"), "w") as f:
                 json.dump(r, f, indent=2)
-            append_table(os.path.join(workdir, "results.md"), config, name, r)
+            append_table(os.path.join(results_dir, "results.md"), config, name, r)
+    if plot and jax.process_index() == 0:
+        _plot(results_dir, sources[config.train_split], sources[config.eval.test_split],
+              ftr[names[-1]], ytr, fte[names[-1]], yte, random_init)
     return results
+
+
+def _plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
+          queries: int = 8, k: int = 8) -> None:
+    """--plot: RESULTS/figures/ gets the per-stage bars and low-shot curve of
+    every record there (report.write_figures) and retrieval.png: the first
+    `queries` test images and their k nearest train images by the deepest
+    requested stage's features (cosine), wrong-label neighbours framed red."""
+    from ssl_jax.eval import report  # matplotlib only when figures are asked for
+    nn = knn.nearest(ftr, fte[:queries], k)  # rows of ftr are the train split in order
+    paths = report.write_figures(results_dir)
+    suffix = "_random_init" if random_init else ""
+    paths.append(os.path.join(results_dir, "figures", f"retrieval{suffix}.png"))
+    report.retrieval_grid(np.stack([test[i]["image"] for i in range(len(nn))]),
+                          np.stack([[train[int(j)]["image"] for j in row] for row in nn]),
+                          paths[-1], yte[:len(nn)], ytr[nn])
+    print("Figures: " + ", ".join(paths), flush=True)
+
+
+def _split_features(fn, variables, source, split: str, limit: int, config, mesh, names,
+                    cache_dir: str, step: int, key: dict | None):
+    """({stage: (N, D)}, labels (N,)) of one split: read from cache_dir when an
+    earlier run left them there, else extracted (and saved there). key: what the
+    features depend on, None for no cache."""
+    path = got = None
+    if key is not None:
+        path = features.cache_path(cache_dir, step, split,
+                                   features.cache_key(split=split, max_examples=limit, **key))
+        got = features.load_cached(path, names)
+        if not features.agree(got is not None):
+            got = None
+    if got is not None:
+        print(f"features: cached ({split}, {path})", flush=True)
+        return got
+    with jax.set_mesh(mesh):
+        got = features.extract(fn, variables, source, batch_size=config.eval.batch_size,
+                               mesh=mesh, max_examples=limit)
+    if path is not None:
+        features.save_cached(path, *got)
+    print(f"features: extracted ({split}{f', saved to {path}' if path else ''})", flush=True)
+    return got
 
 
 TABLE_HEADER = ("| date | method | dataset | step | evaluator | stage | top-1 | top-5 |\n"
@@ -158,30 +311,27 @@ def append_table(path: str, config, name: str, record: dict) -> None:
             f.write(TABLE_HEADER)
         for stage, v in record["stages"].items():
             f.write(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
-                    f"{record['step']} | {name} (offline) | {stage} | {v['top1']:.2f} | "
+                    f"{record['step']} | {name} (offline) | "
+                    f"{_label(stage, record.get('pool', 'global'))} | {v['top1']:.2f} | "
                     f"{v['top5']:.2f} |\n")
 
 
 def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
     """One evaluator on one stage's features -> {"top1", "top5"} in percent."""
+    # Settings a config (or an export written before "eval" existed) lacks get
+    # the evaluator's defaults.
+    settings = dict(config.eval.get(name, {}))
     if name == "linear":
-        lc = config.eval.linear
         r = linear.train_linear_probe(xtr, ytr, xte, yte, num_classes=num_classes,
-                                      epochs=lc.epochs, lr=lc.lr, weight_decay=lc.weight_decay,
-                                      batch_size=lc.batch_size, seed=config.seed)
+                                      seed=config.seed, **settings)
     elif name == "mlp":
-        # Workdirs trained before eval.mlp existed get train_mlp_probe's defaults.
-        settings = dict(config.eval.get("mlp", {}))
         r = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=num_classes, seed=config.seed,
                                 **settings)
     elif name == "lowshot":
-        r = lowshot.lowshot(xtr, ytr, xte, yte, num_classes=num_classes,
-                            **dict(config.eval.get("lowshot", {})))
+        r = lowshot.lowshot(xtr, ytr, xte, yte, num_classes=num_classes, **settings)
         return {"top1": r["top1"], "top5": r["top5"], "per_k": r["per_k"]}
     else:
-        kc = config.eval.knn
-        r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, k=kc.k,
-                             temperature=kc.temperature)
+        r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, **settings)
     return {"top1": float(r["top1"]), "top5": float(r["top5"])}
 
 
@@ -190,17 +340,35 @@ def main(argv):
     # TFDS logs every split it opens at INFO; results are what this command prints.
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    stages = flags.FLAGS.stages
-    evaluate(flags.FLAGS.workdir, tuple(flags.FLAGS.eval),
-             stages[0] if len(stages) == 1 else stages, flags.FLAGS.random_init)
+    f = flags.FLAGS
+    evaluate(f.workdir, tuple(f.eval), f.stages[0] if len(f.stages) == 1 else f.stages,
+             f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
+             results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
+             train_split=f.train_split, test_split=f.test_split, plot=f.plot)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints).")
+    flags.DEFINE_string("exported", None, "Instead of --workdir: an encoder written by "
+                        "`python -m ssl_jax.export` (its OUT folder).")
+    flags.DEFINE_string("pool", "global", "How a stage's (H, W, C) map becomes features: "
+                        "global (average, C-d) or avg{s}x{s} (e.g. avg2x2: an s x s grid of "
+                        "averages, s*s*C-d, as VISSL probes conv stages).")
+    flags.DEFINE_bool("cache", True, "Read and write the extracted features under "
+                      "RESULTS/features/ (--nocache: extract afresh, write nothing).")
+    flags.DEFINE_string("results_dir", None, "Where results and the feature cache go (default: "
+                        "the workdir or the export).")
+    flags.DEFINE_string("dataset", None, "With --exported: the dataset (default: export.json's).")
+    flags.DEFINE_string("data_dir", None, "With --exported: its data_dir (default: export.json's).")
+    flags.DEFINE_string("train_split", None, "With --exported: the split probes fit on.")
+    flags.DEFINE_string("test_split", None, "With --exported: the split probes are scored on.")
     flags.DEFINE_list("eval", list(EVALUATORS), f"Evaluators to run: {', '.join(EVALUATORS)}.")
     flags.DEFINE_list("stages", ["final"], "Encoder stages to probe: final, all, or names "
                       "(e.g. block2,block4).")
     flags.DEFINE_bool("random_init", False, "Evaluate the run's encoder as initialised (BN "
                       "statistics measured on train): the baseline pretraining must beat.")
-    flags.mark_flags_as_required(["workdir"])
+    flags.DEFINE_bool("plot", False, "Also write PNG figures to RESULTS/figures/: accuracy per "
+                      "stage, the low-shot curve, and a retrieval grid (test images and their "
+                      "nearest train images).")
+    flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
     sys.exit(app.run(main))

@@ -7,13 +7,18 @@ writes into OUT
   params.npz    the same arrays flat, "params/conv1/kernel" -> array, for other frameworks
   export.json   format version, the model config, the preprocessing the encoder
                 expects (input size and channels, eval crop, mean/std), its
-                stages, and where it came from (workdir, step, method, dataset)
+                stages, where it came from (workdir, step, method, dataset),
+                the data it was trained on (dataset, data_dir, train_split,
+                num_classes) and the run's evaluation settings (config.eval and
+                seed): `python -m ssl_jax.evaluate --exported OUT` reads these
 
 and `load(OUT)` gives back `(features_fn, variables)` with
 `features_fn(variables, images) -> {stage: (B, C) float32}` for uint8 images
 (B, H, W, C): the eval view (centre crop, normalisation) and global average
-pooling included. Loading needs no method code, optimizer state or training
-config; an artefact written by a newer format version is refused.
+pooling included (`load(OUT, pool="avg2x2")`: VISSL's grid pooling, see
+eval/features.py). Loading needs no method code, optimizer state or training
+config; an artefact written by a newer format version is refused. "data" and
+"eval" were added within format version 1: readers treat them as optional.
 """
 from __future__ import annotations
 
@@ -58,6 +63,9 @@ def export(workdir: str, out: str) -> dict:
         "stages": models.stages(config.model.name, **network.encoder_kwargs(config.model)),
         "source": {"workdir": os.path.abspath(workdir), "step": int(step),
                    "method": config.method, "dataset": config.dataset},
+        "data": {"dataset": config.dataset, "data_dir": config.data_dir,
+                 "train_split": config.train_split, "num_classes": info["num_classes"]},
+        "eval": dict(config.eval.to_dict(), seed=config.seed),
     }
     os.makedirs(out, exist_ok=True)
     ckpt = ocp.StandardCheckpointer()
@@ -69,11 +77,8 @@ def export(workdir: str, out: str) -> dict:
     return meta
 
 
-def load(out: str):
-    """-> (features_fn, variables) of an exported encoder (see the module docstring)."""
-    from ssl_jax.eval import features
-    from ssl_jax.methods import network
-
+def read_meta(out: str) -> dict:
+    """export.json of `out`; errors when it is not an export, or a newer format."""
     path = os.path.join(out, "export.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {out} is not an exported encoder. Write one "
@@ -83,11 +88,21 @@ def load(out: str):
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{out} was exported with format version {meta['format_version']}; "
                          f"this ssl_jax reads versions <= {FORMAT_VERSION}: upgrade ssl_jax.")
+    return meta
+
+
+def load(out: str, *, pool: str = "global", stages=None):
+    """-> (features_fn, variables) of an exported encoder (see the module docstring);
+    pool and stages as features.make_features_fn takes them."""
+    from ssl_jax.eval import features
+    from ssl_jax.methods import network
+
+    meta = read_meta(out)
     model = ml_collections.ConfigDict(to_tuples(meta["model"]))
     encoder = network.make_encoder(model)
     variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(out, "encoder")))
     view = ml_collections.ConfigDict(to_tuples(meta["preprocessing"]["view"]))
-    return jax.jit(features.make_features_fn(encoder, view)), variables
+    return jax.jit(features.make_features_fn(encoder, view, pool, stages)), variables
 
 
 def main(argv):

@@ -1,4 +1,6 @@
 """Offline evaluators (eval/linear.py, knn.py, mlp.py) on features with known answers."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -274,3 +276,103 @@ def test_lowshot_draws_k_per_class_and_improves_with_k():
     assert r["per_k"][1]["std"] > 0.0
     assert r["per_k"][32]["mean"] > r["per_k"][1]["mean"] + 5.0
     assert r["top1"] == r["per_k"][32]["mean"]
+
+
+def adaptive_pool_reference(x, size):
+    """numpy AdaptiveAvgPool2d: bin i of an axis of length L is
+    [floor(i L / size), ceil((i + 1) L / size)). x: (B, H, W, C) -> (B, size, size, C)."""
+    def bins(length):
+        return [(i * length // size, -(-(i + 1) * length // size)) for i in range(size)]
+    out = np.zeros((x.shape[0], size, size, x.shape[3]))
+    for i, (h0, h1) in enumerate(bins(x.shape[1])):
+        for j, (w0, w1) in enumerate(bins(x.shape[2])):
+            out[:, i, j] = x[:, h0:h1, w0:w1].mean((1, 2))
+    return out
+
+
+@pytest.mark.parametrize("h,w,size", [(4, 4, 2), (3, 3, 2), (7, 5, 3), (2, 1, 3), (1, 1, 2)])
+def test_adaptive_pool_matches_numpy_reference(h, w, size):
+    from ssl_jax.eval import features
+    x = np.random.default_rng(h * 10 + w).normal(size=(2, h, w, 5)).astype(np.float32)
+    want = adaptive_pool_reference(x, size)
+    np.testing.assert_allclose(features.adaptive_avg_pool(x, size), want, rtol=1e-5, atol=1e-6)
+    flat = features.pool_stage(x, f"avg{size}x{size}")
+    assert flat.shape == (2, size * size * 5)  # grid cells row-major, channels innermost
+    np.testing.assert_allclose(flat, want.reshape(2, -1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features.pool_stage(x, "global"), x.mean((1, 2)), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(features.pool_stage(x, "avg1x1"), x.mean((1, 2)), rtol=1e-5)
+
+
+def test_adaptive_pool_bins_overlap_like_torch():
+    from ssl_jax.eval import features
+    x = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)  # rows 0 1 2 / 3 4 5 / 6 7 8
+    got = np.asarray(features.adaptive_avg_pool(x, 2))[0, ..., 0]
+    # 3 -> 2: bins {0, 1} and {1, 2} on each axis; the middle pixel is in all four.
+    np.testing.assert_allclose(got, [[2.0, 3.0], [5.0, 6.0]])
+    for bad in ("max2x2", "avg2x3", "avg0x0", "avg"):
+        with pytest.raises(ValueError, match="use 'global' or 'avg"):
+            features.pool_stage(x, bad)
+
+
+def test_features_fn_pools_only_the_requested_stages():
+    from ssl_jax import augment, models
+    from ssl_jax.eval import features
+    enc = models.make_encoder("convnet", widths=(4, 8))
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+    # Shapes from init, values from numpy (positive: BN variances): an eager random
+    # init takes seconds.
+    shapes = jax.eval_shape(lambda: enc.init(jax.random.key(0), np.zeros((1, 8, 8, 1)),
+                                             train=False))
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), shapes)
+    view = augment.eval_view_config(crop_size=(8, 8), mean=(0.0,), std=(1.0,))
+    fns = features.make_features_fn(enc, view), features.make_features_fn(enc, view, "avg2x2",
+                                                                           ["block2"])
+    glob, grid = jax.jit(lambda v, x: [f(v, x) for f in fns])(variables, images)  # one compile
+    assert sorted(glob) == ["block1", "block2"] and sorted(grid) == ["block2"]
+    assert glob["block2"].shape == (3, 8) and grid["block2"].shape == (3, 2 * 2 * 8)
+    # The grid's cells average to the global mean when they tile the map (4x4 -> 2x2).
+    np.testing.assert_allclose(np.asarray(grid["block2"]).reshape(3, 4, 8).mean(1),
+                               glob["block2"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pool='max'"):
+        features.make_features_fn(enc, view, "max")
+
+
+def test_feature_cache_round_trip_and_corrupt_files_are_ignored(tmp_path, caplog):
+    from ssl_jax.eval import features
+    key = dict(weights="abc", step=5, model={"name": "convnet", "widths": (4, 8)},
+               view={"crop_size": (28, 28)}, pool="global", stages=["block2"], split="train",
+               max_examples=0)
+    k = features.cache_key(**key)
+    assert k == features.cache_key(**dict(key, model={"name": "convnet", "widths": [4, 8]}))
+    for change in (dict(weights="abd"), dict(step=6), dict(pool="avg2x2"), dict(max_examples=9),
+                   dict(view={"crop_size": (24, 24)}), dict(stages=["block1", "block2"])):
+        assert features.cache_key(**dict(key, **change)) != k, change
+    path = features.cache_path(str(tmp_path / "features"), 5, "train[:10%]", k)
+    assert os.path.basename(path) == f"step5_train__10___{k}.npz"
+    assert features.load_cached(path, ["block2"]) is None  # not there yet
+
+    feats = {"block2": np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)}
+    labels = np.arange(6, dtype=np.int32)
+    features.save_cached(path, feats, labels)
+    assert os.listdir(tmp_path / "features") == [os.path.basename(path)]  # no temporary left
+    got, got_labels = features.load_cached(path, ["block2"])
+    np.testing.assert_array_equal(got["block2"], feats["block2"])
+    np.testing.assert_array_equal(got_labels, labels)
+    assert features.load_cached(path, ["block1"]) is None  # a stage it lacks: recompute
+
+    with open(path, "r+b") as f:  # a truncated file, as a full disk might leave
+        f.truncate(os.path.getsize(path) // 2)
+    with caplog.at_level("WARNING"):
+        assert features.load_cached(path, ["block2"]) is None
+    assert "Ignoring the feature cache" in caplog.text
+
+
+def test_eval_view_size_defaults_to_the_training_crop_and_can_differ():
+    from configs import simclr
+    from ssl_jax.eval import features
+    c = simclr.get_config("runlocal")
+    assert tuple(features.eval_view_config(c).crop_size) == tuple(c.aug.crop_size) == (28, 28)
+    c.eval.crop_size = (32, 32)  # FixRes: evaluate larger than the training crop
+    assert tuple(features.eval_view_config(c).crop_size) == (32, 32)

@@ -1,4 +1,5 @@
-"""Encoder export: a fresh process reproduces the training checkpoint's features exactly."""
+"""Encoder export: a fresh process reproduces the training checkpoint's features
+exactly, and evaluating the export gives the workdir's numbers (features cached)."""
 import json
 import os
 import subprocess
@@ -25,13 +26,17 @@ np.savez(sys.argv[3], **{k: np.asarray(v) for k, v in feats.items()})
 
 
 def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_path, fast_prng,
-                                                              compilation_cache):
+                                                              compilation_cache, monkeypatch,
+                                                              capsys):
     c = tiny_config("simclr", tiny_data)
     workdir, out = str(tmp_path / "w"), str(tmp_path / "exported")
     train.train(c, workdir)
     meta = export.export(workdir, out)
     assert meta["source"]["step"] == c.total_steps and meta["stages"][-1] == "block4"
     assert meta["preprocessing"]["input_shape"] == [28, 28, 1]
+    assert meta["data"] == {"dataset": "tiny_squares", "data_dir": tiny_data,
+                            "train_split": "train", "num_classes": 10}
+    assert meta["eval"]["knn"]["k"] == 20 and meta["eval"]["seed"] == c.seed
     with open(os.path.join(out, "export.json")) as f:
         assert json.load(f)["model"]["widths"] == [4, 8, 8, 16]
 
@@ -57,6 +62,49 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     np.testing.assert_array_equal(flat["params/conv1/kernel"],
                                   np.asarray(variables["params"]["conv1"]["kernel"]))
     assert any(k.startswith("batch_stats/bn1/") for k in flat.files)
+
+    # Offline evaluation of the run: the features are extracted once, then read back.
+    calls = []
+    real_extract = features.extract
+    monkeypatch.setattr(features, "extract",
+                        lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    first = evaluate.evaluate(workdir, ("knn",))["knn"]
+    assert len(calls) == 2 and capsys.readouterr().out.count("features: extracted") == 2
+    cached = sorted(os.listdir(os.path.join(workdir, "features")))
+    assert len(cached) == 2 and all(f.startswith(f"step{c.total_steps}_") for f in cached)
+    again = evaluate.evaluate(workdir, ("knn",), plot=True)["knn"]
+    printed = capsys.readouterr().out
+    assert len(calls) == 2 and printed.count("features: cached") == 2
+    assert sorted(os.listdir(os.path.join(workdir, "figures"))) == [
+        "accuracy_per_stage.png", "retrieval.png"] and "Figures: " in printed
+    assert again["stages"] == first["stages"] and first["pool"] == "global"
+    with open(os.path.join(workdir, "features", cached[0]), "wb") as f:
+        f.write(b"half a file")  # damaged: ignored, extracted again and rewritten
+    assert evaluate.evaluate(workdir, ("knn",))["knn"]["stages"] == first["stages"]
+    out_text = capsys.readouterr().out
+    assert len(calls) == 3 and "features: extracted (test" in out_text
+    assert "features: cached (train" in out_text
+    assert np.load(os.path.join(workdir, "features", cached[0]))["label"].shape == (128,)
+    evaluate.evaluate(workdir, ("knn",), cache=False)
+    assert len(calls) == 5 and "features: cached" not in capsys.readouterr().out
+
+    # The export evaluates to the same numbers, its results where asked.
+    results = str(tmp_path / "results")
+    ex = evaluate.evaluate(exported=out, evals=("knn",), results_dir=results)["knn"]
+    assert ex["stages"] == first["stages"] and ex["step"] == first["step"] == c.total_steps
+    assert ex["exported"] == os.path.abspath(out)
+    with open(os.path.join(results, "eval_knn.json")) as f:
+        assert json.load(f)["top1"] == first["top1"]
+    with open(os.path.join(results, "results.md")) as f:
+        assert "| simclr | tiny_squares | 6 | knn (offline) | block4 |" in f.read()
+    assert len(os.listdir(os.path.join(results, "features"))) == 2
+    # VISSL's grid pooling: 2 x 2 x 16 features, named in the record and the table.
+    grid = evaluate.evaluate(exported=out, evals=("knn",), pool="avg2x2")["knn"]
+    assert grid["pool"] == "avg2x2" and "block4 (avg2x2) 64-d" in capsys.readouterr().out
+    with open(os.path.join(out, "eval_knn_avg2x2.json")) as f:
+        assert json.load(f)["pool"] == "avg2x2"
+    with open(os.path.join(out, "results.md")) as f:
+        assert "| knn (offline) | block4 (avg2x2) |" in f.read()
 
     # A newer format version is refused with a clear error.
     meta["format_version"] = export.FORMAT_VERSION + 1

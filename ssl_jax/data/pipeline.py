@@ -73,15 +73,18 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> dict:
     """What the prepared dataset's dataset_info.json says.
 
     Returns {"num_examples": {split: int}, "image_shape": (H, W, C), None
-    where sizes vary, "num_classes": int, "class_names": [str]}.
+    where sizes vary, "num_classes": int, "class_names": [str]}; num_classes is
+    None (and class_names empty) for a dataset without labels or a label
+    feature without a class count: pretraining needs none, evaluators refuse.
     """
     info = _prepared_builder(dataset, data_dir)[0].info
-    label = info.features["label"]
+    label = info.features["label"] if "label" in info.features else None
+    num_classes = getattr(label, "num_classes", None)
     return {
         "num_examples": {name: split.num_examples for name, split in info.splits.items()},
         "image_shape": tuple(info.features["image"].shape),
-        "num_classes": label.num_classes,
-        "class_names": list(label.names),
+        "num_classes": num_classes,
+        "class_names": list(label.names) if num_classes else [],
     }
 
 

@@ -1,31 +1,99 @@
-"""Frozen features of every encoder stage for a whole split.
+"""Frozen features of the encoder's stages for a whole split, cached on disk.
 
 The encoder runs in eval mode (BN running statistics) on the deterministic
 eval view (centre crop + normalisation of config.aug), batched and sharded
-over the mesh; each stage is globally average-pooled to (N, C).
+over the mesh; each stage's (H, W, C) map is pooled to a vector: globally
+averaged to (C,) by default, or, as VISSL's probes of conv stages do,
+averaged over an s x s grid and flattened to (s * s * C,) (pool "avg{s}x{s}").
+
+Extracting a 60000-image split is the slow part of an evaluation, so the
+features go to an .npz whose name holds a digest of everything they depend on
+(cache_key); a later run with the same inputs reads them back.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ssl_jax import augment, parallel
 from ssl_jax.data import pipeline
 
+POOLS = ("global", "avg2x2", "avg3x3")  # the usual ones; any avg{s}x{s} works
+
 
 def eval_view_config(config):
+    """The deterministic view every frozen-feature consumer uses: centre crop
+    resized to config.eval.crop_size (default: the training crop,
+    config.aug.crop_size) and config.aug's normalisation."""
     aug = config.aug
-    return augment.eval_view_config(crop_size=tuple(aug.crop_size), mean=tuple(aug.mean),
+    # A larger eval size than the training crop is FixRes's point: random-resized
+    # crops show objects larger than a full-image view at the same size does.
+    crop = config.get("eval", {}).get("crop_size") or aug.crop_size
+    return augment.eval_view_config(crop_size=tuple(crop), mean=tuple(aug.mean),
                                     std=tuple(aug.std))
 
 
-def make_features_fn(encoder, view_cfg):
-    """-> f(variables, images (B, H, W, C) uint8) -> {stage: (B, C) float32}."""
+def pool_grid(pool: str) -> int | None:
+    """'global' -> None; 'avg{s}x{s}' -> s >= 1. Anything else: ValueError."""
+    if pool == "global":
+        return None
+    m = re.fullmatch(r"avg(\d+)x(\d+)", pool)
+    if not m or m[1] != m[2] or int(m[1]) < 1:
+        raise ValueError(f"pool={pool!r}: use 'global' or 'avg{{s}}x{{s}}' with s >= 1 "
+                         f"(e.g. {', '.join(POOLS)}).")
+    return int(m[1])
+
+
+def _bins(length: int, size: int) -> np.ndarray:
+    """(size, length) float32: row i averages [floor(i L / size), ceil((i + 1) L / size))."""
+    w = np.zeros((size, length), np.float32)
+    for i in range(size):
+        lo, hi = i * length // size, -(-(i + 1) * length // size)
+        w[i, lo:hi] = 1.0 / (hi - lo)
+    return w
+
+
+def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """x: (B, H, W, C) -> (B, size, size, C) float32, torch's AdaptiveAvgPool2d.
+
+    Bin i of an axis of length L averages [floor(i L / size), ceil((i + 1) L / size)):
+    the bins tile the axis when size divides L and overlap by a row when it
+    does not (3 -> 2: rows {0, 1} and {1, 2}); size > L repeats rows.
+    """
+    wh, ww = _bins(x.shape[1], size), _bins(x.shape[2], size)
+    # Two small matmuls with constant weights; HIGHEST: TPUs would otherwise
+    # round the float32 features to bfloat16 inside the dot.
+    return jnp.einsum("ih,bhwc,jw->bijc", wh, x.astype(jnp.float32), ww,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def pool_stage(x: jax.Array, pool: str = "global") -> jax.Array:
+    """One stage's map x: (B, H, W, C) -> (B, D) float32: D = C for 'global' (the
+    mean over H, W), D = s * s * C for 'avg{s}x{s}' (grid cells row-major, then C)."""
+    s = pool_grid(pool)
+    if s is None:
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    y = adaptive_avg_pool(x, s)
+    return y.reshape(y.shape[0], -1)
+
+
+def make_features_fn(encoder, view_cfg, pool: str = "global", stages=None):
+    """-> f(variables, images (B, H, W, C) uint8) -> {stage: (B, D) float32}, D as
+    pool_stage gives it, for `stages` (None: every stage the encoder returns)."""
+    pool_grid(pool)  # a bad name fails here, not at trace time
+
     def f(variables, images):
         x = augment.batch_views(jax.random.key(0), images, view_cfg)  # deterministic view
         feats = encoder.apply(variables, x, train=False)
-        return {k: jnp.mean(v.astype(jnp.float32), axis=(1, 2)) for k, v in feats.items()}
+        return {k: pool_stage(v, pool) for k, v in feats.items()
+                if stages is None or k in stages}
     return f
 
 
@@ -33,7 +101,7 @@ def extract(features_fn, variables, source, *, batch_size: int, mesh,
             max_examples: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Runs features_fn over `source` (the first max_examples if > 0).
 
-    Returns ({stage: (N, C) float32}, labels (N,) int32), in split order.
+    Returns ({stage: (N, D) float32}, labels (N,) int32), in split order.
     """
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -83,3 +151,74 @@ def calibrate_bn(encoder, view_cfg, variables, source, *, batch_size: int, mesh,
                                        process_count=jax.process_count()):
         variables = fn(variables, parallel.global_batch({"image": batch["image"]}, mesh)["image"])
     return variables
+
+
+# ---------------------------------------------------------------------- cache
+
+CACHE_VERSION = 1  # bump when the file layout or what a key covers changes
+
+
+def fingerprint(variables) -> str:
+    """sha256 hex of every leaf's path, dtype, shape and bytes: the weights'
+    identity, so a retrained run with the same step number misses the cache."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+        leaf = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}".encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(**parts) -> str:
+    """16 hex digits of sha256 over parts (JSON-able: tuples count as lists)."""
+    text = json.dumps(dict(parts, cache_version=CACHE_VERSION), sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str, step: int, split: str, key: str) -> str:
+    """cache_dir/step{step}_{split}_{key}.npz, the split's slicing syntax made file-safe."""
+    return os.path.join(cache_dir, f"step{step}_{re.sub(r'[^A-Za-z0-9_.-]', '_', split)}_{key}.npz")
+
+
+def load_cached(path: str, stages) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """({stage: (N, D)}, labels (N,)) from `path`, or None when it is absent, or
+    unreadable or incomplete (logged: the caller recomputes and overwrites it)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            labels = f["label"]
+            feats = {s: f[f"feat/{s}"] for s in stages}
+        if any(len(v) != len(labels) for v in feats.values()):
+            raise ValueError("rows differ between features and labels")
+        return feats, labels
+    except Exception as e:  # noqa: BLE001 -- truncated zip, missing key, bad header, ...
+        logging.warning("Ignoring the feature cache %s (%s: %s); extracting again.", path,
+                        type(e).__name__, e)
+        return None
+
+
+def save_cached(path: str, feats: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Writes the .npz atomically (temporary file, then os.replace): a run killed
+    mid-write leaves no half file under `path`. Process 0 only."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, label=labels, **{f"feat/{k}": v for k, v in feats.items()})
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full disk costs the cache, not the evaluation
+        logging.warning("Could not write the feature cache %s: %s", path, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def agree(hit: bool) -> bool:
+    """True only if every process found the cache: extraction is collective, so
+    either all processes extract or none does."""
+    if jax.process_count() == 1:
+        return hit
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(hit)).min())

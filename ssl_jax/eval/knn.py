@@ -46,6 +46,14 @@ def _votes(query, bank, bank_labels, temperature, *, k: int, num_classes: int):
         rows, bank_labels[top_idx]].add(weights)
 
 
+def nearest(train_x, query_x, k: int) -> np.ndarray:
+    """train_x (N, D), query_x (Q, D) -> (Q, k) int indices of each query's k most
+    cosine-similar train rows, most similar first (the retrieval grid of --plot)."""
+    sim = _normalise(jnp.asarray(query_x, jnp.float32)) @ _normalise(
+        jnp.asarray(train_x, jnp.float32)).T
+    return np.asarray(jax.lax.top_k(sim, int(min(k, len(train_x))))[1])
+
+
 def knn_scores(train_x, train_y, test_x, *, num_classes: int, k: int = 200,
                temperature: float = 0.07, batch_size: int = 256) -> np.ndarray:
     """train_x (N, D), train_y (N,) int, test_x (M, D) -> (M, num_classes) float32 votes.
