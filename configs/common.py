@@ -80,8 +80,17 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
                        decay_factor=0.1, decay_steps=config_dict.placeholder(tuple),
                        decay_epochs=config_dict.placeholder(tuple),
                        decay_examples=config_dict.placeholder(tuple))
+    # Online probes during pretraining (eval/online.py), off by default: a linear
+    # head on the frozen features trained alongside, and kNN on the test split
+    # every `every_*` (one unit). Never the numbers to report: see c.eval.
+    c.online = dict(linear=False, lr=1e-3, knn_train_examples=10000,
+                    every_steps=config_dict.placeholder(int),
+                    every_epochs=config_dict.placeholder(float),
+                    every_examples=config_dict.placeholder(int))
     # Offline evaluation (python -m ssl_jax.evaluate) of the frozen encoder.
+    # crop_size: the eval view's size; None = the training crop (aug.crop_size).
     c.eval = dict(test_split=ds["test_split"], batch_size=512, train_examples=0,
+                  crop_size=config_dict.placeholder(tuple),
                   linear=dict(epochs=30, lr=0.1, weight_decay=1e-4, batch_size=1024),
                   knn=dict(k=200, temperature=0.07),
                   # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units.

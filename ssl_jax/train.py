@@ -21,8 +21,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ssl_jax import checkpoint, faults, methods, optim, parallel
+from ssl_jax.methods import network
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
+from ssl_jax.eval import online
 from ssl_jax.progress import Progress
 
 FLAGS = flags.FLAGS
@@ -71,17 +73,28 @@ def optimizer(config, num_train_examples: int):
     return total_steps, schedule, optim.make_optimizer(config.optimizer, schedule)
 
 
-def state_initializer(config, method, tx):
+def state_initializer(config, method, tx, num_classes: int | None = None):
     """images (B, H, W, C) uint8 -> the train state at step 0.
 
-    Also used (through jax.eval_shape) to know the checkpoint's structure.
+    Also used (through jax.eval_shape) to know the checkpoint's structure. With
+    config.online.linear the state also holds the online probe ("online"), which
+    needs the dataset's num_classes.
     """
+    if online.linear_enabled(config) and not num_classes:
+        raise ValueError(f"config.online.linear=True needs labels, and {config.dataset} has "
+                         "none: pass --config.online.linear=False.")
+
     def init_state(images):
         # Stream 0 of the seed initialises; stream 1 drives training (see train_step).
         r_views, r_init = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0))
         params, method_state = method.init(r_init, method.views(r_views, images, config), config)
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": tx.init(params), "method_state": method_state}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(params), "method_state": method_state}
+        if online.linear_enabled(config):
+            feats = jax.eval_shape(online.pooled_final(config),
+                                   network.encoder_variables(params, method_state), images)
+            state["online"] = online.init(config, feats.shape[-1], num_classes)
+        return state
     return init_state
 
 
@@ -132,6 +145,11 @@ def make_train_step(config, method, tx, schedule, mesh, state_sh):
         # A non-finite loss or gradient leaves the state as it was (faults.py); the
         # step counter moves on either way, as the data iterator does.
         new = {"params": params, "opt_state": opt_state, "method_state": method_state}
+        if "online" in state:  # eval/online.py: sees the encoder, never trains it
+            new["online"], online_metrics = online.update(
+                config, state["online"], state["params"], state["method_state"],
+                batch["image"], batch["label"])
+            metrics.update(online_metrics)
         old = {k: state[k] for k in new}
         new, flags = faults.guarded_update(loss, grads, new, old)
         return dict(new, step=state["step"] + 1), dict(metrics, **flags)
@@ -168,10 +186,14 @@ def train(config, workdir: str):
         worker_count=config.data.worker_count)
     image_shape = tuple(source[0]["image"].shape)
     check_images(config, image_shape)
+    online_every = cfg_lib.steps(config.get("online", {}), "every", **units)
+    num_classes = None
+    if online_every or online.linear_enabled(config):
+        num_classes = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
 
     # ------------------------------------------ method, optimizer and state
     batch_sharding = parallel.batch_sharding(mesh)
-    init_state = state_initializer(config, method, tx)
+    init_state = state_initializer(config, method, tx, num_classes)
     sample = jax.ShapeDtypeStruct((config.batch_size,) + image_shape, jnp.uint8,
                                   sharding=batch_sharding)
     shapes = jax.eval_shape(init_state, sample)
@@ -211,6 +233,8 @@ def train(config, workdir: str):
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
+    # Every process extracts its share of the features; the main one reports.
+    online_eval = online.Evaluator(config, source, mesh) if online_every else None
     step = start
     try:
         with jax.set_mesh(mesh):
@@ -230,6 +254,13 @@ def train(config, workdir: str):
                         for k, v in scalars.items():
                             writer.add_scalar(f"train/{k}", float(v), step)
                         logging.info("step %d %s", step, {k: float(v) for k, v in scalars.items()})
+                if online_eval is not None and (step % online_every == 0 or last):
+                    scalars = online_eval(state)  # online_knn (+ online_linear) on test
+                    if writer is not None:
+                        print("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
+                              + f" at step {step}", flush=True)
+                        for k, v in scalars.items():
+                            writer.add_scalar(k, v, step)
                 if save:
                     ckpt.save(step, state, data_iter, force=True)
                 if stop:

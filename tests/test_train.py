@@ -9,10 +9,14 @@ import pytest
 
 from configs import moco as moco_config
 from configs import simclr as simclr_config
+from ssl_jax import config as cfg_lib
 from ssl_jax import evaluate, train
 
 CONFIGS = {"simclr": simclr_config, "moco": moco_config}
 
+
+# Every comparison here is between runs in this process: conftest.py's faster PRNG mode is safe.
+pytestmark = pytest.mark.usefixtures("fast_prng")
 
 def tiny_config(method, data_dir, **overrides):
     c = CONFIGS[method].get_config("dataset=fashion_mnist,runlocal")
@@ -53,9 +57,19 @@ def train_crash_resume(config, tmp_path, crash_after: int = 3):
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_train_resume_evaluate(method, tiny_data, tmp_path):
-    _, resumed, workdir = train_crash_resume(tiny_config(method, tiny_data), tmp_path)
+def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys):
+    config = tiny_config(method, tiny_data)
+    if method == "moco":  # the online probes ride along on one method's run
+        config.online.update(linear=True, every_steps=3, knn_train_examples=128)
+    full, resumed, workdir = train_crash_resume(config, tmp_path)
     assert any(np.abs(a).sum() > 0 for a in _leaves(resumed))
+    if method == "moco":
+        printed = capsys.readouterr().out
+        assert printed.count("online_knn/top1") == 3  # steps 3, 6; the resumed run: 6
+        assert "online_linear/top1" in printed
+        w = resumed["online"]["params"]["w"]
+        np.testing.assert_array_equal(w, full["online"]["params"]["w"])  # resumed exactly
+        assert np.abs(w).sum() > 0
 
     results = evaluate.evaluate(workdir, ("linear", "knn"), stages="all")
     for name in ("linear", "knn"):
@@ -84,7 +98,9 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path):
 
 def test_resume_under_a_different_config_is_refused(tiny_data, tmp_path):
     workdir = str(tmp_path / "w")
-    train.train(tiny_config("simclr", tiny_data, total_steps=3), workdir)
+    os.makedirs(workdir)
+    # What a first run leaves before its first step: the check needs nothing more.
+    cfg_lib.save(tiny_config("simclr", tiny_data, total_steps=3), workdir)
     changed = tiny_config("simclr", tiny_data, total_steps=3)
     changed.simclr.temperature = 0.5
     with pytest.raises(ValueError, match="simclr.temperature"):

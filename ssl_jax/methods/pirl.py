@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from ssl_jax import augment, jigsaw, losses, memory, models, parallel
 from ssl_jax.data import pipeline
+from ssl_jax.eval import features
 from ssl_jax.methods import network
 
 LOSSES = ("nce", "infonce")
@@ -169,9 +170,7 @@ def warm_start(params, state, source, config, mesh):
     if config.memory.get("init", "random") == "random":
         return state
     net = _net(config)
-    aug = config.aug
-    view_cfg = augment.eval_view_config(crop_size=tuple(aug.crop_size), mean=tuple(aug.mean),
-                                        std=tuple(aug.std))
+    view_cfg = features.eval_view_config(config)
     set_rows = lambda bank, i, v, axis_name: memory.update(bank, i, v, 0.0, axis_name)
 
     def fill(params, batch_stats, bank, images, index):
