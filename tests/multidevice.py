@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax is imported, so multi-device checks cannot
 run inside the (single-device) pytest process.
 """
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -25,3 +26,12 @@ def run(snippet: str, tmp_path, devices: int = 8) -> dict:
     if proc.returncode:
         raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr}")
     return dict(np.load(out_file))
+
+
+def run_one_and_eight(snippet: str, tmp_path_factory) -> tuple[dict, dict]:
+    """`run` on 1 and on 8 devices at once: each process is mostly single-threaded
+    compilation, so the two overlap on two cores."""
+    dirs = [tmp_path_factory.mktemp(name) for name in ("one", "eight")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run, snippet, d, n) for d, n in zip(dirs, (1, 8))]
+        return futures[0].result(), futures[1].result()

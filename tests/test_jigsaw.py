@@ -1,6 +1,5 @@
 """Jigsaw: the permutation set, the tiles, the method on 1 and 8 devices, and a
 tiny train -> resume -> evaluate run."""
-import concurrent.futures
 import itertools
 import os
 
@@ -185,13 +184,8 @@ for i, s in enumerate(jax.tree.leaves(new_state)):
 """
 
 
-def test_loss_gradients_and_state_equal_on_one_and_eight_devices(tmp_path):
-    (tmp_path / "1").mkdir()
-    (tmp_path / "8").mkdir()
-    # Both processes at once: each is mostly compilation.
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(multidevice.run, SNIPPET, tmp_path / str(n), n) for n in (1, 8)]
-        one, eight = (f.result() for f in futures)
+def test_loss_gradients_and_state_equal_on_one_and_eight_devices(tmp_path_factory):
+    one, eight = multidevice.run_one_and_eight(SNIPPET, tmp_path_factory)
     assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
     assert one["tiles"].shape == (16, 9, 16, 16, 1)
     keys = [k for k in one if k not in ("devices",)]

@@ -86,8 +86,7 @@ with jax.set_mesh(mesh):
 
 @pytest.fixture(scope="module")
 def one_and_eight(tmp_path_factory):
-    return (multidevice.run(SNIPPET, tmp_path_factory.mktemp("one"), devices=1),
-            multidevice.run(SNIPPET, tmp_path_factory.mktemp("eight"), devices=8))
+    return multidevice.run_one_and_eight(SNIPPET, tmp_path_factory)
 
 
 def test_losses_equal_on_one_and_eight_devices(one_and_eight):

@@ -8,6 +8,7 @@ from tests import multidevice
 
 SNIPPET = """
 import jax, jax.numpy as jnp
+jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
 from configs import moco as moco_cfg, simclr as simclr_cfg
 from ssl_jax import methods, parallel
 mesh = parallel.make_mesh()
@@ -38,8 +39,7 @@ for name, mod in (("simclr", simclr_cfg), ("moco", moco_cfg)):
 
 @pytest.fixture(scope="module")
 def one_and_eight(tmp_path_factory):
-    return (multidevice.run(SNIPPET, tmp_path_factory.mktemp("one"), devices=1),
-            multidevice.run(SNIPPET, tmp_path_factory.mktemp("eight"), devices=8))
+    return multidevice.run_one_and_eight(SNIPPET, tmp_path_factory)
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco"])

@@ -112,6 +112,7 @@ def test_registry_errors():
         models.make_encoder("convnet", stem="small")
 
 
+@pytest.mark.usefixtures("fast_prng")  # conftest.py: random draws compile ~10x faster
 @pytest.mark.parametrize("kernel,strides,padding,shape", [
     ((3, 3), (1, 1), "SAME", (4, 14, 14, 5)),
     ((3, 3), (2, 2), "SAME", (3, 9, 8, 4)),        # odd sizes: asymmetric SAME padding
@@ -142,6 +143,7 @@ def test_im2col_wgrad_conv_equals_lax_values_and_gradients(kernel, strides, padd
     np.testing.assert_allclose(p @ w.reshape(-1, 7), ref[0], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.usefixtures("fast_prng")
 def test_encoders_train_identically_with_either_conv():
     x = jax.random.normal(jax.random.key(3), (4, 28, 28, 1))
     grads = {}

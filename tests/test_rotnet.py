@@ -137,6 +137,7 @@ def test_step_schedule_from_epochs_and_errors():
 
 SNIPPET = """
 import jax, jax.numpy as jnp
+jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
 from configs import rotnet as cfg
 from ssl_jax import methods, parallel
 out["devices"] = len(jax.devices())
@@ -181,7 +182,7 @@ def test_loss_gradients_and_bn_state_equal_on_one_and_eight_devices(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
-def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
+def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache, fast_prng):
     # compilation_cache (conftest.py): the three runs load one another's compiled steps.
     # The Fashion-MNIST config's encoder, tiny (NIN's multi-device test covers NIN).
     c = _config(name="convnet", widths=(4, 8, 8, 16), dtype="float32", conv="im2col_wgrad")
