@@ -92,7 +92,8 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.eval = dict(test_split=ds["test_split"], batch_size=512, train_examples=0,
                   crop_size=config_dict.placeholder(tuple),
                   linear=dict(epochs=30, lr=0.1, weight_decay=1e-4, batch_size=1024),
-                  knn=dict(k=200, temperature=0.07),
+                  # also_k: further k reported beside k (NPID: 200, and 20).
+                  knn=dict(k=200, temperature=0.07, also_k=(20,)),
                   # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units.
                   mlp=dict(hidden=200, epochs=30, lr=0.1, weight_decay=5e-4, batch_size=256),
                   # Goyal et al. 2019: k labelled images per class, mean +- std over seeds.

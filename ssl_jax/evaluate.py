@@ -240,6 +240,8 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
             print(f"{name} ({what} {at}): top-1 {per_stage[n]['top1']:.2f}%  "
                   f"top-5 {per_stage[n]['top5']:.2f}%  [{config.dataset} "
                   f"{config.eval.test_split}]", flush=True)
+            for label, v in per_stage[n].get("also", {}).items():  # kNN at further k
+                print(f"    {label}: top-1 {v['top1']:.2f}%  top-5 {v['top5']:.2f}%", flush=True)
             if "per_k" in per_stage[n]:  # low-shot: the whole curve
                 print("    " + "  ".join(f"k={k}: {v['mean']:.2f}±{v['std']:.2f}"
                                          for k, v in per_stage[n]["per_k"].items()), flush=True)
@@ -310,10 +312,12 @@ def append_table(path: str, config, name: str, record: dict) -> None:
         if new:
             f.write(TABLE_HEADER)
         for stage, v in record["stages"].items():
-            f.write(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
-                    f"{record['step']} | {name} (offline) | "
-                    f"{_label(stage, record.get('pool', 'global'))} | {v['top1']:.2f} | "
-                    f"{v['top5']:.2f} |\n")
+            extra = [(f"{name} {k}", x) for k, x in v.get("also", {}).items()]  # kNN's k=20
+            for what, w in [(name, v)] + extra:
+                f.write(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
+                        f"{record['step']} | {what} (offline) | "
+                        f"{_label(stage, record.get('pool', 'global'))} | {w['top1']:.2f} | "
+                        f"{w['top5']:.2f} |\n")
 
 
 def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
@@ -331,7 +335,12 @@ def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
         r = lowshot.lowshot(xtr, ytr, xte, yte, num_classes=num_classes, **settings)
         return {"top1": r["top1"], "top5": r["top5"], "per_k": r["per_k"]}
     else:
+        also = [k for k in settings.pop("also_k", ()) if k != settings.get("k")]
         r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes, **settings)
+        extra = {f"k={k}": knn.knn_classify(xtr, ytr, xte, yte, num_classes=num_classes,
+                                            **dict(settings, k=k)) for k in also}
+        return {"top1": float(r["top1"]), "top5": float(r["top5"]), "k": r["k"],
+                "also": {n: {"top1": v["top1"], "top5": v["top5"]} for n, v in extra.items()}}
     return {"top1": float(r["top1"]), "top5": float(r["top5"])}
 
 

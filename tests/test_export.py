@@ -29,6 +29,7 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
                                                               compilation_cache, monkeypatch,
                                                               capsys):
     c = tiny_config("simclr", tiny_data)
+    c.eval.knn.also_k = (5, 20)  # 20 is the run's k: reported once
     workdir, out = str(tmp_path / "w"), str(tmp_path / "exported")
     train.train(c, workdir)
     meta = export.export(workdir, out)
@@ -69,6 +70,9 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     monkeypatch.setattr(features, "extract",
                         lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     first = evaluate.evaluate(workdir, ("knn",))["knn"]
+    assert list(first["stages"]["block4"]["also"]) == ["k=5"]  # kNN at a further k
+    with open(os.path.join(workdir, "results.md")) as f:
+        assert "| knn k=5 (offline) | block4 |" in f.read()
     assert len(calls) == 2 and capsys.readouterr().out.count("features: extracted") == 2
     cached = sorted(os.listdir(os.path.join(workdir, "features")))
     assert len(cached) == 2 and all(f.startswith(f"step{c.total_steps}_") for f in cached)
