@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import measure  # noqa: E402
 from ssl_jax.models import conv  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 512, "Images per call (SimCLR's 2 x 256 views).")
@@ -69,13 +70,7 @@ def torch_ms(side: int, cin: int, cout: int, b: int, repeats: int = 7) -> dict:
     out = {}
     with torch.no_grad():
         for name, fn in calls.items():
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            out[name] = round(1e3 * min(times), 1)
+            out[name] = round(1e3 * min(measure.steady(fn, repeats, warmup=1)), 1)
     return out
 
 
