@@ -12,6 +12,7 @@ features go to an .npz whose name holds a digest of everything they depend on
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,6 +98,19 @@ def make_features_fn(encoder, view_cfg, pool: str = "global", stages=None):
     return f
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_step(features_fn, mesh):
+    """The jitted batch step of `extract`, one per (features_fn, mesh): a jit of a
+    fresh closure per call would compile again for every split and every
+    online evaluation."""
+    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+    def step(variables, batch):
+        return features_fn(variables, batch["image"]), batch["label"], batch["mask"]
+    # Replicated outputs: every process gets every row (multi-host safe).
+    return jax.jit(step, in_shardings=(repl, shard), out_shardings=repl)
+
+
 def extract(features_fn, variables, source, *, batch_size: int, mesh,
             max_examples: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Runs features_fn over `source` (the first max_examples if > 0).
@@ -104,13 +118,8 @@ def extract(features_fn, variables, source, *, batch_size: int, mesh,
     Returns ({stage: (N, D) float32}, labels (N,) int32), in split order.
     """
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
-    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-
-    def step(variables, batch):
-        return features_fn(variables, batch["image"]), batch["label"], batch["mask"]
-    # Replicated outputs: every process gets every row (multi-host safe).
-    fn = jax.jit(step, in_shardings=(repl, shard), out_shardings=repl)
-    variables = jax.device_put(variables, repl)
+    fn = _jitted_step(features_fn, mesh)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
     n = len(source) if not max_examples else min(max_examples, len(source))
     chunks, labels = [], []
     for batch in pipeline.eval_batches(source, batch_size, num_examples=n,
