@@ -21,10 +21,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ssl_jax import checkpoint, faults, methods, optim, parallel
-from ssl_jax.methods import network
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
 from ssl_jax.eval import online
+from ssl_jax.methods import network
 from ssl_jax.progress import Progress
 
 FLAGS = flags.FLAGS
@@ -256,7 +256,7 @@ def train(config, workdir: str):
                         logging.info("step %d %s", step, {k: float(v) for k, v in scalars.items()})
                 if online_eval is not None and (step % online_every == 0 or last):
                     scalars = online_eval(state)  # online_knn (+ online_linear) on test
-                    if writer is not None:
+                    if is_main:
                         print("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
                               + f" at step {step}", flush=True)
                         for k, v in scalars.items():

@@ -87,8 +87,11 @@ class Evaluator:
         self.test_source = pipeline.open_source(config.dataset, config.eval.test_split,
                                                 config.data_dir)
         self.num_classes = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
-        fn = pooled_final(config)
-        self.fn = lambda variables, images: {"final": fn(variables, images)}
+        self.stage = network.final_stage(config.model)
+        # One function object for the run: features.extract compiles it once.
+        self.fn = features.make_features_fn(network.make_encoder(config.model),
+                                            features.eval_view_config(config),
+                                            stages=(self.stage,))
 
     def __call__(self, state) -> dict[str, float]:
         """-> {"online_knn/top1", and with the linear probe "online_linear/top1"} (%)."""
@@ -98,11 +101,12 @@ class Evaluator:
         xtr, ytr = features.extract(self.fn, variables, self.train_source,
                                     max_examples=c.online.knn_train_examples, **kw)
         xte, yte = features.extract(self.fn, variables, self.test_source, **kw)
-        r = knn.knn_classify(xtr["final"], ytr, xte["final"], yte, num_classes=self.num_classes,
+        xtr, xte = xtr[self.stage], xte[self.stage]
+        r = knn.knn_classify(xtr, ytr, xte, yte, num_classes=self.num_classes,
                              k=c.eval.knn.k, temperature=c.eval.knn.temperature)
         out = {"online_knn/top1": float(r["top1"])}
         if "online" in state:
             params = jax.device_get(state["online"]["params"])
-            pred = np.argmax(np.asarray(xte["final"]) @ params["w"] + params["b"], -1)
+            pred = np.argmax(_logits(params, xte), -1)
             out["online_linear/top1"] = float(np.mean(pred == yte) * 100.0)
         return out

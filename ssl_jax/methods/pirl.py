@@ -23,8 +23,9 @@ the step's key alone, so they are the same on any number of devices.
 
 config.memory: size (N, the train split's size; `check` verifies it), pad_to,
 momentum, negatives (K), temperature, loss, init ("random" as the papers, or
-"encoder": `warm_start` fills the bank with the initial encoder's embeddings). config.pirl: jigsaw_weight,
-num_permutations, tiles (jigsaw.tile_view_config fields). config.aug: the image view.
+"encoder": `warm_start` fills the bank with the initial encoder's embeddings).
+config.pirl: jigsaw_weight, num_permutations, tiles (jigsaw.tile_view_config
+fields). config.aug: the image view.
 """
 from __future__ import annotations
 
