@@ -35,16 +35,10 @@ from benchmarks import measure  # noqa: E402
 from ssl_jax import methods  # noqa: E402
 from ssl_jax.data import pipeline, prepare  # noqa: E402
 
-_METHODS = flags.DEFINE_list("methods", ["simclr", "moco"], "Methods (configs/<name>.py).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed batches per method and setting.")
-_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed batches first.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
-_SIDE = flags.DEFINE_enum("side", "both", ["both", "jax", "torch"],
-                          "both: ssl_jax here, then the PyTorch pipeline in a child process.")
+_METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
+    ["simclr", "moco"], "augment.json", "batches")
 _IMAGES = flags.DEFINE_string("images", None, "(--side=torch) the train images as .npy; "
                               "default: decode the split.")
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "augment.json"),
-                           "Results file.")
 
 TORCH_SETTINGS = {"torch_2_workers": 2, "torch_main_process": 0}
 
@@ -92,8 +86,7 @@ def main(argv):
     del argv
     data_dir = _DATA_DIR.value or pipeline.default_data_dir()
     if _SIDE.value == "torch":   # the child: its results go to --out for the parent
-        images = (np.load(_IMAGES.value) if _IMAGES.value
-                  else pipeline.open_source("fashion_mnist", "train", data_dir).image)
+        images = measure.train_images(_IMAGES.value, data_dir)
         measure.write_json(_OUT.value, torch_side(_METHODS.value, images, data_dir,
                                                   _STEPS.value, _WARMUP.value))
         return

@@ -38,18 +38,11 @@ from benchmarks import jax_step, measure  # noqa: E402
 from ssl_jax import parallel  # noqa: E402
 from ssl_jax.data import pipeline, prepare  # noqa: E402
 
-_METHODS = flags.DEFINE_list("methods", ["simclr", "moco", "rotnet", "pirl"],
-                             "Methods (configs/<name>.py).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per method and side.")
-_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps first (compile, workers, caches).")
+_METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
+    ["simclr", "moco", "rotnet", "pirl"], "end_to_end.json", "steps")
 _WORKERS = flags.DEFINE_integer("torch_workers", 2, "The PyTorch peer's DataLoader workers.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
-_SIDE = flags.DEFINE_enum("side", "both", ["both", "jax", "torch"],
-                          "both: ssl_jax here, then the PyTorch peer in a child process.")
 _IMAGES = flags.DEFINE_string("images", None, "(--side=torch) the train images as .npy; "
                               "default: decode the split.")
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "end_to_end.json"),
-                           "Results file.")
 
 
 def _side_summary(iter_s: list[float], wait_s: list[float], batch: int) -> dict:
@@ -119,8 +112,7 @@ def main(argv):
     del argv
     data_dir = _DATA_DIR.value or pipeline.default_data_dir()
     if _SIDE.value == "torch":   # the child: its results go to --out for the parent
-        images = (np.load(_IMAGES.value) if _IMAGES.value
-                  else pipeline.open_source("fashion_mnist", "train", data_dir).image)
+        images = measure.train_images(_IMAGES.value, data_dir)
         measure.write_json(_OUT.value, torch_side(_METHODS.value, images, data_dir, _STEPS.value,
                                                   _WARMUP.value, _WORKERS.value))
         return

@@ -103,3 +103,30 @@ def summary(times: list[float], items: int, stat: str = "median") -> dict:
             "min_ms": round(min(times) * 1e3, 2), "max_ms": round(max(times) * 1e3, 2),
             "steps_timed": len(times), "stat": stat,
             "per_s": round(items / (med if stat == "median" else mean), 1)}
+
+
+def define_flags(methods: list[str], result_file: str, unit: str = "steps"):
+    """The flags every side-by-side script has -> their holders (methods, steps,
+    warmup, data_dir, side, out); `unit` names what a timed step is."""
+    from absl import flags
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return (
+        flags.DEFINE_list("methods", methods, "Methods (configs/<name>.py)."),
+        flags.DEFINE_integer("steps", 20, f"Timed {unit} per method and side."),
+        flags.DEFINE_integer("warmup", 5, f"Untimed {unit} first (compile, workers, caches)."),
+        flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's."),
+        flags.DEFINE_enum("side", "both", ["both", "jax", "torch"],
+                          "both: ssl_jax here, then the PyTorch side in a child process."),
+        flags.DEFINE_string("out", os.path.join(root, "benchmarks", "results", result_file),
+                            "Results file."),
+    )
+
+
+def train_images(npy_path: str | None, data_dir: str):
+    """The Fashion-MNIST train images (N, 28, 28, 1) uint8 of a --side=torch child:
+    the parent's .npy when given (both sides read the same arrays), else decoded."""
+    import numpy as np
+    if npy_path:
+        return np.load(npy_path)
+    from ssl_jax.data import pipeline
+    return pipeline.open_source("fashion_mnist", "train", data_dir).image

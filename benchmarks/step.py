@@ -42,17 +42,10 @@ sys.path.insert(0, ROOT)
 # (its peak memory is the peer's own), nor the JAX side's load PyTorch.
 from benchmarks import measure  # noqa: E402
 
-_METHODS = flags.DEFINE_list("methods", ["simclr", "moco", "rotnet", "pirl"],
-                             "Methods (configs/<name>.py).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per method and side.")
-_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed steps first.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
-_SIDE = flags.DEFINE_enum("side", "both", ["both", "jax", "torch"],
-                          "both: ssl_jax here, then the PyTorch peer in a child process.")
+_METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
+    ["simclr", "moco", "rotnet", "pirl"], "step.json", "steps")
 _VIEWS = flags.DEFINE_string("views", None, "(--side=torch) folder of <method>.npz views.")
 _CHECK = flags.DEFINE_bool("check", False, "Compare the peer's losses and network with ssl_jax's.")
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "step.json"),
-                           "Results file.")
 
 
 def _peak_rss_mb() -> float:
