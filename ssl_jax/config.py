@@ -3,6 +3,7 @@ copy of the config kept in the workdir (evaluators and resume read it back).
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import os
@@ -151,3 +152,56 @@ def diff(a, b, prefix="") -> list[str]:
         elif to_tuples(va) != to_tuples(vb):
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
+
+
+def split_overrides(argv, name: str = "config") -> tuple[list[str], dict[str, str]]:
+    """Takes --config.a.b=value (or --config.a.b value) out of argv, for commands
+    that read a stored config instead of a config file (evaluate).
+    -> (argv without them, {"a.b": "value"})."""
+    rest, out, i = [], {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(f"--{name}."):
+            key, eq, value = a[len(name) + 3:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"--{name}.{key} needs a value (--{name}.{key}=VALUE).")
+                value, i = argv[i + 1], i + 1
+            out[key] = value
+        else:
+            rest.append(a)
+        i += 1
+    return rest, out
+
+
+def _parse_like(text: str, old, key: str):
+    """The command-line text as a value of old's type: literals parsed, a scalar
+    given for a tuple field becomes a 1-tuple, ints widen to floats."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(old, tuple) and not isinstance(value, tuple):
+        value = (value,)
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if old is not None and not isinstance(value, type(old)):
+        raise ValueError(f"--config.{key}={text}: expected a {type(old).__name__} like the "
+                         f"stored value {old!r}, got {type(value).__name__}.")
+    return value
+
+
+def apply_overrides(config, overrides: dict[str, str], allowed=("eval",)):
+    """Sets each dotted key of `overrides` (split_overrides' text values) in
+    config, in place; keys must exist and lie under one of `allowed`. Returns config."""
+    for key, text in overrides.items():
+        if key.split(".")[0] not in allowed:
+            raise ValueError(f"--config.{key}: only {', '.join(f'{a}.*' for a in allowed)} can "
+                             "be changed here; the rest describes how the run was trained.")
+        parent, _, leaf = key.rpartition(".")
+        node = get_field(config, parent) if parent else config
+        old = get_field(config, key)
+        node[leaf] = _parse_like(text, old, key)
+    return config

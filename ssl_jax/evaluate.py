@@ -24,6 +24,7 @@ and appended as rows to the Markdown table RESULTS/results.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from absl import app, flags, logging
 from ssl_jax import checkpoint, export, methods, models, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline
+from ssl_jax import eval as eval_lib
 from ssl_jax.eval import features, knn, linear, lowshot, mlp
 from ssl_jax.methods import network
 
@@ -102,26 +104,11 @@ def _stages(config, stages) -> list[str]:
     return [n for n in valid if n in names]
 
 
-def _exported_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_split=None,
-                     test_split=None) -> ml_collections.ConfigDict:
-    """The config fields evaluate reads, for an export: the arguments given win,
-    then export.json's "data", "eval" and "source", then the common defaults
-    (exports written before "data" and "eval" existed name only the dataset)."""
-    data, source = meta.get("data", {}), meta.get("source", {})
-    dataset = dataset or data.get("dataset") or source.get("dataset")
-    if not dataset:
-        raise ValueError(f"{os.path.join(out, 'export.json')} names no dataset: pass --dataset "
-                         "(and --data_dir) to say what to evaluate on.")
-    ev = dict(meta.get("eval", {}))
-    seed = ev.pop("seed", 0)
-    ev = dict({"test_split": "test", "batch_size": 512, "train_examples": 0}, **ev)
-    if test_split:
-        ev["test_split"] = test_split
-    return ml_collections.ConfigDict(cfg_lib.to_tuples({
-        "method": source.get("method", "exported"), "dataset": dataset,
-        "data_dir": data_dir or data.get("data_dir"),
-        "train_split": train_split or data.get("train_split") or "train",
-        "seed": seed, "model": meta["model"], "eval": ev}))
+def _settings(config, overrides):
+    """config with the eval fields it lacks (stored by an older version) at their
+    defaults, then the command line's --config.eval.* applied."""
+    config.eval = eval_lib.with_defaults(config.eval)
+    return cfg_lib.apply_overrides(config, overrides or {})
 
 
 def _num_classes(config, evals) -> int:
@@ -147,7 +134,8 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
              random_init: bool = False, *, exported: str | None = None, pool: str = "global",
              cache: bool = True, results_dir: str | None = None, dataset: str | None = None,
              data_dir: str | None = None, train_split: str | None = None,
-             test_split: str | None = None, plot: bool = False) -> dict:
+             test_split: str | None = None, plot: bool = False,
+             overrides: dict[str, str] | None = None) -> dict:
     """Runs each evaluator on each stage of the encoder of `workdir` (a training
     run) or `exported` (python -m ssl_jax.export's OUT): exactly one. Returns
     {evaluator: record}, where a record holds the deepest requested stage's
@@ -162,6 +150,8 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
     results_dir: RESULTS, where everything is written (default: workdir or exported).
     dataset, data_dir, train_split, test_split (exported only): override export.json's.
     plot: also write figures to RESULTS/figures/ (`_plot`).
+    overrides: {"eval.a.b": "value"} (--config.eval.a.b=value): evaluation settings
+    changed from the run's (or the export's) stored config.
     """
     if (workdir is None) == (exported is None):
         raise ValueError("Give exactly one of --workdir (a training run) or --exported (an "
@@ -185,11 +175,13 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
         config = cfg_lib.load(workdir)
     else:
         meta = export.read_meta(exported)
-        config = _exported_config(exported, meta, **data_args)
+        config = export.eval_config(exported, meta, **data_args)
+    config = _settings(config, overrides)
     num_classes = _num_classes(config, evals)  # before the slow loading
     names = _stages(config, stages)
     if exported is None:
         config, encoder, variables, step = load_encoder(workdir, mesh, random_init)
+        config = _settings(config, overrides)
         view_cfg = features.eval_view_config(config)
         fn = features.make_features_fn(encoder, view_cfg, pool, names)
         origin = {"step": int(step), "random_init": random_init}
@@ -213,19 +205,27 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
                    dataset=config.dataset,
                    data_dir=os.path.abspath(config.data_dir or pipeline.default_data_dir()))
     t0 = time.time()
-    splits = {split: _split_features(fn, variables, sources[split], split, limit, config, mesh,
-                                     names, os.path.join(results_dir, "features"), step, key)
+    split_kw = dict(batch_size=config.eval.batch_size, mesh=mesh, stages=names, step=step,
+                    cache_dir=os.path.join(results_dir, "features"))
+    splits = {split: features.split_features(fn, variables, sources[split], split, limit,
+                                             key=key, **split_kw)
               for split, limit in ((config.train_split, config.eval.train_examples),
                                    (config.eval.test_split, 0))}
     (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
     print(f"Features of {', '.join(f'{_label(n, pool)} {ftr[n].shape[1]}-d' for n in names)} "
           f"at step {step}: {len(ytr)} train, {len(yte)} test ({time.time() - t0:.1f}s)",
           flush=True)
+    views = _augmented_views(config, fn, variables, sources[config.train_split], key,
+                             split_kw) if "linear" in evals else []
 
     results = {}
     for name in evals:
         t0 = time.time()
-        per_stage = {n: _run(name, config, ftr[n], ytr, fte[n], yte, num_classes) for n in names}
+        if name == "linear":  # every stage's probe in one run
+            per_stage = _linear(config, ftr, ytr, fte, yte, num_classes, names, views)
+        else:
+            per_stage = {n: _run(name, config, ftr[n], ytr, fte[n], yte, num_classes)
+                         for n in names}
         final = names[-1]
         r = {"top1": per_stage[final]["top1"], "top5": per_stage[final]["top5"], "stage": final,
              "pool": pool, "stages": per_stage, "step": int(step), "random_init": random_init,
@@ -275,30 +275,6 @@ def _plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
     print("Figures: " + ", ".join(paths), flush=True)
 
 
-def _split_features(fn, variables, source, split: str, limit: int, config, mesh, names,
-                    cache_dir: str, step: int, key: dict | None):
-    """({stage: (N, D)}, labels (N,)) of one split: read from cache_dir when an
-    earlier run left them there, else extracted (and saved there). key: what the
-    features depend on, None for no cache."""
-    path = got = None
-    if key is not None:
-        path = features.cache_path(cache_dir, step, split,
-                                   features.cache_key(split=split, max_examples=limit, **key))
-        got = features.load_cached(path, names)
-        if not features.agree(got is not None):
-            got = None
-    if got is not None:
-        print(f"features: cached ({split}, {path})", flush=True)
-        return got
-    with jax.set_mesh(mesh):
-        got = features.extract(fn, variables, source, batch_size=config.eval.batch_size,
-                               mesh=mesh, max_examples=limit)
-    if path is not None:
-        features.save_cached(path, *got)
-    print(f"features: extracted ({split}{f', saved to {path}' if path else ''})", flush=True)
-    return got
-
-
 TABLE_HEADER = ("| date | method | dataset | step | evaluator | stage | top-1 | top-5 |\n"
                 "|---|---|---|---:|---|---|---:|---:|\n")
 
@@ -320,15 +296,42 @@ def append_table(path: str, config, name: str, record: dict) -> None:
                         f"{w['top5']:.2f} |\n")
 
 
+def _augmented_views(config, fn, variables, source, key, split_kw) -> list[dict]:
+    """eval.linear.augment.views > 0: that many light_augment views of the train
+    split ({stage: (N, D)} each, cached like the centre view), for the linear
+    probe to fit epoch e on view e % views. Else []."""
+    aug = dict(config.eval.get("linear", {}).get("augment", {}))
+    n_views = int(aug.pop("views", 0))
+    if n_views < 1:
+        return []
+    transform = functools.partial(features.light_augment, **aug)
+    t0 = time.time()
+    views = [features.split_features(
+        fn, variables, source, config.train_split, config.eval.train_examples,
+        key=key and dict(key, augment=aug, augment_view=v), transform=transform,
+        seed=config.seed * 10_007 + v, **split_kw)[0] for v in range(n_views)]
+    print(f"Augmented train views for the linear probe: {n_views} ({time.time() - t0:.1f}s)",
+          flush=True)
+    return views
+
+
+def _linear(config, ftr, ytr, fte, yte, num_classes, names, views) -> dict:
+    """Every stage's linear probe trained together -> {stage: {"top1", "top5", ...}}."""
+    settings = dict(config.eval.get("linear", {}))
+    settings.pop("augment", None)
+    out = linear.train_linear_probes({n: ftr[n] for n in names}, ytr,
+                                     {n: fte[n] for n in names}, yte, num_classes=num_classes,
+                                     seed=config.seed, train_views=views, **settings)
+    return {n: {k: r[k] for k in ("top1", "top5", "train_top1", "objective", "weight_decay")}
+            for n, r in out.items()}
+
+
 def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
     """One evaluator on one stage's features -> {"top1", "top5"} in percent."""
     # Settings a config (or an export written before "eval" existed) lacks get
     # the evaluator's defaults.
     settings = dict(config.eval.get(name, {}))
-    if name == "linear":
-        r = linear.train_linear_probe(xtr, ytr, xte, yte, num_classes=num_classes,
-                                      seed=config.seed, **settings)
-    elif name == "mlp":
+    if name == "mlp":
         r = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=num_classes, seed=config.seed,
                                 **settings)
     elif name == "lowshot":
@@ -344,7 +347,7 @@ def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
     return {"top1": float(r["top1"]), "top5": float(r["top5"])}
 
 
-def main(argv):
+def main(argv, overrides=None):
     del argv
     # TFDS logs every split it opens at INFO; results are what this command prints.
     if not flags.FLAGS["verbosity"].present:
@@ -353,7 +356,8 @@ def main(argv):
     evaluate(f.workdir, tuple(f.eval), f.stages[0] if len(f.stages) == 1 else f.stages,
              f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
              results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
-             train_split=f.train_split, test_split=f.test_split, plot=f.plot)
+             train_split=f.train_split, test_split=f.test_split, plot=f.plot,
+             overrides=overrides)
 
 
 if __name__ == "__main__":
@@ -380,4 +384,6 @@ if __name__ == "__main__":
                       "stage, the low-shot curve, and a retrieval grid (test images and their "
                       "nearest train images).")
     flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
-    sys.exit(app.run(main))
+    # --config.eval.a.b=value: taken out before absl parses the flags it knows.
+    sys.argv, _overrides = cfg_lib.split_overrides(sys.argv)
+    sys.exit(app.run(lambda argv: main(argv, _overrides)))

@@ -91,6 +91,28 @@ def read_meta(out: str) -> dict:
     return meta
 
 
+def eval_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_split=None,
+                test_split=None) -> ml_collections.ConfigDict:
+    """The config fields evaluate reads, for an export: the arguments given win,
+    then export.json's "data", "eval" and "source", then the common defaults
+    (exports written before "data" and "eval" existed name only the dataset)."""
+    data, source = meta.get("data", {}), meta.get("source", {})
+    dataset = dataset or data.get("dataset") or source.get("dataset")
+    if not dataset:
+        raise ValueError(f"{os.path.join(out, 'export.json')} names no dataset: pass --dataset "
+                         "(and --data_dir) to say what to evaluate on.")
+    ev = dict(meta.get("eval", {}))
+    seed = ev.pop("seed", 0)
+    ev = dict({"test_split": "test", "batch_size": 512, "train_examples": 0}, **ev)
+    if test_split:
+        ev["test_split"] = test_split
+    return ml_collections.ConfigDict(to_tuples({
+        "method": source.get("method", "exported"), "dataset": dataset,
+        "data_dir": data_dir or data.get("data_dir"),
+        "train_split": train_split or data.get("train_split") or "train",
+        "seed": seed, "model": meta["model"], "eval": ev}))
+
+
 def load(out: str, *, pool: str = "global", stages=None):
     """-> (features_fn, variables) of an exported encoder (see the module docstring);
     pool and stages as features.make_features_fn takes them."""

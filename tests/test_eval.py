@@ -376,3 +376,95 @@ def test_eval_view_size_defaults_to_the_training_crop_and_can_differ():
     assert tuple(features.eval_view_config(c).crop_size) == tuple(c.aug.crop_size) == (28, 28)
     c.eval.crop_size = (32, 32)  # FixRes: evaluate larger than the training crop
     assert tuple(features.eval_view_config(c).crop_size) == (32, 32)
+
+
+def test_light_augment_crops_and_flips_per_image_key():
+    from ssl_jax.eval import features
+    images = np.random.default_rng(0).integers(0, 256, (4, 10, 10, 1), dtype=np.uint8)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(np.arange(4))
+    same = features.light_augment(keys, images, (1.0, 1.0), (1.0, 1.0), 0.0)
+    np.testing.assert_array_equal(same, images)  # whole image, no flip: unchanged
+    flipped = features.light_augment(keys, images[..., 0], (1.0, 1.0), (1.0, 1.0), 1.0)
+    np.testing.assert_array_equal(flipped, images[:, :, ::-1, 0])  # (B, H, W) kept
+    a = features.light_augment(keys, images, (0.35, 1.0))
+    assert a.shape == images.shape and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, features.light_augment(keys, images, (0.35, 1.0)))
+    assert not np.array_equal(a, images)
+    # Image i's view depends on its own key only, not on its neighbours in the batch.
+    np.testing.assert_array_equal(features.light_augment(keys[2:], images[2:], (0.35, 1.0)),
+                                  a[2:])
+
+
+def test_extract_views_depend_on_the_image_not_the_batching():
+    import functools
+    from ssl_jax import augment, models, parallel
+    from ssl_jax.data.pipeline import ArraySource
+    from ssl_jax.eval import features
+    enc = models.make_encoder("convnet", widths=(4, 8))
+    shapes = jax.eval_shape(lambda: enc.init(jax.random.key(0), np.zeros((1, 8, 8, 1)),
+                                             train=False))
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype), shapes)
+    src = ArraySource(rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8),
+                      np.arange(10, dtype=np.int32) % 3)
+    fn = features.make_features_fn(enc, augment.eval_view_config(crop_size=(8, 8), mean=(0.0,),
+                                                                 std=(1.0,)))
+    mesh = parallel.make_mesh()
+    aug = functools.partial(features.light_augment, crop_scale=(0.3, 1.0))
+    with jax.set_mesh(mesh):
+        run = lambda bs, seed, t=aug: features.extract(fn, variables, src, batch_size=bs,
+                                                        mesh=mesh, transform=t, seed=seed)[0]
+        a, b, c, centre = run(4, 7), run(8, 7), run(4, 8), run(4, 0, None)
+    np.testing.assert_allclose(a["block2"], b["block2"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a["block2"], c["block2"])  # another seed, other views
+    assert not np.allclose(a["block2"], centre["block2"])
+
+
+def test_joint_probes_equal_probes_trained_alone_and_use_the_views():
+    (xtr, ytr), (xte, yte) = clusters(400, seed=11, spread=2.0), clusters(400, seed=12, spread=2.0)
+    other = np.random.default_rng(13).normal(size=(800, 5)).astype(np.float32) + ytr[:1]
+    feats_tr, feats_te = {"a": xtr, "b": other[:400]}, {"a": xte, "b": other[400:]}
+    kw = dict(num_classes=4, epochs=4, batch_size=64, weight_decay=(1e-4, 1e-1))
+    joint = linear.train_linear_probes(feats_tr, ytr, feats_te, yte, **kw)
+    for k in feats_tr:
+        alone = linear.train_linear_probe(feats_tr[k], ytr, feats_te[k], yte, **kw)
+        assert joint[k]["weight_decay"] == alone["weight_decay"] and joint[k]["sweep"] == alone["sweep"]
+        np.testing.assert_allclose(joint[k]["params"]["w"], alone["params"]["w"], atol=1e-5)
+        assert joint[k]["top1"] == alone["top1"] and joint[k]["objective"] > 0
+    assert 60.0 < joint["a"]["top1"] < 100.0
+    # Views identical to the centre view change nothing; label-free noise views
+    # leave nothing to learn (so they are what the probe fits on).
+    kw = dict(num_classes=4, epochs=4, batch_size=64, weight_decay=1e-4)
+    base = linear.train_linear_probe(xtr, ytr, xte, yte, **kw)
+    same = linear.train_linear_probe(xtr, ytr, xte, yte, train_views=[xtr.copy()] * 2, **kw)
+    np.testing.assert_array_equal(same["params"]["w"], base["params"]["w"])
+    noise = np.random.default_rng(14).normal(size=xtr.shape).astype(np.float32)
+    assert linear.train_linear_probe(xtr, ytr, xte, yte, train_views=[noise], **kw)["top1"] < 45.0
+    with pytest.raises(ValueError, match=r"train_views\[0\]\['x'\] must have"):
+        linear.train_linear_probe(xtr, ytr, xte, yte, train_views=[xtr[:10]], **kw)
+
+
+def test_eval_overrides_parse_typed_and_refuse_unknown_or_training_keys():
+    from configs import simclr
+    from ssl_jax import config as cfg_lib
+    from ssl_jax import eval as eval_lib
+    argv, over = cfg_lib.split_overrides(["prog", "--config.eval.linear.lr=1", "--workdir", "w",
+                                          "--config.eval.knn.also_k", "5"])
+    assert argv == ["prog", "--workdir", "w"] and over == {"eval.linear.lr": "1",
+                                                           "eval.knn.also_k": "5"}
+    c = cfg_lib.apply_overrides(simclr.get_config("runlocal"), over)
+    assert c.eval.linear.lr == 1.0 and isinstance(c.eval.linear.lr, float)
+    assert c.eval.knn.also_k == (5,)
+    with pytest.raises(KeyError, match="Did you mean lr"):
+        cfg_lib.apply_overrides(c, {"eval.linear.lre": "1"})
+    with pytest.raises(ValueError, match="only eval"):
+        cfg_lib.apply_overrides(c, {"model.name": "resnet18"})
+    with pytest.raises(ValueError, match="expected a int"):
+        cfg_lib.apply_overrides(c, {"eval.linear.epochs": "'many'"})
+    # A run stored before a field existed gets its default; stored values win.
+    old = c.eval.to_dict()
+    del old["linear"]["augment"], old["mlp"]
+    old["linear"]["lr"] = 0.05
+    filled = eval_lib.with_defaults(old)
+    assert filled.linear.augment.views == 0 and filled.mlp.hidden == 200
+    assert filled.linear.lr == 0.05 and filled.linear.epochs == 10

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from ssl_jax import config as cfg_lib
-from ssl_jax import evaluate
+from ssl_jax import evaluate, export
 from ssl_jax.data import arrays
 from tests.test_train import tiny_config
 
@@ -94,11 +94,11 @@ def test_old_exports_fall_back_to_arguments_and_defaults():
     meta = json.loads(json.dumps({"model": {"name": "convnet", "widths": [4, 8]},
                                   "source": {"step": 3, "method": "simclr",
                                              "dataset": "fashion_mnist"}}))
-    c = evaluate._exported_config("out", meta)  # format 1 before "data" and "eval"
+    c = export.eval_config("out", meta)  # format 1 before "data" and "eval"
     assert (c.dataset, c.data_dir, c.train_split, c.eval.test_split) == (
         "fashion_mnist", None, "train", "test")
     assert c.seed == 0 and c.eval.batch_size == 512 and c.model.widths == (4, 8)
-    c = evaluate._exported_config("out", dict(meta, data={"dataset": "a", "data_dir": "/d",
+    c = export.eval_config("out", dict(meta, data={"dataset": "a", "data_dir": "/d",
                                                           "train_split": "t"},
                                               eval={"test_split": "v", "seed": 7,
                                                     "knn": {"k": 5}}),
@@ -107,5 +107,5 @@ def test_old_exports_fall_back_to_arguments_and_defaults():
     assert c.seed == 7 and c.eval.knn.k == 5
     del meta["source"]["dataset"]
     with pytest.raises(ValueError, match="names no dataset: pass --dataset"):
-        evaluate._exported_config("out", meta)
-    assert evaluate._exported_config("out", meta, dataset="cifar10").dataset == "cifar10"
+        export.eval_config("out", meta)
+    assert export.eval_config("out", meta, dataset="cifar10").dataset == "cifar10"

@@ -98,40 +98,100 @@ def make_features_fn(encoder, view_cfg, pool: str = "global", stages=None):
     return f
 
 
+def light_augment(keys, images, crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                  flip_p: float = 0.5):
+    """The linear probe's optional train-time augmentation (VISSL's and MoCo's
+    linear evaluation: random resized crop + horizontal flip), on raw images so
+    that any features_fn -- an export's too -- can take the result.
+
+    keys: (B,) one key per image; images: (B, H, W, C) or (B, H, W) uint8 ->
+    the same shape, uint8: each image cropped (area fraction in crop_scale,
+    aspect ratio in crop_ratio), resized back to (H, W) and rounded, then
+    flipped with probability flip_p.
+    """
+    def one(key, image):
+        k_crop, k_flip = jax.random.split(key)
+        x = image.astype(jnp.float32) / 255.0
+        x = x[..., None] if x.ndim == 2 else x
+        x = augment.random_resized_crop(k_crop, x, x.shape[:2], tuple(crop_scale),
+                                        tuple(crop_ratio))
+        x = augment.random_flip(k_flip, x, flip_p)
+        return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8).reshape(image.shape)
+    return jax.vmap(one)(keys, images)
+
+
 @functools.lru_cache(maxsize=16)
-def _jitted_step(features_fn, mesh):
-    """The jitted batch step of `extract`, one per (features_fn, mesh): a jit of a
-    fresh closure per call would compile again for every split and every
-    online evaluation."""
+def _jitted_step(features_fn, mesh, transform=None):
+    """The jitted batch step of `extract`, one per (features_fn, mesh, transform):
+    a jit of a fresh closure per call would compile again for every split and
+    every online evaluation."""
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def step(variables, batch):
-        return features_fn(variables, batch["image"]), batch["label"], batch["mask"]
+        images = batch["image"]
+        if transform is not None:  # image i of the split gets fold_in(key(seed), i)
+            keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
+                batch["seed"], batch["index"])
+            images = transform(keys, images)
+        return features_fn(variables, images), batch["label"], batch["mask"]
     # Replicated outputs: every process gets every row (multi-host safe).
     return jax.jit(step, in_shardings=(repl, shard), out_shardings=repl)
 
 
 def extract(features_fn, variables, source, *, batch_size: int, mesh,
-            max_examples: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+            max_examples: int = 0, transform=None,
+            seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Runs features_fn over `source` (the first max_examples if > 0).
 
+    transform: None, or f(keys (B,), images uint8) -> images uint8 applied
+    before features_fn (e.g. light_augment); image i of the split gets the key
+    fold_in(key(seed), i), so its view depends on neither the batch size nor
+    the number of hosts.
     Returns ({stage: (N, D) float32}, labels (N,) int32), in split order.
     """
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
-    fn = _jitted_step(features_fn, mesh)
+    fn = _jitted_step(features_fn, mesh, transform)
     variables = jax.device_put(variables, parallel.replicated(mesh))
     n = len(source) if not max_examples else min(max_examples, len(source))
     chunks, labels = [], []
     for batch in pipeline.eval_batches(source, batch_size, num_examples=n,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        batch = {k: batch[k] for k in ("image", "label", "mask")}
+        batch = {k: batch[k] for k in ("image", "label", "mask", "index")}
+        batch["seed"] = np.full(batch["index"].shape, seed, np.int32)
         out, label, mask = jax.device_get(fn(variables, parallel.global_batch(batch, mesh)))
         keep = np.asarray(mask, bool)
         chunks.append({k: np.asarray(v)[keep] for k, v in out.items()})
         labels.append(np.asarray(label)[keep])
     feats = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     return feats, np.concatenate(labels).astype(np.int32)
+
+
+def split_features(fn, variables, source, split: str, limit: int, *, batch_size: int, mesh,
+                   stages, cache_dir: str, step: int, key: dict | None, transform=None,
+                   seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({stage: (N, D)}, labels (N,)) of one split (its first `limit` rows if > 0):
+    read from cache_dir when an earlier run left them there, else extracted
+    (`extract`, with transform and seed) and saved there. key: everything the
+    features depend on (the caller's, incl. any transform's settings), None
+    for no cache."""
+    path = got = None
+    if key is not None:
+        path = cache_path(cache_dir, step, split, cache_key(split=split, max_examples=limit, **key))
+        got = load_cached(path, stages)
+        if not agree(got is not None):
+            got = None
+    what = split if transform is None else f"{split}, augmented view seed {seed}"
+    if got is not None:
+        print(f"features: cached ({what}, {path})", flush=True)
+        return got
+    with jax.set_mesh(mesh):
+        got = extract(fn, variables, source, batch_size=batch_size, mesh=mesh,
+                      max_examples=limit, transform=transform, seed=seed)
+    if path is not None:
+        save_cached(path, *got)
+    print(f"features: extracted ({what}{f', saved to {path}' if path else ''})", flush=True)
+    return got
 
 
 def calibrate_bn(encoder, view_cfg, variables, source, *, batch_size: int, mesh,
