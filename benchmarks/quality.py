@@ -38,6 +38,8 @@ _ROOT = flags.DEFINE_string("root", os.path.join(ROOT, "runs", "quality"), "Work
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
 _PHASE = flags.DEFINE_enum("phase", "all", ["all", "train", "eval"], "What to run.")
 _EVALS = flags.DEFINE_list("evals", ["linear", "knn", "mlp"], "Evaluators.")
+_REEVAL = flags.DEFINE_list("reeval", [], "Evaluators to run again even where their results "
+                            "exist (after a change of protocol; the features are cached).")
 _OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "quality.json"),
                            "Results file.")
 
@@ -70,13 +72,26 @@ def _arch_key(workdir: str) -> str:
                        "mean": c["aug"]["mean"], "std": c["aug"]["std"]}, sort_keys=True)
 
 
+def _protocol(evals) -> dict[str, str]:
+    """--config.eval.* overrides that put every run on today's evaluator settings
+    (ssl_jax.eval.defaults), whatever version stored its config: one protocol per table."""
+    from ssl_jax import eval as eval_lib
+
+    def flat(prefix, d):
+        for k, v in d.items():
+            yield from flat(f"{prefix}.{k}", v) if isinstance(v, dict) else [(f"{prefix}.{k}", v)]
+    defaults = eval_lib.defaults().to_dict()
+    return {k: repr(v) for e in evals for k, v in flat(f"eval.{e}", defaults[e])}
+
+
 def _evaluate(workdir: str, evals, random_init: bool) -> dict:
     from ssl_jax import evaluate  # here: the training subprocesses need no JAX in this one
     suffix = "_random_init" if random_init else ""
-    todo = [e for e in evals if not os.path.exists(os.path.join(workdir,
-                                                                f"eval_{e}{suffix}.json"))]
+    todo = [e for e in evals if e in _REEVAL.value
+            or not os.path.exists(os.path.join(workdir, f"eval_{e}{suffix}.json"))]
     if todo:
-        evaluate.evaluate(workdir, tuple(todo), stages="all", random_init=random_init)
+        evaluate.evaluate(workdir, tuple(todo), stages="all", random_init=random_init,
+                          overrides=_protocol(todo))
     out = {}
     for e in evals:
         with open(os.path.join(workdir, f"eval_{e}{suffix}.json")) as f:

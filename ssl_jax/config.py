@@ -185,8 +185,12 @@ def _parse_like(text: str, old, key: str):
         value = tuple(value)
     if isinstance(old, tuple) and not isinstance(value, tuple):
         value = (value,)
+    number = (int, float)
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if (isinstance(old, number) and isinstance(value, tuple) and value
+            and all(isinstance(v, number) for v in value)):
+        return tuple(float(v) for v in value)  # a sweep where one value was stored (weight_decay)
     if old is not None and not isinstance(value, type(old)):
         raise ValueError(f"--config.{key}={text}: expected a {type(old).__name__} like the "
                          f"stored value {old!r}, got {type(value).__name__}.")
@@ -203,5 +207,6 @@ def apply_overrides(config, overrides: dict[str, str], allowed=("eval",)):
         parent, _, leaf = key.rpartition(".")
         node = get_field(config, parent) if parent else config
         old = get_field(config, key)
-        node[leaf] = _parse_like(text, old, key)
+        with node.ignore_type():  # _parse_like checked the type; a sweep may replace a number
+            node[leaf] = _parse_like(text, old, key)
     return config

@@ -193,17 +193,22 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
     results_dir = results_dir or workdir or exported
     sources = {split: pipeline.open_source(config.dataset, split, config.data_dir)
                for split in (config.train_split, config.eval.test_split)}  # each decoded once
-    if random_init:
-        with jax.set_mesh(mesh):
-            variables = features.calibrate_bn(encoder, view_cfg, variables,
-                                              sources[config.train_split],
-                                              batch_size=config.eval.batch_size, mesh=mesh)
     key = None
     if cache:  # everything the features depend on; the weights by content, not by name
+        # (a random init's as initialised: calibration is deterministic, origin says it ran)
         key = dict(origin, weights=features.fingerprint(variables),
                    model=config.model.to_dict(), view=dict(view_cfg), pool=pool, stages=names,
                    dataset=config.dataset,
                    data_dir=os.path.abspath(config.data_dir or pipeline.default_data_dir()))
+    if random_init:  # BN statistics measured only if some features must be extracted
+        uncalibrated = variables
+
+        @functools.cache
+        def variables():
+            with jax.set_mesh(mesh):
+                return features.calibrate_bn(encoder, view_cfg, uncalibrated,
+                                             sources[config.train_split],
+                                             batch_size=config.eval.batch_size, mesh=mesh)
     t0 = time.time()
     split_kw = dict(batch_size=config.eval.batch_size, mesh=mesh, stages=names, step=step,
                     cache_dir=os.path.join(results_dir, "features"))

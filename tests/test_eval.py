@@ -468,3 +468,8 @@ def test_eval_overrides_parse_typed_and_refuse_unknown_or_training_keys():
     filled = eval_lib.with_defaults(old)
     assert filled.linear.augment.views == 0 and filled.mlp.hidden == 200
     assert filled.linear.lr == 0.05 and filled.linear.epochs == 10
+    # A sweep where a run stored one number (weight decays before they were swept).
+    with c.eval.linear.ignore_type():
+        c.eval.linear.weight_decay = 1e-4
+    assert cfg_lib.apply_overrides(c, {"eval.linear.weight_decay": "(1e-5,1e-3)"}
+                                   ).eval.linear.weight_decay == (1e-5, 1e-3)

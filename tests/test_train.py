@@ -57,7 +57,7 @@ def train_crash_resume(config, tmp_path, crash_after: int = 3):
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys):
+def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch):
     config = tiny_config(method, tiny_data)
     if method == "moco":  # the online probes ride along on one method's run
         config.online.update(linear=True, every_steps=3, knn_train_examples=128)
@@ -94,6 +94,11 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys):
             assert json.load(f)["top1"] == base["top1"]
         with open(os.path.join(workdir, "eval_knn.json")) as f:
             assert json.load(f)["step"] == 6  # the trained result is kept
+        # Again: its features are cached, so its BN statistics need not be measured again.
+        from ssl_jax.eval import features
+        monkeypatch.setattr(features, "calibrate_bn", lambda *a, **k: pytest.fail("calibrated"))
+        again = evaluate.evaluate(workdir, ("knn",), random_init=True)["knn"]
+        assert again["stages"] == base["stages"]
 
 
 def test_resume_under_a_different_config_is_refused(tiny_data, tmp_path):

@@ -174,7 +174,8 @@ def split_features(fn, variables, source, split: str, limit: int, *, batch_size:
     read from cache_dir when an earlier run left them there, else extracted
     (`extract`, with transform and seed) and saved there. key: everything the
     features depend on (the caller's, incl. any transform's settings), None
-    for no cache."""
+    for no cache. variables: the encoder's, or a function returning them, called
+    only when extracting (e.g. a random init's BN calibration)."""
     path = got = None
     if key is not None:
         path = cache_path(cache_dir, step, split, cache_key(split=split, max_examples=limit, **key))
@@ -185,6 +186,7 @@ def split_features(fn, variables, source, split: str, limit: int, *, batch_size:
     if got is not None:
         print(f"features: cached ({what}, {path})", flush=True)
         return got
+    variables = variables() if callable(variables) else variables
     with jax.set_mesh(mesh):
         got = extract(fn, variables, source, batch_size=batch_size, mesh=mesh,
                       max_examples=limit, transform=transform, seed=seed)
