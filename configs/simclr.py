@@ -36,11 +36,14 @@ def get_config(arg=None):
         # Sized for a 2-core CPU: the demo (README) pretrains in ~11 minutes.
         # B=128 and tau=0.1 each beat B=256 / tau=0.2 by ~0.5 points of linear
         # top-1 after one epoch (86.2% -> 86.7% / 86.8%, measured here).
+        # A constant lr after warm-up: 2.5 epochs is far from convergence, and
+        # decaying the lr there gave up learning (linear 87.92% cosine vs 88.47%
+        # constant, same run otherwise, converged probe).
         c.batch_size = 128
         c.total_epochs = 2.5
         c.simclr.temperature = 0.1
         c.optimizer.update(name="adamw", lr=2e-3, lr_batch_scale=0, weight_decay=1e-4,
-                           warmup_epochs=0.2)
+                           warmup_epochs=0.2, schedule="constant")
         c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
         c.ckpt_every_steps = 200
 
