@@ -95,6 +95,16 @@ def test_knn_matches_numpy_reference_across_padded_batches():
     for bs in (256, 5):  # one batch; and 5 batches, the last padded from 3 rows to 5
         got = knn.knn_scores(xtr, ytr, xte, num_classes=5, k=7, temperature=0.1, batch_size=bs)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    # Further k come from the same search and equal a search of their own.
+    yte = rng.integers(0, 5, 23)
+    many = knn.knn_classify(xtr, ytr, xte, yte, num_classes=5, k=7, also_k=(3, 7, 100),
+                            temperature=0.1, batch_size=5)
+    assert sorted(many["also"]) == ["k=100", "k=3"] and many["also"]["k=100"]["k"] == 60
+    for name, k in (("k=3", 3), ("k=100", 100)):
+        alone = knn.knn_classify(xtr, ytr, xte, yte, num_classes=5, k=k, temperature=0.1)
+        assert {m: alone[m] for m in ("top1", "top5", "k")} == many["also"][name]
+    assert many["top1"] == knn.knn_classify(xtr, ytr, xte, yte, num_classes=5, k=7,
+                                            temperature=0.1)["top1"]
 
 
 def test_standardizer_is_invariant_to_feature_scale():

@@ -24,26 +24,30 @@ def _normalise(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_classes"))
-def _votes(query, bank, bank_labels, temperature, *, k: int, num_classes: int):
-    """query (Q, D), bank (N, D), both normalised, bank_labels (N,) int32 -> scores (Q, C).
+@functools.partial(jax.jit, static_argnames=("ks", "num_classes"))
+def _votes(query, bank, bank_labels, temperature, *, ks: tuple[int, ...], num_classes: int):
+    """query (Q, D), bank (N, D), both normalised, bank_labels (N,) int32 ->
+    scores (len(ks), Q, C): the votes of each query's k nearest rows, for each k of ks.
 
+    One top-k at max(ks) serves every k: its rows come most similar first, so
+    the k nearest are its first k columns.
     A query's weights are exp((sim - sim_max) / T): NPID's exp(sim / T) times a
     per-query constant, which changes no vote but cannot overflow float32 at a
     small temperature (exp(1 / 0.01) would).
     """
     # HIGHEST: on GPU/TPU the default bf16 passes would blur close neighbours.
     sim = jnp.dot(query, bank.T, precision=jax.lax.Precision.HIGHEST)  # (Q, N)
-    top_sim, top_idx = jax.lax.top_k(sim, k)  # (Q, k), most similar first
+    top_sim, top_idx = jax.lax.top_k(sim, max(ks))  # (Q, k), most similar first
     # The barrier keeps XLA:CPU from fusing the elementwise users below into the
     # top-k, which turns it into a full sort of every row: 6.3 s -> 0.21 s per
     # batch of 256 against 60000 rows (measured here), 4 min -> 8 s for a test split.
     top_sim, top_idx = jax.lax.optimization_barrier((top_sim, top_idx))
     weights = jnp.exp((top_sim - top_sim[:, :1]) / temperature)
     rows = jnp.arange(query.shape[0])[:, None]
+    labels = bank_labels[top_idx]
     # Scatter-add rather than a (Q, k, C) one-hot, which is 200 MB per batch at C = 1000.
-    return jnp.zeros((query.shape[0], num_classes), jnp.float32).at[
-        rows, bank_labels[top_idx]].add(weights)
+    zeros = jnp.zeros((query.shape[0], num_classes), jnp.float32)
+    return jnp.stack([zeros.at[rows, labels[:, :k]].add(weights[:, :k]) for k in ks])
 
 
 def nearest(train_x, query_x, k: int) -> np.ndarray:
@@ -54,17 +58,18 @@ def nearest(train_x, query_x, k: int) -> np.ndarray:
     return np.asarray(jax.lax.top_k(sim, int(min(k, len(train_x))))[1])
 
 
-def knn_scores(train_x, train_y, test_x, *, num_classes: int, k: int = 200,
-               temperature: float = 0.07, batch_size: int = 256) -> np.ndarray:
-    """train_x (N, D), train_y (N,) int, test_x (M, D) -> (M, num_classes) float32 votes.
+def knn_scores_at(train_x, train_y, test_x, *, num_classes: int, ks=(200,),
+                  temperature: float = 0.07, batch_size: int = 256) -> dict[int, np.ndarray]:
+    """train_x (N, D), train_y (N,) int, test_x (M, D) -> {k: (M, num_classes) float32
+    votes} for each k of ks (each clipped to N), from one nearest-neighbour search.
 
     Row i holds, per class, the summed weights of test row i's k nearest train
-    rows, scaled so the nearest neighbour weighs 1. k is clipped to N. Inputs
-    are not validated here: knn_classify does that.
+    rows, scaled so the nearest neighbour weighs 1. Inputs are not validated
+    here: knn_classify does that.
     """
     bank = _normalise(jnp.asarray(train_x, jnp.float32))
     labels = jnp.asarray(train_y, jnp.int32)
-    k = int(min(k, len(bank)))
+    ks = tuple(sorted({int(min(k, len(bank))) for k in ks}))
     test_x = np.asarray(test_x, np.float32)
     m = len(test_x)
     bs = max(1, min(batch_size, m))  # a small test set need not be padded to a full batch
@@ -73,29 +78,48 @@ def knn_scores(train_x, train_y, test_x, *, num_classes: int, k: int = 200,
         q = test_x[i:i + bs]
         n_real = len(q)
         q = np.pad(q, ((0, bs - n_real), (0, 0)))  # zero rows: scored, then dropped
-        s = _votes(_normalise(jnp.asarray(q)), bank, labels, jnp.float32(temperature), k=k,
+        s = _votes(_normalise(jnp.asarray(q)), bank, labels, jnp.float32(temperature), ks=ks,
                    num_classes=num_classes)
-        out.append(np.asarray(s)[:n_real])
-    return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+        out.append(np.asarray(s)[:, :n_real])
+    scores = (np.concatenate(out, axis=1) if out
+              else np.zeros((len(ks), 0, num_classes), np.float32))
+    return dict(zip(ks, scores))
 
 
-def knn_classify(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 200,
-                 temperature: float = 0.07, batch_size: int = 256) -> dict:
-    """Weighted kNN of test rows among train rows.
+def knn_scores(train_x, train_y, test_x, *, num_classes: int, k: int = 200,
+               temperature: float = 0.07, batch_size: int = 256) -> np.ndarray:
+    """knn_scores_at for one k: (M, num_classes) float32 votes (k clipped to N)."""
+    return next(iter(knn_scores_at(train_x, train_y, test_x, num_classes=num_classes, ks=(k,),
+                                   temperature=temperature, batch_size=batch_size).values()))
 
-    train_x: (N, D), train_y: (N,) int in [0, num_classes); test_x: (M, D), test_y: (M,).
-    Returns {"top1", "top5": test accuracy in percent, "k": the k used (clipped to N),
-    "temperature"}. Raises ValueError on malformed input (see linear.check_inputs).
-    """
-    train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
-    if k < 1 or not temperature > 0 or batch_size < 1:
-        raise ValueError(f"need k >= 1, temperature > 0, batch_size >= 1; got {k}, "
-                         f"{temperature}, {batch_size}.")
-    k = int(min(k, len(train_x)))
-    scores = knn_scores(train_x, train_y, test_x, num_classes=num_classes, k=k,
-                        temperature=temperature, batch_size=batch_size)
+
+def _accuracy(scores: np.ndarray, test_y: np.ndarray, num_classes: int) -> dict:
     # Stable ranking: tied classes go to the lower index, as argmax does.
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, num_classes)]
     hit = ranked == test_y[:, None]
-    return {"top1": float(100.0 * hit[:, 0].mean()), "top5": float(100.0 * hit.any(1).mean()),
-            "k": k, "temperature": float(temperature)}
+    return {"top1": float(100.0 * hit[:, 0].mean()), "top5": float(100.0 * hit.any(1).mean())}
+
+
+def knn_classify(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 200,
+                 temperature: float = 0.07, batch_size: int = 256, also_k=()) -> dict:
+    """Weighted kNN of test rows among train rows.
+
+    train_x: (N, D), train_y: (N,) int in [0, num_classes); test_x: (M, D), test_y: (M,).
+    also_k: further k to score from the same neighbour search (NPID reports 200 and 20).
+    Returns {"top1", "top5": test accuracy in percent, "k": the k used (clipped to N),
+    "temperature", "also": {"k=K": {"top1", "top5", "k"}} for each further K that,
+    clipped, differs from k}. Raises ValueError on malformed input (see linear.check_inputs).
+    """
+    train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
+    if min((k, *also_k)) < 1 or not temperature > 0 or batch_size < 1:
+        raise ValueError(f"need k >= 1 (also_k too), temperature > 0, batch_size >= 1; got "
+                         f"{k} (also {tuple(also_k)}), {temperature}, {batch_size}.")
+    clip = lambda x: int(min(x, len(train_x)))  # noqa: E731
+    k = clip(k)
+    scores = knn_scores_at(train_x, train_y, test_x, num_classes=num_classes,
+                           ks=(k, *map(clip, also_k)), temperature=temperature,
+                           batch_size=batch_size)
+    also = {f"k={j}": dict(_accuracy(scores[clip(j)], test_y, num_classes), k=clip(j))
+            for j in also_k if clip(j) != k}
+    return dict(_accuracy(scores[k], test_y, num_classes), k=k, temperature=float(temperature),
+                also=also)
