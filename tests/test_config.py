@@ -1,4 +1,5 @@
-"""Command-line config handling: unknown keys, intervals given in another unit."""
+"""Command-line config handling: unknown keys, intervals given in another unit, and
+evaluate's --config.eval.* overrides of a stored config."""
 import pytest
 
 from configs import simclr
@@ -50,3 +51,32 @@ def test_the_trainer_command_line_rejects_bad_keys_and_types_in_one_line(tmp_pat
         assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
         assert "Traceback" not in p.stderr
     assert not os.path.exists(tmp_path / "w")  # nothing started, nothing written
+
+
+def test_eval_overrides_parse_typed_and_refuse_unknown_or_training_keys():
+    from ssl_jax import eval as eval_lib
+    argv, over = cfg_lib.split_overrides(["prog", "--config.eval.linear.lr=1", "--workdir", "w",
+                                          "--config.eval.knn.also_k", "5"])
+    assert argv == ["prog", "--workdir", "w"] and over == {"eval.linear.lr": "1",
+                                                           "eval.knn.also_k": "5"}
+    c = cfg_lib.apply_overrides(simclr.get_config("runlocal"), over)
+    assert c.eval.linear.lr == 1.0 and isinstance(c.eval.linear.lr, float)
+    assert c.eval.knn.also_k == (5,)
+    with pytest.raises(KeyError, match="Did you mean lr"):
+        cfg_lib.apply_overrides(c, {"eval.linear.lre": "1"})
+    with pytest.raises(ValueError, match="only eval"):
+        cfg_lib.apply_overrides(c, {"model.name": "resnet18"})
+    with pytest.raises(ValueError, match="expected a int"):
+        cfg_lib.apply_overrides(c, {"eval.linear.epochs": "'many'"})
+    # A run stored before a field existed gets its default; stored values win.
+    old = c.eval.to_dict()
+    del old["linear"]["augment"], old["mlp"]
+    old["linear"]["lr"] = 0.05
+    filled = eval_lib.with_defaults(old)
+    assert filled.linear.augment.views == 0 and filled.mlp.hidden == 200
+    assert filled.linear.lr == 0.05 and filled.linear.epochs == 10
+    # A sweep where a run stored one number (weight decays before they were swept).
+    with c.eval.linear.ignore_type():
+        c.eval.linear.weight_decay = 1e-4
+    assert cfg_lib.apply_overrides(c, {"eval.linear.weight_decay": "(1e-5,1e-3)"}
+                                   ).eval.linear.weight_decay == (1e-5, 1e-3)
