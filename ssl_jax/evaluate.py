@@ -32,7 +32,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
@@ -180,8 +179,8 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
     num_classes = _num_classes(config, evals)  # before the slow loading
     names = _stages(config, stages)
     if exported is None:
-        config, encoder, variables, step = load_encoder(workdir, mesh, random_init)
-        config = _settings(config, overrides)
+        # The same config.json as above: keep the one with the eval settings applied.
+        _, encoder, variables, step = load_encoder(workdir, mesh, random_init)
         view_cfg = features.eval_view_config(config)
         fn = features.make_features_fn(encoder, view_cfg, pool, names)
         origin = {"step": int(step), "random_init": random_init}
@@ -305,7 +304,7 @@ def _augmented_views(config, fn, variables, source, key, split_kw) -> list[dict]
     """eval.linear.augment.views > 0: that many light_augment views of the train
     split ({stage: (N, D)} each, cached like the centre view), for the linear
     probe to fit epoch e on view e % views. Else []."""
-    aug = dict(config.eval.get("linear", {}).get("augment", {}))
+    aug = dict(config.eval.linear.augment)
     n_views = int(aug.pop("views", 0))
     if n_views < 1:
         return []
@@ -322,8 +321,8 @@ def _augmented_views(config, fn, variables, source, key, split_kw) -> list[dict]
 
 def _linear(config, ftr, ytr, fte, yte, num_classes, names, views) -> dict:
     """Every stage's linear probe trained together -> {stage: {"top1", "top5", ...}}."""
-    settings = dict(config.eval.get("linear", {}))
-    settings.pop("augment", None)
+    settings = dict(config.eval.linear)
+    del settings["augment"]
     out = linear.train_linear_probes({n: ftr[n] for n in names}, ytr,
                                      {n: fte[n] for n in names}, yte, num_classes=num_classes,
                                      seed=config.seed, train_views=views, **settings)
@@ -333,9 +332,7 @@ def _linear(config, ftr, ytr, fte, yte, num_classes, names, views) -> dict:
 
 def _run(name, config, xtr, ytr, xte, yte, num_classes) -> dict:
     """One evaluator on one stage's features -> {"top1", "top5"} in percent."""
-    # Settings a config (or an export written before "eval" existed) lacks get
-    # the evaluator's defaults.
-    settings = dict(config.eval.get(name, {}))
+    settings = dict(config.eval[name])  # complete: _settings filled in what a run lacks
     if name == "mlp":
         r = mlp.train_mlp_probe(xtr, ytr, xte, yte, num_classes=num_classes, seed=config.seed,
                                 **settings)

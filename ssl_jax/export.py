@@ -94,8 +94,10 @@ def read_meta(out: str) -> dict:
 def eval_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_split=None,
                 test_split=None) -> ml_collections.ConfigDict:
     """The config fields evaluate reads, for an export: the arguments given win,
-    then export.json's "data", "eval" and "source", then the common defaults
+    then export.json's "data", "eval" and "source", then the evaluators' defaults
     (exports written before "data" and "eval" existed name only the dataset)."""
+    from ssl_jax import eval as eval_lib
+
     data, source = meta.get("data", {}), meta.get("source", {})
     dataset = dataset or data.get("dataset") or source.get("dataset")
     if not dataset:
@@ -103,14 +105,15 @@ def eval_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_spli
                          "(and --data_dir) to say what to evaluate on.")
     ev = dict(meta.get("eval", {}))
     seed = ev.pop("seed", 0)
-    ev = dict({"test_split": "test", "batch_size": 512, "train_examples": 0}, **ev)
     if test_split:
         ev["test_split"] = test_split
-    return ml_collections.ConfigDict(to_tuples({
+    config = ml_collections.ConfigDict(to_tuples({
         "method": source.get("method", "exported"), "dataset": dataset,
         "data_dir": data_dir or data.get("data_dir"),
         "train_split": train_split or data.get("train_split") or "train",
-        "seed": seed, "model": meta["model"], "eval": ev}))
+        "seed": seed, "model": meta["model"]}))
+    config.eval = eval_lib.with_defaults(to_tuples(ev))
+    return config
 
 
 def load(out: str, *, pool: str = "global", stages=None):

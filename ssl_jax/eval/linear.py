@@ -157,8 +157,8 @@ def _fit(xs: dict[str, np.ndarray], y: np.ndarray, wds: dict[str, Sequence[float
     arrays; a probe's input is (x - mean) * inv_std.
     """
     params, norm = {}, {}
+    xs = {k: jnp.asarray(x, jnp.float32) for k, x in xs.items()}  # one host-to-device copy
     for k, x in xs.items():
-        x = jnp.asarray(x, jnp.float32)
         d = x.shape[1]
         norm[k] = (jax.jit(standardizer)(x) if standardize else (jnp.zeros(d), jnp.ones(d)))
         params[k] = {"w": jnp.zeros((len(wds[k]), d, num_classes)),

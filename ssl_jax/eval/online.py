@@ -36,12 +36,18 @@ def linear_enabled(config) -> bool:
     return bool(config.get("online", {}).get("linear", False))
 
 
+def _final_features_fn(config):
+    """-> (final stage name, features.make_features_fn of the eval view for that
+    stage alone: f(variables, images uint8) -> {stage: (B, C) float32})."""
+    stage = network.final_stage(config.model)
+    return stage, features.make_features_fn(network.make_encoder(config.model),
+                                            features.eval_view_config(config), stages=(stage,))
+
+
 def pooled_final(config):
     """-> f(variables, images (B, H, W, C) uint8) -> (B, C) float32: the eval view's
     globally pooled final stage, encoder in eval mode."""
-    stage = network.final_stage(config.model)
-    fn = features.make_features_fn(network.make_encoder(config.model),
-                                   features.eval_view_config(config), stages=(stage,))
+    stage, fn = _final_features_fn(config)
     return lambda variables, images: fn(variables, images)[stage]
 
 
@@ -87,11 +93,8 @@ class Evaluator:
         self.test_source = pipeline.open_source(config.dataset, config.eval.test_split,
                                                 config.data_dir)
         self.num_classes = pipeline.dataset_info(config.dataset, config.data_dir)["num_classes"]
-        self.stage = network.final_stage(config.model)
         # One function object for the run: features.extract compiles it once.
-        self.fn = features.make_features_fn(network.make_encoder(config.model),
-                                            features.eval_view_config(config),
-                                            stages=(self.stage,))
+        self.stage, self.fn = _final_features_fn(config)
 
     def __call__(self, state) -> dict[str, float]:
         """-> {"online_knn/top1", and with the linear probe "online_linear/top1"} (%)."""
