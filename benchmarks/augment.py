@@ -21,7 +21,6 @@ between a full wait and none). Writes benchmarks/results/augment.json.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
@@ -29,11 +28,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import measure  # noqa: E402
-from ssl_jax import methods  # noqa: E402
-from ssl_jax.data import pipeline, prepare  # noqa: E402
+import measure  # benchmarks/measure.py: Python imports from a script's own folder
+from ssl_jax import methods
+from ssl_jax.data import prepare, sources
 
 _METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
     ["simclr", "moco"], "augment.json", "batches")
@@ -64,7 +61,7 @@ def jax_side(method: str, images: np.ndarray, data_dir: str, steps: int, warmup:
 
 def _loader_rate(method: str, config, images: np.ndarray, workers: int, steps: int,
                  warmup: int) -> dict:
-    from benchmarks import torch_peer   # PyTorch only in the --side=torch process
+    import torch_peer   # PyTorch only in the --side=torch process
     it = iter(torch_peer.loader(method, config, images, workers))
     # The iterator (and its workers) ends with this call, before the next setting.
     return measure.summary(measure.steady(lambda: next(it), steps, warmup), config.batch_size,
@@ -84,7 +81,7 @@ def torch_side(methods, images: np.ndarray, data_dir: str, steps: int, warmup: i
 
 def main(argv):
     del argv
-    data_dir = _DATA_DIR.value or pipeline.default_data_dir()
+    data_dir = _DATA_DIR.value or sources.default_data_dir()
     if _SIDE.value == "torch":   # the child: its results go to --out for the parent
         images = measure.train_images(_IMAGES.value, data_dir)
         measure.write_json(_OUT.value, torch_side(_METHODS.value, images, data_dir,
@@ -92,7 +89,7 @@ def main(argv):
         return
     host = measure.machine()
     prepare.prepare("fashion_mnist", data_dir)
-    images = pipeline.open_source("fashion_mnist", "train", data_dir).image
+    images = sources.open_source("fashion_mnist", "train", data_dir).image
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "train_images.npy")

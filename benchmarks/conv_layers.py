@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -23,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import measure  # noqa: E402
-from ssl_jax.models import conv  # noqa: E402
+import measure  # benchmarks/measure.py: Python imports from a script's own folder
+from ssl_jax.models import conv
 
 _BATCH = flags.DEFINE_integer("batch", 512, "Images per call (SimCLR's 2 x 256 views).")
 _OUT = flags.DEFINE_string(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -32,11 +31,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import jax_step, measure  # noqa: E402
-from ssl_jax import parallel  # noqa: E402
-from ssl_jax.data import pipeline, prepare  # noqa: E402
+import jax_step  # benchmarks/*.py: Python imports from a script's own folder
+import measure
+from ssl_jax import parallel
+from ssl_jax.data import pipeline, prepare, sources
 
 _METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
     ["simclr", "moco", "rotnet", "pirl"], "end_to_end.json", "steps")
@@ -82,7 +80,7 @@ def jax_side(method: str, source, data_dir: str, steps: int, warmup: int) -> dic
 
 def torch_side(methods, images: np.ndarray, data_dir: str, steps: int, warmup: int,
                workers: int) -> dict:
-    from benchmarks import torch_peer   # PyTorch only in the --side=torch process
+    import torch_peer   # PyTorch only in the --side=torch process
     out = {}
     for method in methods:
         config = measure.config(method, data_dir)
@@ -110,7 +108,7 @@ def _table(rows) -> str:
 
 def main(argv):
     del argv
-    data_dir = _DATA_DIR.value or pipeline.default_data_dir()
+    data_dir = _DATA_DIR.value or sources.default_data_dir()
     if _SIDE.value == "torch":   # the child: its results go to --out for the parent
         images = measure.train_images(_IMAGES.value, data_dir)
         measure.write_json(_OUT.value, torch_side(_METHODS.value, images, data_dir, _STEPS.value,
@@ -118,7 +116,7 @@ def main(argv):
         return
     host = measure.machine()
     prepare.prepare("fashion_mnist", data_dir)
-    source = pipeline.open_source("fashion_mnist", "train", data_dir)
+    source = sources.open_source("fashion_mnist", "train", data_dir)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         images_path = os.path.join(tmp, "train_images.npy")

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ssl_jax.data import pipeline, prepare  # noqa: E402
+from ssl_jax.data import pipeline, prepare, sources
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -43,16 +41,16 @@ def throughput(source, workers: int, batch_size: int, seconds: float) -> float:
 
 def main(argv):
     del argv
-    data_dir = _DATA_DIR.value or pipeline.default_data_dir()
+    data_dir = _DATA_DIR.value or sources.default_data_dir()
     path, built = prepare.prepare("fashion_mnist", data_dir)
     print(f"fashion_mnist in {path}{' (built now)' if built else ''}")
     t = time.perf_counter()
-    sources = {"memory": pipeline.open_source("fashion_mnist", "train", data_dir)}
+    splits = {"memory": sources.open_source("fashion_mnist", "train", data_dir)}
     load_s = time.perf_counter() - t
     print(f"decoded the train split into memory in {load_s:.1f} s")
-    sources["lazy"] = pipeline.open_source("fashion_mnist", "train", data_dir, memory_limit=0)
+    splits["lazy"] = sources.open_source("fashion_mnist", "train", data_dir, memory_limit=0)
     results = []
-    for kind, src in sources.items():
+    for kind, src in splits.items():
         for workers in (0, 2):
             ips = throughput(src, workers, _BATCH.value, _SECONDS.value)
             results.append({"source": kind, "worker_count": workers, "images_per_s": round(ips)})

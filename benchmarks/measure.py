@@ -11,7 +11,6 @@ deadlock).
 """
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import json
 import os
@@ -26,7 +25,9 @@ import time
 def config(method: str, data_dir: str | None = None):
     """The config both sides run: configs/<method>.py:dataset=fashion_mnist
     (plain ml_collections, no JAX)."""
-    c = importlib.import_module(f"configs.{method}").get_config("dataset=fashion_mnist")
+    from ssl_jax.config import load_file  # ml_collections only: no JAX on the PyTorch side
+
+    c = load_file(f"configs/{method}.py:dataset=fashion_mnist")
     c.data_dir = data_dir
     return c
 
@@ -128,5 +129,5 @@ def train_images(npy_path: str | None, data_dir: str):
     import numpy as np
     if npy_path:
         return np.load(npy_path)
-    from ssl_jax.data import pipeline
-    return pipeline.open_source("fashion_mnist", "train", data_dir).image
+    from ssl_jax.data import sources
+    return sources.open_source("fashion_mnist", "train", data_dir).image

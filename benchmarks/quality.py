@@ -29,7 +29,6 @@ import time
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 _METHODS = flags.DEFINE_list("methods", ["rotnet", "jigsaw", "pirl", "npid", "moco", "simclr",
                                          "supervised"], "Methods (configs/<name>.py).")
@@ -72,7 +71,7 @@ def _arch_key(workdir: str) -> str:
                        "mean": c["aug"]["mean"], "std": c["aug"]["std"]}, sort_keys=True)
 
 
-def _protocol(evals) -> dict[str, str]:
+def _protocol(evals) -> dict:
     """--config.eval.* overrides that put every run on today's evaluator settings
     (ssl_jax.eval.defaults), whatever version stored its config: one protocol per table."""
     from ssl_jax import eval as eval_lib
@@ -81,16 +80,16 @@ def _protocol(evals) -> dict[str, str]:
         for k, v in d.items():
             yield from flat(f"{prefix}.{k}", v) if isinstance(v, dict) else [(f"{prefix}.{k}", v)]
     defaults = eval_lib.defaults().to_dict()
-    return {k: repr(v) for e in evals for k, v in flat(f"eval.{e}", defaults[e])}
+    return {k: v for e in evals for k, v in flat(f"eval.{e}", defaults[e])}
 
 
 def _evaluate(workdir: str, evals, random_init: bool) -> dict:
-    from ssl_jax import evaluate  # here: the training subprocesses need no JAX in this one
+    from ssl_jax import evaluation  # here: the training subprocesses need no JAX in this one
     suffix = "_random_init" if random_init else ""
     todo = [e for e in evals if e in _REEVAL.value
             or not os.path.exists(os.path.join(workdir, f"eval_{e}{suffix}.json"))]
     if todo:
-        evaluate.evaluate(workdir, tuple(todo), stages="all", random_init=random_init,
+        evaluation.evaluate(workdir, tuple(todo), stages="all", random_init=random_init,
                           overrides=_protocol(todo))
     out = {}
     for e in evals:

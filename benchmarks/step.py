@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-# Only measure here at the top: the PyTorch side's process must not load JAX
-# (its peak memory is the peer's own), nor the JAX side's load PyTorch.
-from benchmarks import measure  # noqa: E402
+# Only measure here at the top (benchmarks/measure.py: Python imports from a
+# script's own folder): the PyTorch side's process must not load JAX (its peak
+# memory is the peer's own), nor the JAX side's load PyTorch.
+import measure
 
 _METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
     ["simclr", "moco", "rotnet", "pirl"], "step.json", "steps")
@@ -76,7 +74,7 @@ def jax_side(method: str, source, data_dir: str, steps: int, warmup: int, peak_g
              views_dir: str) -> dict:
     """Times the model step; saves the views and indices to views_dir/<method>.npz."""
     import jax
-    from benchmarks import jax_step
+    import jax_step
     from ssl_jax.data import pipeline
     config = measure.config(method, data_dir)
     batch = next(pipeline.train_iterator(source, global_batch_size=config.batch_size, seed=0))
@@ -132,7 +130,7 @@ def torch_side(method: str, views_dir: str, steps: int, warmup: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks import torch_peer
+    import torch_peer
     torch.set_num_threads(os.cpu_count())
     config = measure.config(method)
     batch = torch_batch(method, np.load(os.path.join(views_dir, f"{method}.npz")))
@@ -156,7 +154,7 @@ def check() -> None:
     import jax.numpy as jnp
     import torch
 
-    from benchmarks import torch_peer
+    import torch_peer
     from ssl_jax import losses
     from ssl_jax.methods import network
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -247,11 +245,11 @@ def main(argv):
         measure.write_json(_OUT.value, {m: torch_side(m, _VIEWS.value, _STEPS.value, _WARMUP.value)
                                         for m in _METHODS.value})
         return
-    from ssl_jax.data import pipeline, prepare
+    from ssl_jax.data import prepare, sources
     host = measure.machine()
-    data_dir = _DATA_DIR.value or pipeline.default_data_dir()
+    data_dir = _DATA_DIR.value or sources.default_data_dir()
     prepare.prepare("fashion_mnist", data_dir)
-    source = pipeline.open_source("fashion_mnist", "train", data_dir)
+    source = sources.open_source("fashion_mnist", "train", data_dir)
     peak = matmul_gflops()
     print(f"float32 matmul 2048^2 (XLA): {peak:.1f} GFLOP/s", flush=True)
     rows = []

@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -56,9 +55,8 @@ import torch.nn.functional as F
 from absl import app, flags
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks import measure, torch_views  # noqa: E402
+import measure  # benchmarks/*.py: Python imports from a script's own folder
+import torch_views
 
 # ---------------------------------------------------------------- models
 
@@ -320,8 +318,8 @@ def n_params(method: str, config) -> int:
 
 def main(argv):
     del argv
-    from ssl_jax.data import pipeline   # reads the prepared TFDS split (no JAX computation)
-    images = pipeline.open_source("fashion_mnist", "train", _DATA_DIR.value).image
+    from ssl_jax.data import sources   # reads the prepared TFDS split (no JAX computation)
+    images = sources.open_source("fashion_mnist", "train", _DATA_DIR.value).image
     for method in _METHODS.value:
         config = measure.config(method, _DATA_DIR.value)
         r = time_training(method, config, images, _STEPS.value, warmup=3)

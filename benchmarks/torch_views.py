@@ -229,8 +229,8 @@ def item_maker(method: str, config):
     ssl_jax is imported here, not at the top: the step-only benchmark's PyTorch
     process then never loads JAX (its peak memory is the peer's own).
     """
-    from ssl_jax import augment, jigsaw
     from ssl_jax.methods import pirl, rotnet, simclr
+    from ssl_jax.views import augment, jigsaw
 
     def fields(cfg) -> dict:
         return dict(augment.DEFAULTS, **(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg))

@@ -16,23 +16,19 @@ Prints them and writes benchmarks/results/train_step.json.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import measure  # noqa: E402
-from ssl_jax import methods, parallel  # noqa: E402
-from ssl_jax.data import pipeline, prepare  # noqa: E402
-from ssl_jax.train import (make_train_step, optimizer, state_initializer,  # noqa: E402
-                           state_sharding)
+import measure  # benchmarks/measure.py: Python imports from a script's own folder
+from ssl_jax import experiment, parallel
+from ssl_jax.config import load_file
+from ssl_jax.data import pipeline, prepare, sources
 
 _METHODS = flags.DEFINE_list("methods", ["simclr", "moco"], "Methods (configs/<name>.py).")
 _CONVS = flags.DEFINE_list("convs", ["xla", "im2col_wgrad"], "config.model.conv values.")
@@ -48,21 +44,17 @@ def _median_step_s(run_one, steps: int) -> float:
 
 
 def bench(name: str, conv: str, data_dir: str, steps: int) -> dict:
-    config = importlib.import_module(f"configs.{name}").get_config("dataset=fashion_mnist")
+    config = load_file(f"configs/{name}.py:dataset=fashion_mnist")
     config.data_dir = data_dir
     config.model.conv = conv
     mesh = parallel.make_mesh()
-    method = methods.get(config.method)
-    source = pipeline.open_source(config.dataset, config.train_split, data_dir)
-    _, schedule, tx = optimizer(config, len(source))
+    exp = experiment.Experiment(config, experiment.data_spec(config), mesh)
+    source = sources.open_source(config.dataset, config.train_split, data_dir)
     it = pipeline.train_iterator(source, global_batch_size=config.batch_size, seed=0,
                                  worker_count=config.data.worker_count)
+    state, step_fn = exp.initial_state(), exp.train_step()
     with jax.set_mesh(mesh):
         batch = parallel.global_batch(next(it), mesh)
-        init = state_initializer(config, method, tx)
-        state_sh = state_sharding(method, jax.eval_shape(init, batch["image"]), mesh)
-        state = jax.jit(init, out_shardings=state_sh)(batch["image"])
-        step_fn = make_train_step(config, method, tx, schedule, mesh, state_sh)
         t = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
@@ -92,7 +84,7 @@ def bench(name: str, conv: str, data_dir: str, steps: int) -> dict:
 
 def main(argv):
     del argv
-    data_dir = _DATA_DIR.value or pipeline.default_data_dir()
+    data_dir = _DATA_DIR.value or sources.default_data_dir()
     prepare.prepare("fashion_mnist", data_dir)
     rows = []
     for name, conv in [(n, c) for n in _METHODS.value for c in _CONVS.value]:

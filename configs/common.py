@@ -1,11 +1,14 @@
 """Pieces shared by every experiment config: argument parsing, dataset presets,
-and the fields every run has. Each configs/<method>.py builds on `base()`.
+and the fields every run has. Each configs/<method>.py builds on `base()`,
+loading this file by path: `common = sibling(__file__, "common")` (configs/
+is a folder of files, not a package).
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
 
+from ssl_jax.errors import UserError
 from ssl_jax.eval import defaults as eval_defaults
 
 # Per-dataset input facts and the encoder that suits the hardware it is used on.
@@ -32,7 +35,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
+            raise UserError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
         default = defaults[key]
         if not _:  # a bare name is a flag: 'runlocal'
             out[key] = True
@@ -48,8 +51,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     """Fields every run has, with the dataset preset applied."""
     if dataset not in DATASETS:
-        raise ValueError(f"dataset={dataset!r} has no preset; known: {sorted(DATASETS)} "
-                         "(add one to configs/common.py).")
+        raise UserError(f"dataset={dataset!r} has no preset; known: {sorted(DATASETS)} "
+                        "(add one to configs/common.py).")
     ds = DATASETS[dataset]
     c = ml_collections.ConfigDict()
     c.method = method
@@ -68,7 +71,6 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.resume_from_different_config = False
     # A non-finite loss or gradient: "raise" (stop, naming the step) or "skip" (count it).
     c.nonfinite = "raise"
-    c.debug_nan_at_step = config_dict.placeholder(int)  # tests: poison the loss at step N
 
     c.model = dict(ds["model"])
     c.head = dict(hidden=512, dim=128, layers=2)

@@ -7,12 +7,14 @@ the 3x3 tiles of an image.
 Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME,
 runlocal. Any field can be overridden: --config.jigsaw.num_perms=1000
 --config.jigsaw.tiles.tile_side=12. config.jigsaw.tiles holds fields of
-ssl_jax.jigsaw.tile_view_config (the rest take its defaults; mean/std come from
+ssl_jax.views.jigsaw.tile_view_config (the rest take its defaults; mean/std come from
 config.aug). config.head: dim = per-tile embedding, hidden/layers = classifier.
 The permutation set is computed once per (num_perms, perm_seed), ~2 s per 1000,
 and cached in ~/.cache/ssl_jax.
 """
-from configs import common
+from ssl_jax.config import sibling
+
+common = sibling(__file__, "common")
 
 
 def get_config(arg=None):

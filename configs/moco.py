@@ -7,7 +7,9 @@ shuffle-BN.
 Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME,
 runlocal. Any field can be overridden: --config.moco.queue_size=16384.
 """
-from configs import common
+from ssl_jax.config import sibling
+
+common = sibling(__file__, "common")
 
 
 def get_config(arg=None):

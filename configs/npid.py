@@ -9,11 +9,9 @@ Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAM
 runlocal. Any field can be overridden: --config.memory.negatives=16384
 --config.memory.loss=infonce.
 """
-from configs import common
+from ssl_jax.config import sibling
 
-# The train splits' sizes: the bank has one row per training image (pirl.check
-# compares with the prepared data). Another dataset: --config.memory.size=N.
-TRAIN_SIZES = {"fashion_mnist": 60000, "cifar10": 50000, "imagenet2012": 1281167}
+common = sibling(__file__, "common")
 
 
 def memory_base(method: str, arg):
@@ -22,11 +20,12 @@ def memory_base(method: str, arg):
     c = common.base(method, a.dataset)
     if a.model:
         c.model.name = a.model
+    # The bank has one row per training image: as many as the prepared train split has.
     # momentum: the bank's moving average; pad_to: bank rows are a multiple of it,
     # so the bank splits evenly over any power-of-two device count up to 1024.
     # init: "random" rows (the papers) or "encoder" (methods/pirl.warm_start).
-    c.memory = dict(size=TRAIN_SIZES.get(a.dataset, 0), pad_to=1024, momentum=0.5,
-                    negatives=4096, temperature=0.07, loss="nce", init="random")
+    c.memory = dict(pad_to=1024, momentum=0.5, negatives=4096, temperature=0.07, loss="nce",
+                    init="random")
     c.head.update(dim=128, layers=1)  # a linear projection to 128-d, as both papers
     # NPID's view: crop (0.2, 1), colour jitter 0.4, grayscale 0.2, flip; no blur.
     c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)

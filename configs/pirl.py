@@ -8,7 +8,9 @@ Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAM
 runlocal. Any field can be overridden: --config.pirl.jigsaw_weight=0.75.
 Everything but the jigsaw branch is NPID's config (configs/npid.py).
 """
-from configs import npid
+from ssl_jax.config import sibling
+
+npid = sibling(__file__, "npid")
 
 
 def get_config(arg=None):

@@ -10,7 +10,9 @@ can be overridden: --config.optimizer.lr=0.05 --config.total_epochs=50.
 config.batch_size counts source images; every step trains on all four
 rotations of each, i.e. 4 x batch_size images (and BN statistics over them).
 """
-from configs import common
+from ssl_jax.config import sibling
+
+common = sibling(__file__, "common")
 
 
 def _model(name: str, dataset: str) -> dict:

@@ -7,7 +7,9 @@ Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAM
 (overrides the dataset's default encoder), runlocal (a one-minute smoke run).
 Any field can be overridden: --config.optimizer.lr=1e-3 --config.total_epochs=5.
 """
-from configs import common
+from ssl_jax.config import sibling
+
+common = sibling(__file__, "common")
 
 
 def get_config(arg=None):

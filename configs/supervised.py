@@ -6,18 +6,17 @@ r"""Supervised reference — cross-entropy on the labels, same encoders, same lo
 The row above the self-supervised ones in every table. Arguments after the
 colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME, runlocal.
 """
-from configs import common
+from ssl_jax.config import sibling
 
-NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "imagenet2012": 1000}
+common = sibling(__file__, "common")
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base("supervised", a.dataset)
-    del c["head"]  # a linear classifier over the classes
+    del c["head"]  # a linear classifier over the prepared dataset's classes
     if a.model:
         c.model.name = a.model
-    c.supervised = dict(num_classes=NUM_CLASSES.get(a.dataset, 0))
     # One view: random resized crop + flip, no colour ops (the standard supervised recipe).
     c.aug.update(crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 

@@ -17,9 +17,15 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ssl_jax.errors import UserError
+
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the previous complete one is intact."""
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+    """A workdir without a checkpoint to read (also a FileNotFoundError, as it always was)."""
 
 
 class Checkpointer:
@@ -124,15 +130,23 @@ class Checkpointer:
                 shutil.move(os.path.join(self.dir, str(s)), dest)
         self.manager.reload()
 
-    def restore_state_only(self, abstract_state, step: int | None = None):
-        """Restores just the arrays (evaluation, export): no data iterator needed."""
+    def restore_state_only(self, abstract_state, step: int | None = None,
+                           partial: bool = False):
+        """Restores just the arrays (evaluation, export): no data iterator needed.
+        partial: abstract_state holds only part of the saved state (e.g. the encoder's
+        leaves), and only that part is read."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(
+            raise NoCheckpointError(
                 f"No checkpoint in {self.dir}: train first, or point --workdir at a "
                 "finished or interrupted training run.")
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        if partial:
+            item = ocp.args.PyTreeRestore(
+                item=abstract_state, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        else:
+            item = ocp.args.StandardRestore(abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=item))
         return restored["state"], step
 
     def wait(self) -> None:

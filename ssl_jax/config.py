@@ -1,16 +1,38 @@
-"""Config helpers: intervals in any unit, checks before compiling, and the
-copy of the config kept in the workdir (evaluators and resume read it back).
+"""Config helpers: config files, intervals in any unit, the command line's
+overrides, and the copy of the config kept in the workdir (evaluators and
+resume read it back).
+
+Config files (configs/*.py) are plain Python files, not a package: `load_file`
+runs one as `--config` does, and a config builds on another by path with
+`sibling(__file__, "common")`. The library never imports them.
+
+The command line overrides fields with ml_collections' flags,
+`--config.a.b=value`, typed by the field (ssl_jax/cli.py); this module holds
+the rules around them: every key must name a field (`check_override`), and a
+length or interval given in one unit replaces the preset's other units
+(`clear_other_units`).
 """
 from __future__ import annotations
 
-import ast
 import difflib
+import importlib.util
 import json
 import os
 
 import ml_collections
 
+from ssl_jax.errors import UserError
+
 UNITS = ("steps", "epochs", "examples")
+
+# configs/ ships beside the package, in the checkout ssl_jax runs from (an
+# editable install), not inside it: a relative config path that is not found
+# from the current directory is looked up there.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class NoRunError(UserError, FileNotFoundError):
+    """A workdir that holds no training run (also a FileNotFoundError, as it always was)."""
 
 
 def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None):
@@ -24,7 +46,7 @@ def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None
     given = {u: v for u, v in given.items() if v is not None}
     if len(given) > 1:
         keys = ", ".join(f"config.{name}_{u}" for u in given)
-        raise ValueError(f"Set only one of {keys}.")
+        raise UserError(f"Set only one of {keys}.")
     if not given:
         return default
     (unit, value), = given.items()
@@ -38,67 +60,46 @@ def steps(config, name: str, steps_per_epoch: int, batch_size: int, default=None
     return tuple(convert(v) for v in value) if isinstance(value, (tuple, list)) else convert(value)
 
 
-def _load_config_file(spec: str):
-    """'configs/simclr.py:dataset=x' -> that file's get_config('dataset=x')."""
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_ssl_jax_config", path)
-    if module_spec is None or not os.path.exists(path):
-        raise SystemExit(f"Config file {path!r} not found (from --config {spec}).")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+# ------------------------------------------------------------------ config files
+
+def load_module(path: str):
+    """Runs the Python file at `path` as a new module and returns it. It is not
+    put in sys.modules: a config file has no import name to collide with another's."""
+    name = "ssl_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _flag_value(argv, name: str):
-    for i, a in enumerate(argv):
-        if a == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(f"--{name}="):
-            return a.split("=", 1)[1]
+def sibling(file: str, name: str):
+    """The config file `name`.py in the folder of `file` (a config's own __file__),
+    as a module: `common = sibling(__file__, "common")` in configs/simclr.py. By
+    path, so it depends neither on the current directory nor on the import path."""
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(file)), f"{name}.py"))
+
+
+def _find(path: str) -> str | None:
+    for p in (path, None if os.path.isabs(path) else os.path.join(_CHECKOUT, path)):
+        if p and os.path.isfile(p):
+            return p
     return None
 
 
-def _overrides(argv, name: str = "config") -> list[str]:
-    """Dotted keys given as --config.a.b=value (or --config.a.b value) in argv."""
-    return [a[len(name) + 3:].split("=", 1)[0] for a in argv if a.startswith(f"--{name}.")]
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """'configs/simclr.py:dataset=cifar10' -> that file's get_config('dataset=cifar10')
+    (get_config() when there is no colon), as `--config SPEC` loads it. A relative
+    path is read from the current directory, else from the ssl_jax checkout."""
+    path, colon, arg = spec.partition(":")
+    found = _find(path)
+    if found is None:
+        raise UserError(f"Config file {path!r} not found (--config {spec}); the configs are "
+                        f"configs/<method>.py, e.g. {os.path.join(_CHECKOUT, 'configs', 'simclr.py')}.")
+    module = load_module(found)
+    return module.get_config(arg) if colon else module.get_config()
 
 
-def check_command_line(argv, name: str = "config") -> None:
-    """Before flag parsing: every --config.a.b override must name an existing key.
-
-    ml_collections reports an unknown key as a traceback from inside flag
-    parsing; this exits with one line naming the key, the nearest valid ones and
-    the keys valid at that level.
-    """
-    spec = _flag_value(argv, name)
-    keys = _overrides(argv, name)
-    if spec is None or not keys:
-        return
-    config = _load_config_file(spec)
-    for key in keys:
-        try:
-            get_field(config, key)
-        except KeyError as e:
-            raise SystemExit(f"Unknown config key in --{name}.{key}: {e.args[0]}") from None
-
-
-def clear_other_units(config, argv, name: str = "config") -> None:
-    """An interval given on the command line in one unit replaces the preset's.
-
-    E.g. a preset sets total_epochs=2.5 and the user passes --config.total_steps=100:
-    total_epochs is cleared, rather than failing with "Set only one of".
-    """
-    for key in _overrides(argv, name):
-        parent, _, leaf = key.rpartition(".")
-        stem, _, unit = leaf.rpartition("_")
-        if unit not in UNITS or not stem:
-            continue
-        node = get_field(config, parent) if parent else config
-        for other in UNITS:
-            if other != unit and f"{stem}_{other}" in node:
-                node[f"{stem}_{other}"] = None
-
+# ---------------------------------------------------------- command-line rules
 
 def nearest_keys(key: str, valid) -> str:
     close = difflib.get_close_matches(key, list(valid), n=3)
@@ -109,12 +110,70 @@ def get_field(config, path: str):
     """config.get for dotted paths, with an error naming the valid keys."""
     node = config
     for part in path.split("."):
-        if part not in node:
-            raise KeyError(f"config has no key {path!r} ({part!r} missing).{nearest_keys(part, node.keys())} "
-                           f"Valid keys here: {sorted(node.keys())}")
+        if not hasattr(node, "keys") or part not in node:
+            valid = sorted(node.keys()) if hasattr(node, "keys") else []
+            raise UserError(f"config has no key {path!r} ({part!r} missing)."
+                            f"{nearest_keys(part, valid)} Valid keys here: {valid}")
         node = node[part]
     return node
 
+
+def check_override(config, key: str, settable=None) -> None:
+    """`--config.{key}=...` must name a field of config and, when `settable` is
+    given (a stored config: evaluate), lie under one of its top-level keys;
+    else a UserError naming the key and the nearest valid ones."""
+    if settable is not None and key.split(".")[0] not in settable:
+        raise UserError(f"--config.{key}: only {', '.join(f'--config.{k}.*' for k in settable)} "
+                        "can be changed here; the rest describes how the run was trained.")
+    try:
+        get_field(config, key)
+    except UserError as e:
+        raise UserError(f"Unknown config key in --config.{key}: {e}") from None
+
+
+def clear_other_units(config, given) -> None:
+    """A length or interval given on the command line in one unit replaces the
+    preset's: e.g. a preset sets total_epochs=2.5 and the user passes
+    --config.total_steps=100, so total_epochs is cleared (rather than `steps`
+    failing with "Set only one of"). given: the dotted keys the command line
+    set (ml_collections' override_values). Two units of one interval given
+    together is a UserError naming both."""
+    intervals = {}
+    for key in given:
+        parent, _, leaf = key.rpartition(".")
+        stem, _, unit = leaf.rpartition("_")
+        if stem and unit in UNITS:
+            intervals.setdefault((parent, stem), []).append(key)
+    for (parent, stem), keys in intervals.items():
+        if len(keys) > 1:
+            where = f"{parent}.{stem}" if parent else stem
+            raise UserError(f"{' and '.join(f'--config.{k}' for k in keys)} both set "
+                            f"config.{where}_*, in different units: give one of them.")
+        node = get_field(config, parent) if parent else config
+        unit = keys[0].rpartition("_")[2]
+        for other in UNITS:
+            if other != unit and f"{stem}_{other}" in node:
+                node[f"{stem}_{other}"] = None
+
+
+def apply_overrides(config, overrides: dict, allowed=("eval",)):
+    """Sets each dotted key of `overrides` in config, in place, and returns it:
+    evaluate's --config.eval.* on a stored config. Values come typed, as
+    ml_collections parsed them against the evaluators' defaults (cli.run); keys
+    must exist and lie under one of `allowed`. A value may change a stored
+    field's type: a run stored before weight decays were swept holds one number,
+    and a swept tuple replaces it."""
+    for key, value in overrides.items():
+        check_override(config, key, allowed)
+        parent, _, leaf = key.rpartition(".")
+        node = get_field(config, parent) if parent else config
+        with node.ignore_type():
+            node[leaf] = value
+    clear_other_units(config, overrides)
+    return config
+
+
+# ------------------------------------------------------------------ the workdir
 
 def to_tuples(x):
     if isinstance(x, dict):
@@ -133,7 +192,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     """Reads back the config a training run stored in its workdir."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise NoRunError(
             f"{path} not found: {workdir} is not a training workdir. Train first with "
             f"`python -m ssl_jax.train --config configs/simclr.py --workdir {workdir}`.")
     with open(path) as f:
@@ -152,61 +211,3 @@ def diff(a, b, prefix="") -> list[str]:
         elif to_tuples(va) != to_tuples(vb):
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
-
-
-def split_overrides(argv, name: str = "config") -> tuple[list[str], dict[str, str]]:
-    """Takes --config.a.b=value (or --config.a.b value) out of argv, for commands
-    that read a stored config instead of a config file (evaluate).
-    -> (argv without them, {"a.b": "value"})."""
-    rest, out, i = [], {}, 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith(f"--{name}."):
-            key, eq, value = a[len(name) + 3:].partition("=")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise SystemExit(f"--{name}.{key} needs a value (--{name}.{key}=VALUE).")
-                value, i = argv[i + 1], i + 1
-            out[key] = value
-        else:
-            rest.append(a)
-        i += 1
-    return rest, out
-
-
-def _parse_like(text: str, old, key: str):
-    """The command-line text as a value of old's type: literals parsed, a scalar
-    given for a tuple field becomes a 1-tuple, ints widen to floats."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(value, list):
-        value = tuple(value)
-    if isinstance(old, tuple) and not isinstance(value, tuple):
-        value = (value,)
-    number = (int, float)
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if (isinstance(old, number) and isinstance(value, tuple) and value
-            and all(isinstance(v, number) for v in value)):
-        return tuple(float(v) for v in value)  # a sweep where one value was stored (weight_decay)
-    if old is not None and not isinstance(value, type(old)):
-        raise ValueError(f"--config.{key}={text}: expected a {type(old).__name__} like the "
-                         f"stored value {old!r}, got {type(value).__name__}.")
-    return value
-
-
-def apply_overrides(config, overrides: dict[str, str], allowed=("eval",)):
-    """Sets each dotted key of `overrides` (split_overrides' text values) in
-    config, in place; keys must exist and lie under one of `allowed`. Returns config."""
-    for key, text in overrides.items():
-        if key.split(".")[0] not in allowed:
-            raise ValueError(f"--config.{key}: only {', '.join(f'{a}.*' for a in allowed)} can "
-                             "be changed here; the rest describes how the run was trained.")
-        parent, _, leaf = key.rpartition(".")
-        node = get_field(config, parent) if parent else config
-        old = get_field(config, key)
-        with node.ignore_type():  # _parse_like checked the type; a sweep may replace a number
-            node[leaf] = _parse_like(text, old, key)
-    return config

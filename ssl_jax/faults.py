@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssl_jax.errors import UserError
+
 POLICIES = ("raise", "skip")
 
 
@@ -76,7 +78,7 @@ class NonFiniteCheck:
 
     def __init__(self, policy: str, grad_names: list[str]):
         if policy not in POLICIES:
-            raise ValueError(f"config.nonfinite={policy!r} unknown; valid: {list(POLICIES)}.")
+            raise UserError(f"config.nonfinite={policy!r} unknown; valid: {list(POLICIES)}.")
         self.policy, self.grad_names = policy, grad_names
         self.pending: list[tuple[int, jax.Array, jax.Array, jax.Array]] = []
         self.skipped = 0

@@ -33,6 +33,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
+def classification(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The pretext and supervised classifiers' objective: logits (B, C), labels (B,) int
+    -> (mean cross-entropy, top-1 accuracy in [0, 1]), both float32 scalars over the
+    global batch (a plain mean under jit is already global)."""
+    value = jnp.mean(cross_entropy(logits, labels))
+    return value, jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+
+
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
             axis_name: str | None = None) -> tuple[jax.Array, dict]:
     """SimCLR's normalised-temperature cross-entropy with global negatives.

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ssl_jax.errors import UserError
+
 OPTIMIZERS = ("sgd", "lars", "adamw")
 
 
@@ -28,7 +30,7 @@ def learning_rate(opt_cfg, batch_size: int, total_steps: int, warmup_steps: int,
     """-> step -> learning rate. decay_steps: the "step" schedule's boundaries, in steps."""
     peak = opt_cfg.lr * (batch_size / opt_cfg.lr_batch_scale if opt_cfg.lr_batch_scale else 1.0)
     if decay_steps and opt_cfg.schedule != "step":
-        raise ValueError(f"config.optimizer.decay_* is set but schedule={opt_cfg.schedule!r}: "
+        raise UserError(f"config.optimizer.decay_* is set but schedule={opt_cfg.schedule!r}: "
                          "use schedule='step', or unset the decay boundaries.")
     if opt_cfg.schedule in ("constant", "step"):
         constant = optax.join_schedules(
@@ -37,7 +39,7 @@ def learning_rate(opt_cfg, batch_size: int, total_steps: int, warmup_steps: int,
         if opt_cfg.schedule == "constant":
             return constant
         if not decay_steps:
-            raise ValueError("schedule='step' needs config.optimizer.decay_steps, decay_epochs "
+            raise UserError("schedule='step' needs config.optimizer.decay_steps, decay_epochs "
                              "or decay_examples, e.g. decay_epochs=(30, 60, 80).")
         bounds, factor = jnp.asarray(sorted(decay_steps)), opt_cfg.decay_factor
         # At step b the rate is already decayed (PyTorch MultiStepLR: epoch 30 runs at
@@ -45,7 +47,7 @@ def learning_rate(opt_cfg, batch_size: int, total_steps: int, warmup_steps: int,
         # keeps two that round to the same step in a short run.
         return lambda step: constant(step) * factor ** jnp.sum(step >= bounds)
     if opt_cfg.schedule != "cosine":
-        raise ValueError(f"config.optimizer.schedule={opt_cfg.schedule!r}: "
+        raise UserError(f"config.optimizer.schedule={opt_cfg.schedule!r}: "
                          "use 'cosine', 'constant' or 'step'.")
     return optax.warmup_cosine_decay_schedule(
         0.0, peak, warmup_steps=max(warmup_steps, 1),
@@ -65,4 +67,4 @@ def make_optimizer(opt_cfg, lr_schedule) -> optax.GradientTransformation:
     if name == "adamw":
         return optax.adamw(lr_schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
                            weight_decay=opt_cfg.weight_decay, mask=decay_mask)
-    raise ValueError(f"config.optimizer.name={name!r} is not one of {OPTIMIZERS}.")
+    raise UserError(f"config.optimizer.name={name!r} is not one of {OPTIMIZERS}.")

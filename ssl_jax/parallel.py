@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ssl_jax.errors import UserError
+
 AXIS = "data"
 
 
@@ -59,11 +61,11 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") ->
     """Raises before compiling when the batch cannot be split evenly."""
     n = mesh.devices.size
     if global_batch % n:
-        raise ValueError(
+        raise UserError(
             f"config.{what}={global_batch} is not divisible by the {n} devices of the "
             f"mesh; use a multiple of {n} (e.g. {max(n, global_batch // n * n)}).")
     if global_batch % jax.process_count():
-        raise ValueError(
+        raise UserError(
             f"config.{what}={global_batch} is not divisible by the "
             f"{jax.process_count()} processes.")
 

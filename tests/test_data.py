@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ssl_jax.data import arrays, fashion_mnist, pipeline, prepare
+from ssl_jax.data import arrays, fashion_mnist, pipeline, prepare, sources
 from tests.conftest import FASHION_MNIST_SOURCE, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ------------------------------------------------- the real Fashion-MNIST
 
 def test_real_fashion_mnist_info(fashion_mnist_dir):
-    info = pipeline.dataset_info("fashion_mnist", fashion_mnist_dir)
+    info = sources.dataset_info("fashion_mnist", fashion_mnist_dir)
     assert info["num_examples"] == {"train": 60000, "test": 10000}
     assert info["image_shape"] == (28, 28, 1)
     assert info["num_classes"] == 10
@@ -29,10 +29,10 @@ def test_real_fashion_mnist_info(fashion_mnist_dir):
 
 def test_real_train_records_match_idx_files(fashion_mnist_dir):
     images, labels = fashion_mnist.read_split(FASHION_MNIST_SOURCE, "train")
-    src = pipeline.open_source("fashion_mnist", "train", fashion_mnist_dir, memory_limit=0)
+    src = sources.open_source("fashion_mnist", "train", fashion_mnist_dir, memory_limit=0)
     assert len(src) == 60000
     ix = [0, 1, 2, 777, 31415, 59999]
-    batch = pipeline.read_batch(src, ix)
+    batch = sources.read_batch(src, ix)
     assert batch["image"].shape == (6, 28, 28, 1) and batch["image"].dtype == np.uint8
     np.testing.assert_array_equal(batch["image"], images[ix])
     np.testing.assert_array_equal(batch["label"], labels[ix])
@@ -41,8 +41,8 @@ def test_real_train_records_match_idx_files(fashion_mnist_dir):
 
 def test_real_test_split_in_memory_equals_idx_files(fashion_mnist_dir):
     images, labels = fashion_mnist.read_split(FASHION_MNIST_SOURCE, "test")
-    src = pipeline.open_source("fashion_mnist", "test", fashion_mnist_dir)
-    assert isinstance(src, pipeline.ArraySource)
+    src = sources.open_source("fashion_mnist", "test", fashion_mnist_dir)
+    assert isinstance(src, sources.ArraySource)
     assert src.image.shape == (10000, 28, 28, 1) and src.image.dtype == np.uint8
     assert src.label.dtype == np.int32
     np.testing.assert_array_equal(src.image, images)  # every pixel of every image
@@ -58,12 +58,12 @@ def test_builder_on_generated_idx_files(fake_idx_dir, tmp_path):
     path, built = prepare.prepare("fashion_mnist", data_dir, source_dir)
     assert built and path == os.path.join(data_dir, "fashion_mnist", "3.0.1")
     assert prepare.prepare("fashion_mnist", data_dir, source_dir) == (path, False)
-    assert pipeline.dataset_info("fashion_mnist", data_dir)["num_examples"] == {
+    assert sources.dataset_info("fashion_mnist", data_dir)["num_examples"] == {
         "train": 40, "test": 12}
     for split, (images, labels) in data.items():
-        for memory_limit in (0, pipeline.MEMORY_LIMIT):
-            src = pipeline.open_source("fashion_mnist", split, data_dir, memory_limit=memory_limit)
-            batch = pipeline.read_batch(src, np.arange(len(labels)))
+        for memory_limit in (0, sources.MEMORY_LIMIT):
+            src = sources.open_source("fashion_mnist", split, data_dir, memory_limit=memory_limit)
+            batch = sources.read_batch(src, np.arange(len(labels)))
             np.testing.assert_array_equal(batch["image"], images[..., None])
             np.testing.assert_array_equal(batch["label"], labels)
 
@@ -113,8 +113,8 @@ def test_corrupt_idx_file_raises_clear_error(fake_idx_dir, tmp_path, corrupt, me
     data_dir = str(tmp_path / "tfds")
     with pytest.raises(fashion_mnist.IdxError, match=message):
         prepare.prepare("fashion_mnist", data_dir, source_dir)
-    with pytest.raises(pipeline.DatasetNotFoundError):  # nothing half-written is visible
-        pipeline.open_source("fashion_mnist", "train", data_dir)
+    with pytest.raises(sources.DatasetNotFoundError):  # nothing half-written is visible
+        sources.open_source("fashion_mnist", "train", data_dir)
 
 
 def test_prepare_cli_builds_once(fake_idx_dir, tmp_path):
@@ -134,10 +134,10 @@ def test_prepare_cli_builds_once(fake_idx_dir, tmp_path):
 @pytest.mark.parametrize("name", ["fashion_mnist", "no_such_dataset"])
 def test_missing_dataset_names_the_prepare_command(tmp_path, name):
     cmd = f"python -m ssl_jax.data.prepare --dataset {name} --data_dir {tmp_path}"
-    with pytest.raises(pipeline.DatasetNotFoundError, match=cmd.replace(".", r"\.")):
-        pipeline.open_source(name, "train", str(tmp_path))
+    with pytest.raises(sources.DatasetNotFoundError, match=cmd.replace(".", r"\.")):
+        sources.open_source(name, "train", str(tmp_path))
     with pytest.raises(ValueError, match="ssl_jax.data.prepare"):
-        pipeline.dataset_info(name, str(tmp_path))
+        sources.dataset_info(name, str(tmp_path))
 
 
 # ------------------------------------------------- train_iterator
@@ -145,9 +145,9 @@ def test_missing_dataset_names_the_prepare_command(tmp_path, name):
 @pytest.fixture(params=["memory", "lazy"])
 def tiny_train(request, tiny_dataset):
     data_dir, data = tiny_dataset
-    limit = pipeline.MEMORY_LIMIT if request.param == "memory" else 0
-    src = pipeline.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
-    assert isinstance(src, pipeline.ArraySource) == (request.param == "memory")
+    limit = sources.MEMORY_LIMIT if request.param == "memory" else 0
+    src = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
+    assert isinstance(src, sources.ArraySource) == (request.param == "memory")
     return src, data["train"]
 
 
@@ -180,7 +180,7 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(tiny_train):
 
 
 def test_epochs_are_reshuffled_and_seeded():
-    src = pipeline.ArraySource(np.zeros((100, 2, 2, 1), np.uint8), np.zeros(100, np.int32))
+    src = sources.ArraySource(np.zeros((100, 2, 2, 1), np.uint8), np.zeros(100, np.int32))
     def epochs(seed, k=4):
         it = pipeline.train_iterator(src, global_batch_size=10, seed=seed)
         return [np.concatenate([b["index"] for b in _take(it, 10)]) for _ in range(k)]
@@ -195,7 +195,7 @@ def test_epochs_are_reshuffled_and_seeded():
 
 
 def test_epoch_remainder_is_dropped_per_epoch():
-    src = pipeline.ArraySource(np.zeros((25, 2, 2, 1), np.uint8), np.zeros(25, np.int32))
+    src = sources.ArraySource(np.zeros((25, 2, 2, 1), np.uint8), np.zeros(25, np.int32))
     it = pipeline.train_iterator(src, global_batch_size=10, seed=0)
     for _ in range(3):  # 2 batches per epoch: no batch mixes two epochs
         idx = np.concatenate([b["index"] for b in _take(it, 2)])
@@ -203,7 +203,7 @@ def test_epoch_remainder_is_dropped_per_epoch():
 
 
 def test_bad_batch_sizes_raise():
-    src = pipeline.ArraySource(np.zeros((25, 2, 2, 1), np.uint8), np.zeros(25, np.int32))
+    src = sources.ArraySource(np.zeros((25, 2, 2, 1), np.uint8), np.zeros(25, np.int32))
     with pytest.raises(ValueError, match="multiple of the process count"):
         pipeline.train_iterator(src, global_batch_size=9, seed=0, process_count=2)
     with pytest.raises(ValueError, match="cannot fill a batch"):
@@ -239,7 +239,7 @@ def test_iterator_state_round_trips_through_orbax(tiny_train, tmp_path):
 
 def test_worker_processes_give_the_same_batches_and_restore(tiny_dataset, tmp_path):
     data_dir, _ = tiny_dataset
-    src = pipeline.open_source("tiny_rgb", "train", data_dir, memory_limit=0)
+    src = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=0)
     make = lambda w: pipeline.train_iterator(src, global_batch_size=16, seed=2, worker_count=w)
     expected = _take(make(0), 9)
     it = make(2)
@@ -258,7 +258,7 @@ def test_eval_batches_cover_every_example_once(tiny_dataset, num_examples):
     data_dir, data = tiny_dataset
     images, labels = data["test"]  # 37 examples
     n = 37 if num_examples is None else num_examples
-    src = pipeline.open_source("tiny_rgb", "test", data_dir, memory_limit=0)
+    src = sources.open_source("tiny_rgb", "test", data_dir, memory_limit=0)
     per_process = [list(pipeline.eval_batches(src, 8, p, 2, num_examples=num_examples))
                    for p in range(2)]
     assert len(per_process[0]) == len(per_process[1]) == -(-n // 8)
@@ -276,7 +276,7 @@ def test_eval_batches_cover_every_example_once(tiny_dataset, num_examples):
 
 def test_eval_batches_single_process_in_memory(tiny_dataset):
     data_dir, data = tiny_dataset
-    src = pipeline.open_source("tiny_rgb", "test", data_dir)
+    src = sources.open_source("tiny_rgb", "test", data_dir)
     batches = list(pipeline.eval_batches(src, 16))
     assert [int(b["mask"].sum()) for b in batches] == [16, 16, 5]
     np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in batches]),
@@ -287,12 +287,12 @@ def test_eval_batches_single_process_in_memory(tiny_dataset):
 
 def test_image_size_resizes_and_keeps_channels(tiny_dataset):
     data_dir, _ = tiny_dataset
-    for limit in (0, pipeline.MEMORY_LIMIT):
-        src = pipeline.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
+    for limit in (0, sources.MEMORY_LIMIT):
+        src = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
         it = pipeline.train_iterator(src, global_batch_size=8, seed=0, image_size=4)
         assert next(it)["image"].shape == (8, 4, 4, 3)
-    gray = pipeline.ArraySource(np.full((4, 10, 20, 1), 7, np.uint8), np.zeros(4, np.int32))
-    batch = pipeline.read_batch(gray, [0, 3], image_size=5)
+    gray = sources.ArraySource(np.full((4, 10, 20, 1), 7, np.uint8), np.zeros(4, np.int32))
+    batch = sources.read_batch(gray, [0, 3], image_size=5)
     assert batch["image"].shape == (2, 5, 5, 1) and (batch["image"] == 7).all()
 
 
@@ -303,9 +303,9 @@ def test_build_from_arrays_round_trips_grayscale(tmp_path):
     path = arrays.build_from_arrays("tiny_gray", str(tmp_path), {"train": (images, labels)},
                                     class_names=["a", "b"])
     assert path.endswith("tiny_gray/1.0.0")
-    info = pipeline.dataset_info("tiny_gray", str(tmp_path))
+    info = sources.dataset_info("tiny_gray", str(tmp_path))
     assert info["image_shape"] == (3, 4, 1) and info["class_names"] == ["a", "b"]
-    src = pipeline.open_source("tiny_gray", "train", str(tmp_path))
+    src = sources.open_source("tiny_gray", "train", str(tmp_path))
     np.testing.assert_array_equal(src.image, images)
     np.testing.assert_array_equal(src.label, labels)
 
@@ -313,8 +313,8 @@ def test_build_from_arrays_round_trips_grayscale(tmp_path):
 def test_a_dataset_of_another_version_names_both_versions_and_the_command(tmp_path):
     # What a folder from another TFDS release looks like: fashion_mnist/2.0.0 only.
     (tmp_path / "fashion_mnist" / "2.0.0").mkdir(parents=True)
-    with pytest.raises(pipeline.DatasetNotFoundError,
+    with pytest.raises(sources.DatasetNotFoundError,
                        match=r"'fashion_mnist' version 3\.0\.1 is not prepared .*found version\(s\) "
                              r"\['2\.0\.0'\].*python -m ssl_jax\.data\.prepare --dataset "
                              r"fashion_mnist"):
-        pipeline.open_source("fashion_mnist", "train", str(tmp_path))
+        sources.open_source("fashion_mnist", "train", str(tmp_path))

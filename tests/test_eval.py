@@ -57,11 +57,11 @@ QUERY, TRUTH = np.array([[1.0, 0.0]], np.float32), np.array([0])
 def test_knn_hand_computed_weighted_vote():
     # Votes exp(sim / T), scaled so the nearest neighbour weighs 1: class 0 gets 1,
     # class 1 gets 2 exp(-0.2 / T); k = 3 leaves class 2 out.
-    flat = knn.knn_scores(TRAIN, LABELS, QUERY, num_classes=3, k=3, temperature=1.0)
+    flat = knn.knn_scores_at(TRAIN, LABELS, QUERY, num_classes=3, ks=(3,), temperature=1.0)[3]
     np.testing.assert_allclose(flat[0], [1.0, 2 * np.exp(-0.2), 0.0], rtol=1e-5)
-    sharp = knn.knn_scores(TRAIN, LABELS, QUERY, num_classes=3, k=3, temperature=0.07)
+    sharp = knn.knn_scores_at(TRAIN, LABELS, QUERY, num_classes=3, ks=(3,), temperature=0.07)[3]
     np.testing.assert_allclose(sharp[0], [1.0, 2 * np.exp(-0.2 / 0.07), 0.0], rtol=1e-5)
-    every = knn.knn_scores(TRAIN, LABELS, QUERY, num_classes=3, k=5, temperature=1.0)
+    every = knn.knn_scores_at(TRAIN, LABELS, QUERY, num_classes=3, ks=(5,), temperature=1.0)[5]
     np.testing.assert_allclose(every[0], [1.0, 2 * np.exp(-0.2), np.exp(-1) + np.exp(-2)],
                                rtol=1e-5)
     # T = 1: two near neighbours outvote the nearest (1.64 > 1); T = 0.07: the nearest wins.
@@ -76,7 +76,7 @@ def test_knn_clips_k_ignores_norms_and_survives_tiny_temperature():
                          temperature=1.0)
     assert r["k"] == 5 and r["top1"] == 0.0  # same vote as k = 5 on the unit-norm points
     # exp(1 / 0.005) overflows float32; the scaled weights do not.
-    s = knn.knn_scores(TRAIN, LABELS, QUERY, num_classes=3, k=5, temperature=0.005)
+    s = knn.knn_scores_at(TRAIN, LABELS, QUERY, num_classes=3, ks=(5,), temperature=0.005)[5]
     assert np.isfinite(s).all() and s[0].argmax() == 0
 
 
@@ -92,7 +92,8 @@ def test_knn_matches_numpy_reference_across_padded_batches():
     want = np.zeros((23, 5))
     np.add.at(want, (np.arange(23)[:, None], ytr[idx]), np.exp((top - top[:, :1]) / 0.1))
     for bs in (256, 5):  # one batch; and 5 batches, the last padded from 3 rows to 5
-        got = knn.knn_scores(xtr, ytr, xte, num_classes=5, k=7, temperature=0.1, batch_size=bs)
+        got = knn.knn_scores_at(xtr, ytr, xte, num_classes=5, ks=(7,), temperature=0.1,
+                                batch_size=bs)[7]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     # Further k come from the same search and equal a search of their own.
     yte = rng.integers(0, 5, 23)

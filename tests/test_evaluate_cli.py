@@ -7,8 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
+from ssl_jax import encoders, errors, evaluation
 from ssl_jax import config as cfg_lib
-from ssl_jax import evaluate, export
 from ssl_jax.data import arrays
 from tests.test_train import tiny_config
 
@@ -56,27 +56,27 @@ def write_export(out: str, **meta) -> str:
 def test_exactly_one_of_workdir_or_exported(tmp_path):
     for kwargs in ({}, {"workdir": "w", "exported": "e"}):
         with pytest.raises(ValueError, match="exactly one of --workdir .* or --exported"):
-            evaluate.evaluate(**kwargs)
+            evaluation.evaluate(**kwargs)
     with pytest.raises(ValueError, match="--data_dir, --test_split go with --exported"):
-        evaluate.evaluate(str(tmp_path), data_dir="d", test_split="val")
+        evaluation.evaluate(str(tmp_path), data_dir="d", test_split="val")
     with pytest.raises(ValueError, match="--random_init needs --workdir"):
-        evaluate.evaluate(exported=str(tmp_path), random_init=True)
+        evaluation.evaluate(exported=str(tmp_path), random_init=True)
     with pytest.raises(ValueError, match="pool='max2x2'"):
-        evaluate.evaluate(str(tmp_path), pool="max2x2")
-    with pytest.raises(FileNotFoundError, match="not an exported encoder"):
-        evaluate.evaluate(exported=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not a training workdir"):
-        evaluate.evaluate(str(tmp_path))
+        evaluation.evaluate(str(tmp_path), pool="max2x2")
+    with pytest.raises(errors.UserError, match="not an exported encoder"):
+        evaluation.evaluate(exported=str(tmp_path))
+    with pytest.raises(errors.UserError, match="not a training workdir"):
+        evaluation.evaluate(str(tmp_path))
 
 
 def test_workdir_without_a_checkpoint_says_train_first(tiny_data, tmp_path):
     workdir = str(tmp_path / "w")
     os.makedirs(workdir)
     cfg_lib.save(tiny_config("simclr", tiny_data), workdir)
-    with pytest.raises(FileNotFoundError, match=r"No checkpoint in .*w/checkpoints: .*w has a "
+    with pytest.raises(errors.UserError, match=r"No checkpoint in .*w/checkpoints: .*w has a "
                        r"config.json but no trained weights yet. Train first \(`python -m "
                        r"ssl_jax.train --config configs/simclr.py --workdir"):
-        evaluate.evaluate(workdir, ("knn",))
+        evaluation.evaluate(workdir, ("knn",))
 
 
 @pytest.mark.parametrize("label", [False, True], ids=["no label", "no class count"])
@@ -87,18 +87,18 @@ def test_dataset_without_labels_is_refused_by_name(tmp_path, label):
                        data={"dataset": "unlabelled", "data_dir": data_dir})
     with pytest.raises(ValueError, match=f"Dataset 'unlabelled' in {data_dir} has no labels .* "
                        r"the evaluators \['knn'\] need labelled"):
-        evaluate.evaluate(exported=out, evals=("knn",))
+        evaluation.evaluate(exported=out, evals=("knn",))
 
 
 def test_old_exports_fall_back_to_arguments_and_defaults():
     meta = json.loads(json.dumps({"model": {"name": "convnet", "widths": [4, 8]},
                                   "source": {"step": 3, "method": "simclr",
                                              "dataset": "fashion_mnist"}}))
-    c = export.eval_config("out", meta)  # format 1 before "data" and "eval"
+    c = encoders.eval_config("out", meta)  # format 1 before "data" and "eval"
     assert (c.dataset, c.data_dir, c.train_split, c.eval.test_split) == (
         "fashion_mnist", None, "train", "test")
     assert c.seed == 0 and c.eval.batch_size == 512 and c.model.widths == (4, 8)
-    c = export.eval_config("out", dict(meta, data={"dataset": "a", "data_dir": "/d",
+    c = encoders.eval_config("out", dict(meta, data={"dataset": "a", "data_dir": "/d",
                                                           "train_split": "t"},
                                               eval={"test_split": "v", "seed": 7,
                                                     "knn": {"k": 5}}),
@@ -107,5 +107,5 @@ def test_old_exports_fall_back_to_arguments_and_defaults():
     assert c.seed == 7 and c.eval.knn.k == 5
     del meta["source"]["dataset"]
     with pytest.raises(ValueError, match="names no dataset: pass --dataset"):
-        export.eval_config("out", meta)
-    assert export.eval_config("out", meta, dataset="cifar10").dataset == "cifar10"
+        encoders.eval_config("out", meta)
+    assert encoders.eval_config("out", meta, dataset="cifar10").dataset == "cifar10"

@@ -1,6 +1,7 @@
 """Faults caused for real: SIGTERM / SIGKILL to a training process, a corrupt
 checkpoint, a NaN. Each test asserts nothing is lost: the resumed run ends with
 parameters bitwise equal to an uninterrupted run's."""
+import dataclasses
 import glob
 import os
 import re
@@ -10,11 +11,12 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ssl_jax import train
+from ssl_jax import methods, train
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,8 +158,24 @@ def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(
     _assert_same_params(_params(workdir), full)
 
 
-def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
-    c = tiny_config("simclr", tiny_data, debug_nan_at_step=5)  # checkpoints at 3 and 6
+def poison_loss_at(monkeypatch, step: int, seed: int = 0) -> None:
+    """SimCLR's loss made NaN at loop step `step` (1-based), recognised by the loss's key:
+    the train step draws it from fold_in(fold_in(key(seed), 1), step - 1) (experiment.py)."""
+    target = jax.random.split(jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(seed), 1), step - 1))[1]
+    clean = methods.METHODS["simclr"]
+
+    def loss(params, state, views, batch, rng, config, spec):
+        value, aux = clean.loss(params, state, views, batch, rng, config, spec)
+        hit = jnp.all(jax.random.key_data(rng) == jax.random.key_data(target))
+        return value * jnp.where(hit, jnp.nan, 1.0), aux
+    monkeypatch.setitem(methods.METHODS, "simclr", dataclasses.replace(clean, loss=loss))
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path,
+                                                                      monkeypatch):
+    poison_loss_at(monkeypatch, 5)
+    c = tiny_config("simclr", tiny_data)  # checkpoints at 3 and 6
     c.log_every_steps = 1
     workdir = str(tmp_path / "w")
     with pytest.raises(FloatingPointError,
@@ -168,9 +186,9 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_data,
     assert steps == [3]
 
 
-def test_nan_skip_policy_keeps_the_state_and_counts(tiny_data, tmp_path, capsys):
-    # The same poisoned step as above: one compiled program for both tests.
-    c = tiny_config("simclr", tiny_data, debug_nan_at_step=5, nonfinite="skip")
+def test_nan_skip_policy_keeps_the_state_and_counts(tiny_data, tmp_path, capsys, monkeypatch):
+    poison_loss_at(monkeypatch, 5)  # the same poisoned step as above
+    c = tiny_config("simclr", tiny_data, nonfinite="skip")
     c.ckpt_every_steps, c.keep_ckpts = 1, 6
     workdir = str(tmp_path / "w")
     state = train.train(c, workdir)
@@ -215,26 +233,26 @@ def corrupt_data(tmp_path):
 
 
 def test_corrupt_record_is_named_or_skipped(corrupt_data):
-    from ssl_jax.data import pipeline
+    from ssl_jax.data import sources
     data_dir, images = corrupt_data
-    with pytest.raises(pipeline.CorruptRecordError,
+    with pytest.raises(sources.CorruptRecordError,
                        match=r"Record (\d+) of tiny_corrupt train in .* cannot be read: .*Riegeli"
                              r".*skip_corrupt=True") as e:
-        pipeline.open_source("tiny_corrupt", "train", data_dir)
+        sources.open_source("tiny_corrupt", "train", data_dir)
     bad = int(str(e.value).split("Record ")[1].split(" ")[0])
     # Skipped: the other 599 records, each with its own index and image.
-    src = pipeline.open_source("tiny_corrupt", "train", data_dir, skip_corrupt=True)
+    src = sources.open_source("tiny_corrupt", "train", data_dir, skip_corrupt=True)
     assert len(src) == 599 and bad not in src.index
-    batch = pipeline.read_batch(src, np.arange(599))
+    batch = sources.read_batch(src, np.arange(599))
     np.testing.assert_array_equal(batch["image"], images[batch["index"]])
     # Read lazily (big datasets): the batch holding it fails naming it, or is filled.
-    lazy = pipeline.open_source("tiny_corrupt", "train", data_dir, memory_limit=0)
+    lazy = sources.open_source("tiny_corrupt", "train", data_dir, memory_limit=0)
     ix = np.arange(bad - 3, bad + 3)
-    with pytest.raises(pipeline.CorruptRecordError, match=f"Record {bad} of"):
-        pipeline.read_batch(lazy, ix)
-    lazy = pipeline.open_source("tiny_corrupt", "train", data_dir, memory_limit=0,
+    with pytest.raises(sources.CorruptRecordError, match=f"Record {bad} of"):
+        sources.read_batch(lazy, ix)
+    lazy = sources.open_source("tiny_corrupt", "train", data_dir, memory_limit=0,
                                 skip_corrupt=True)
-    batch = pipeline.read_batch(lazy, ix)
+    batch = sources.read_batch(lazy, ix)
     assert batch["image"].shape == (6, 28, 28, 1)
     good = ix != bad
     np.testing.assert_array_equal(batch["image"][good], images[ix[good]])

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import augment, models, parallel
-from ssl_jax.data.pipeline import ArraySource
+from ssl_jax import models, parallel
+from ssl_jax.data.sources import ArraySource
 from ssl_jax.eval import features
+from ssl_jax.views import augment
 
 
 def tiny_encoder(widths=(4, 8)):
@@ -129,8 +130,8 @@ def test_feature_cache_round_trip_and_corrupt_files_are_ignored(tmp_path, caplog
 
 
 def test_eval_view_size_defaults_to_the_training_crop_and_can_differ():
-    from configs import simclr
-    c = simclr.get_config("runlocal")
+    from ssl_jax.config import load_file
+    c = load_file("configs/simclr.py:runlocal")
     assert tuple(features.eval_view_config(c).crop_size) == tuple(c.aug.crop_size) == (28, 28)
     c.eval.crop_size = (32, 32)  # FixRes: evaluate larger than the training crop
     assert tuple(features.eval_view_config(c).crop_size) == (32, 32)

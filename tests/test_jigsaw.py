@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import jigsaw as jigsaw_config
-from ssl_jax import augment, evaluate, jigsaw
+from ssl_jax import evaluation
+from ssl_jax.views import jigsaw, ops
 from tests import multidevice, test_train
 
 KEY = jax.random.key(0)
@@ -85,7 +85,7 @@ def test_tiles_are_regions_of_the_crop():
     @jax.jit
     def f(rng):
         k_crop = jax.random.split(rng, 3)[0]             # tiles' first key makes the crop
-        crop = augment.random_resized_crop(k_crop, x.astype(jnp.float32) / 255, (36, 36),
+        crop = ops.random_resized_crop(k_crop, x.astype(jnp.float32) / 255, (36, 36),
                                            (0.6, 1.0))
         return (crop, jigsaw.tiles(rng, x, jigsaw.tile_view_config(tile_jitter=False, **cfg)),
                 jigsaw.tiles(rng, x, jigsaw.tile_view_config(**cfg)))
@@ -116,7 +116,7 @@ def test_tile_resize_augmentation_and_standardisation():
 
 
 def test_tile_config_errors():
-    with pytest.raises(KeyError, match="tile_side"):
+    with pytest.raises(ValueError, match="tile_side"):
         jigsaw.tile_view_config(tile_sid=3)
     with pytest.raises(ValueError, match="tile_side=30"):
         jigsaw.tiles(KEY, image(), jigsaw.tile_view_config(crop_size=(64, 64), tile_side=30))
@@ -161,19 +161,22 @@ def tiny(c):
 SNIPPET = """
 import jax, jax.numpy as jnp
 jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
-from configs import jigsaw as cfg_mod
 from ssl_jax import methods, parallel
+from ssl_jax.config import load_file
+from ssl_jax.dataspec import DataSpec
 from tests.test_jigsaw import tiny
+spec = DataSpec(16, (28, 28, 1))
 mesh = parallel.make_mesh()
 out["devices"] = len(jax.devices())
 images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1)), jnp.uint8)
-c = tiny(cfg_mod.get_config("runlocal"))
+c = tiny(load_file("configs/jigsaw.py:runlocal"))
 m = methods.get("jigsaw")
 with jax.set_mesh(mesh):
     sh = parallel.batch_sharding(mesh)
     views = jax.jit(lambda r, x: m.views(r, x, c))(jax.random.key(1), jax.device_put(images, sh))
-    params, state = m.init(jax.random.key(2), views, c)
-    f = jax.jit(jax.value_and_grad(lambda p, s, v: m.loss(p, s, v, None, None, c), has_aux=True))
+    params, state = m.init(jax.random.key(2), views, c, spec)
+    f = jax.jit(jax.value_and_grad(lambda p, s, v: m.loss(p, s, v, {}, None, c, spec),
+                                   has_aux=True))
     (loss, (metrics, new_state)), grads = f(params, state, views)
 out["loss"], out["acc"] = loss, metrics["perm_acc"]
 out["tiles"], out["index"] = views["tiles"], views["perm_index"]
@@ -196,11 +199,10 @@ def test_loss_gradients_and_state_equal_on_one_and_eight_devices(tmp_path_factor
 
 
 def test_train_resume_evaluate(tiny_data, tmp_path, monkeypatch, compilation_cache):
-    monkeypatch.setitem(test_train.CONFIGS, "jigsaw", jigsaw_config)
     config = tiny(test_train.tiny_config("jigsaw", tiny_data))
     _, _, workdir = test_train.train_crash_resume(config, tmp_path)
 
-    results = evaluate.evaluate(workdir, ("linear", "knn"))
+    results = evaluation.evaluate(workdir, ("linear", "knn"))
     for name in ("linear", "knn"):
         assert 0.0 <= results[name]["top1"] <= results[name]["top5"] <= 100.0
         assert results[name]["step"] == 6

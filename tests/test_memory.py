@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import losses, memory
+from ssl_jax import losses
+from ssl_jax.methods import memory
 from tests import multidevice
 
 
@@ -142,7 +143,8 @@ def test_lookup_and_update_one_device_match_numpy():
 SNIPPET = """
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ssl_jax import losses, memory, parallel
+from ssl_jax import losses, parallel
+from ssl_jax.methods import memory
 from tests.test_memory import _bank_case, _data
 bank, idx, values, lookup_idx = _bank_case()
 z, pos, neg, n = _data(b=16)

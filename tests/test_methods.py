@@ -9,13 +9,15 @@ from tests import multidevice
 SNIPPET = """
 import jax, jax.numpy as jnp
 jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
-from configs import moco as moco_cfg, simclr as simclr_cfg
 from ssl_jax import methods, parallel
+from ssl_jax.config import load_file
+from ssl_jax.dataspec import DataSpec
+spec = DataSpec(num_examples=32, image_shape=(28, 28, 1))
 mesh = parallel.make_mesh()
 out["devices"] = len(jax.devices())
 images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1)), jnp.uint8)
-for name, mod in (("simclr", simclr_cfg), ("moco", moco_cfg)):
-    c = mod.get_config("runlocal")
+for name in ("simclr", "moco"):
+    c = load_file(f"configs/{name}.py:runlocal")
     c.model.widths = (4, 8, 8, 16)
     c.head.hidden, c.head.dim = 16, 8
     if name == "moco":
@@ -24,9 +26,10 @@ for name, mod in (("simclr", simclr_cfg), ("moco", moco_cfg)):
     with jax.set_mesh(mesh):
         sh = parallel.batch_sharding(mesh)
         views = jax.jit(lambda r, x: m.views(r, x, c))(jax.random.key(1), jax.device_put(images, sh))
-        params, state = m.init(jax.random.key(2), views, c)
-        f = jax.jit(jax.value_and_grad(lambda p, s, v: m.loss(p, s, v, jnp.arange(32), jax.random.key(3), c),
-                                       has_aux=True))
+        params, state = m.init(jax.random.key(2), views, c, spec)
+        f = jax.jit(jax.value_and_grad(
+            lambda p, s, v: m.loss(p, s, v, {"index": jnp.arange(32)}, jax.random.key(3), c, spec),
+            has_aux=True))
         (loss, (metrics, new_state)), grads = f(params, state, views)
     out[name + "_loss"] = loss
     out[name + "_view"] = jax.tree.leaves(views)[0]

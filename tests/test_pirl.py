@@ -2,23 +2,23 @@
 (memory bank included) on 1 and on 8 devices for the same global batch and key;
 Z fixed after the first step; one tiny train -> resume -> evaluate run."""
 import functools
-import os
 import pickle
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import npid as npid_config
-from configs import pirl as pirl_config
-from ssl_jax import augment, evaluate, parallel, train
-from ssl_jax.data import pipeline
+from ssl_jax import evaluation, experiment, parallel
+from ssl_jax.config import load_file
+from ssl_jax.data import sources
+from ssl_jax.dataspec import DataSpec
 from ssl_jax.methods import pirl
+from ssl_jax.views import augment
 from tests import multidevice, test_train
 
 B, N = 16, 100
+SPEC = DataSpec(num_examples=N, image_shape=(28, 28, 1))  # the bank's rows come from here
 # A global batch of dataset indices, with one duplicate (the bank's policy applies).
 INDICES = np.array([3, 97, 50, 12, 64, 3, 28, 71, 5, 99, 40, 86, 17, 33, 58, 0], np.int32)
 
@@ -27,10 +27,10 @@ pytestmark = pytest.mark.usefixtures("fast_prng")  # conftest.py
 
 
 def small_config(name):
-    c = {"npid": npid_config, "pirl": pirl_config}[name].get_config("runlocal")
+    c = load_file(f"configs/{name}.py:runlocal")
     c.model.widths = (4, 8, 8, 16)
     c.head.dim = 8
-    c.memory.update(size=N, pad_to=8, negatives=64)
+    c.memory.update(pad_to=8, negatives=64)
     return c
 
 
@@ -38,7 +38,8 @@ def small_config(name):
 def _loss_fn(name):
     c = small_config(name)
     return jax.jit(jax.value_and_grad(
-        lambda p, s, v, i: pirl.loss(p, s, v, i, jax.random.key(3), c), has_aux=True))
+        lambda p, s, v, i: pirl.loss(p, s, v, {"index": i}, jax.random.key(3), c, SPEC),
+        has_aux=True))
 
 
 def _flat(prefix, tree):
@@ -61,7 +62,7 @@ def one_device(tmp_path_factory):
     rng = np.random.default_rng(0)
     views = {k: jnp.asarray(rng.normal(size=(B,) + s.shape[1:]), jnp.float32)
              for k, s in _view_shapes("pirl").items()}
-    params, state = pirl.init(jax.random.key(2), views, c)
+    params, state = pirl.init(jax.random.key(2), views, c, SPEC)
     inputs = {"pirl": (params, state, views), "npid": _npid_inputs(params, state, views)}
     out = {}
     for name, (p, s, v) in inputs.items():
@@ -92,9 +93,9 @@ def test_views_shapes():
 SNIPPET = """
 import pickle, jax, jax.numpy as jnp
 jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
-from ssl_jax import checkpoint, parallel, train
+from ssl_jax import checkpoint, experiment, parallel
 from ssl_jax.methods import pirl
-from tests.test_pirl import INDICES, _flat, _loss_fn
+from tests.test_pirl import INDICES, SPEC, _flat, _loss_fn, small_config
 with open(INPUTS, "rb") as f:
     inputs = pickle.load(f)
 mesh = parallel.make_mesh()
@@ -114,8 +115,7 @@ with jax.set_mesh(mesh):
         out.update({name + k: x for k, x in _flat("state", new_state).items()})
         out[name + "bank_spec"] = np.array(str(new_state["bank"].sharding.spec))
     # The train loop's shardings, and a checkpoint round trip of the sharded bank.
-    shapes = {"params": p, "method_state": jax.eval_shape(lambda: s)}
-    sh = train.state_sharding(pirl, shapes, mesh)
+    sh = experiment.Experiment(small_config("pirl"), SPEC, mesh).state_sharding
     out["train_bank_spec"] = np.array(str(sh["method_state"]["bank"].spec))
     out["train_param_spec"] = np.array(str(jax.tree.leaves(sh["params"])[0].spec))
     ckpt = checkpoint.Checkpointer(CKPT_DIR, async_save=False)
@@ -141,7 +141,8 @@ def test_npid_params_are_pirl_without_the_jigsaw_branch(one_device):
     _, inputs, _ = one_device
     c = small_config("npid")
     views = {"image": jax.ShapeDtypeStruct((B, 28, 28, 1), jnp.float32)}
-    p_shapes, s_shapes = jax.eval_shape(lambda v: pirl.init(jax.random.key(2), v, c), views)
+    p_shapes, s_shapes = jax.eval_shape(lambda v: pirl.init(jax.random.key(2), v, c, SPEC),
+                                        views)
     p, s, _ = inputs["npid"]
     assert jax.tree.structure(p_shapes) == jax.tree.structure(p)
     assert jax.tree.structure(s_shapes) == jax.tree.structure(s)
@@ -194,31 +195,32 @@ def test_infonce_form_is_softmax_cross_entropy_over_the_same_rows():
     z, pos, neg, _ = _data()
     c = small_config("npid")
     c.memory.loss = "infonce"
-    value, metrics = pirl._contrast(z, pos, neg, None, c)
+    value, metrics = pirl._contrast(z, pos, neg, None, c, N)
     np.testing.assert_allclose(float(value), _info_nce_reference(z, pos, neg, 0.07), rtol=1e-4)
     assert "log_z" not in metrics  # no Z in this form (and no -inf metric for the loop)
     views = {"image": jax.ShapeDtypeStruct((B, 28, 28, 1), jnp.float32)}
-    assert jax.eval_shape(lambda v: pirl.init(jax.random.key(0), v, c), views)[1]["log_z"] == {}
+    assert jax.eval_shape(lambda v: pirl.init(jax.random.key(0), v, c, SPEC),
+                          views)[1]["log_z"] == {}
 
 
 def test_warm_start_sets_every_row_to_its_images_initial_embedding():
     c = small_config("npid")
     c.batch_size, c.memory.init = 32, "encoder"  # 100 images: 3 full batches + 4 rows
     images = np.random.default_rng(0).integers(0, 256, (N, 28, 28, 1), np.uint8)
-    source = pipeline.ArraySource(images, np.zeros(N, np.int32))
-    params, state = pirl.init(jax.random.key(2), {"image": jnp.zeros((B, 28, 28, 1))}, c)
+    source = sources.ArraySource(images, np.zeros(N, np.int32))
+    params, state = pirl.init(jax.random.key(2), {"image": jnp.zeros((B, 28, 28, 1))}, c, SPEC)
     paper = small_config("npid")
     paper.memory.init = "random"
-    old = np.asarray(state["bank"])  # warm_start donates the bank
+    old = np.asarray(state["bank"])  # the warm start donates the method state
+    variables = jax.device_get({"params": params, "batch_stats": state["batch_stats"]})
     mesh = parallel.make_mesh()
-    with jax.set_mesh(mesh):
-        warm = pirl.warm_start(params, state, source, c, mesh)
-        assert pirl.warm_start(params, state, source, paper, mesh) is state
+    train_state = {"params": params, "method_state": state}
+    assert experiment.Experiment(paper, SPEC, mesh).warm_start(train_state, source) is train_state
+    warm = experiment.Experiment(c, SPEC, mesh).warm_start(train_state, source)["method_state"]
 
     # The reference: f of the eval view, batch by batch (train-mode BN sees the
     # zero images that pad the last batch, as the real pass does), normalised.
     view = augment.eval_view_config(crop_size=(28, 28), mean=c.aug.mean, std=c.aug.std)
-    variables = {"params": params, "batch_stats": state["batch_stats"]}
     padded = np.concatenate([images, np.zeros((28, 28, 28, 1), np.uint8)])
     f = np.concatenate([
         pirl._net(c).apply(variables, augment.batch_views(jax.random.key(0), x, view), None,
@@ -235,14 +237,12 @@ def test_unknown_bank_init_is_refused(tiny_data):
     c = tiny_npid_config(tiny_data)
     c.memory.init = "zeros"
     with pytest.raises(ValueError, match="memory.init='zeros': use one of"):
-        pirl.check(c, c.batch_size)
+        pirl.check(c, SPEC, parallel.make_mesh())
 
 
 def tiny_npid_config(data_dir):
-    # test_train's tiny run, made for NPID: its CONFIGS name the method's config module.
-    with mock.patch.dict(test_train.CONFIGS, {"npid": npid_config}):
-        c = test_train.tiny_config("npid", data_dir)
-    c.memory.update(size=256, pad_to=64, negatives=128)  # tiny_squares: 256 train images
+    c = test_train.tiny_config("npid", data_dir)  # test_train's tiny run, made for NPID
+    c.memory.update(pad_to=64, negatives=128)  # tiny_squares: 256 train images
     return c
 
 
@@ -253,16 +253,8 @@ def test_npid_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
     np.testing.assert_array_equal(bank_full, bank_resumed)
     np.testing.assert_array_equal(full["method_state"]["log_z"]["image"],
                                   resumed["method_state"]["log_z"]["image"])
-    assert bank_resumed.shape == (256, 8)
+    assert bank_resumed.shape == (256, 8)  # one row per image of the prepared train split
     np.testing.assert_allclose(np.linalg.norm(bank_resumed, axis=1), 1.0, rtol=1e-5)
 
-    results = evaluate.evaluate(workdir, ("knn",))
+    results = evaluation.evaluate(workdir, ("knn",))
     assert 0.0 <= results["knn"]["top1"] <= 100.0 and results["knn"]["step"] == 6
-
-
-def test_wrong_memory_size_fails_before_compiling(tiny_data, tmp_path):
-    bad = tiny_npid_config(tiny_data)
-    bad.memory.size = 300
-    with pytest.raises(ValueError, match="memory.size=300 but tiny_squares"):
-        train.train(bad, str(tmp_path / "w"))
-    assert not os.path.exists(tmp_path / "w" / "checkpoints")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_jax.eval import report
+from ssl_jax.eval import figures, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STAGES = ("block1", "block2", "block3", "block4")
@@ -166,7 +166,7 @@ def test_retrieval_grid_frames_exactly_the_mismatches(tmp_path):
     query_labels = np.array([3, 7])
     neighbour_labels = np.array([[3, 5, 3], [1, 7, 7]])  # mismatches: (0, #2), (1, #1)
     path = tmp_path / "grid.png"
-    report.retrieval_grid(queries, neighbours, str(path), query_labels, neighbour_labels)
+    figures.retrieval_grid(queries, neighbours, str(path), query_labels, neighbour_labels)
     check_png(path, min_size=(k * 80, q * 80))
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
 
@@ -184,17 +184,17 @@ def test_retrieval_grid_frames_exactly_the_mismatches(tmp_path):
             wrong = j > 0 and neighbour_labels[i, j - 1] != query_labels[i]
             assert [is_red(p) for p in outside_edges(colours[i, j])] == [wrong] * 4, (i, j)
     # Without labels nothing is framed red.
-    report.retrieval_grid(queries, neighbours, str(path))
+    figures.retrieval_grid(queries, neighbours, str(path))
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert not any(is_red(p) for j in range(1, k + 1) for p in outside_edges(colours[0, j]))
     with pytest.raises(ValueError, match=r"\(Q, K, H, W, C\)"):
-        report.retrieval_grid(queries, neighbours[0], str(path))
+        figures.retrieval_grid(queries, neighbours[0], str(path))
 
 
 def test_retrieval_grid_greyscale(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "grey.png"
-    report.retrieval_grid(rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8),
+    figures.retrieval_grid(rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8),
                           rng.integers(0, 256, (3, 5, 28, 28, 1), dtype=np.uint8), str(path),
                           np.array([0, 1, 2]), rng.integers(0, 3, (3, 5)))
     check_png(path)

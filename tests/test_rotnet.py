@@ -9,11 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from configs import rotnet as rotnet_config
-from ssl_jax import augment, evaluate, models, optim, train
+from ssl_jax import evaluation, experiment, models, optim, parallel
 from ssl_jax import config as cfg_lib
+from ssl_jax.dataspec import DataSpec
 from ssl_jax.methods import rotnet
 from ssl_jax.models import nin
+from ssl_jax.views import augment
 from tests import multidevice
 from tests.test_train import train_crash_resume
 
@@ -22,7 +23,7 @@ TINY_NIN = dict(name="nin", num_blocks=3, width=1 / 24, dtype="float32")
 
 
 def _config(**model):
-    c = rotnet_config.get_config("dataset=fashion_mnist,runlocal")
+    c = cfg_lib.load_file("configs/rotnet.py:dataset=fashion_mnist,runlocal")
     c.model = model or TINY_NIN
     return c
 
@@ -37,7 +38,7 @@ def test_views_hold_all_four_rotations_of_each_image_interleaved():
                                      augment.batch_views(r, x, rotnet.view_config(c))))(
         jax.random.key(3), images)
     assert v["image"].shape == (20, 28, 28, 1) and v["image"].dtype == jnp.float32
-    np.testing.assert_array_equal(v["label"], np.tile(np.arange(4), 5))
+    np.testing.assert_array_equal(v["rotation"], np.tile(np.arange(4), 5))
     x = np.asarray(v["image"]).reshape(5, 4, 28, 28, 1)
     for k in range(4):  # row 4i + k is row 4i rotated by k * 90 degrees, exactly
         np.testing.assert_array_equal(x[:, k], np.rot90(x[:, 0], k, axes=(1, 2)))
@@ -118,7 +119,8 @@ def test_step_schedule_from_epochs_and_errors():
     c = _config()
     c.total_steps, c.optimizer.decay_steps, c.batch_size = None, None, 100
     c.total_epochs, c.optimizer.decay_epochs, c.optimizer.lr_batch_scale = 4.0, (1.0, 2.5), 0
-    total, lr, _ = train.optimizer(c, num_train_examples=1000)     # 10 steps per epoch
+    exp = experiment.Experiment(c, DataSpec(1000, (28, 28, 1)), parallel.make_mesh())
+    total, lr = exp.total_steps, exp.schedule     # 10 steps per epoch
     assert total == 40
     np.testing.assert_allclose([float(lr(s)) for s in (9, 10, 24, 25)],
                                [0.1, 0.02, 0.02, 0.004], rtol=1e-6)
@@ -138,11 +140,13 @@ def test_step_schedule_from_epochs_and_errors():
 SNIPPET = """
 import jax, jax.numpy as jnp
 jax.config.update("jax_threefry_partitionable", False)  # as fast_prng (conftest.py)
-from configs import rotnet as cfg
 from ssl_jax import methods, parallel
+from ssl_jax.config import load_file
+from ssl_jax.dataspec import DataSpec
+spec = DataSpec(16, (28, 28, 1))
 out["devices"] = len(jax.devices())
 images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1)), jnp.uint8)
-c = cfg.get_config("runlocal")
+c = load_file("configs/rotnet.py:runlocal")
 c.model = dict(name="nin", num_blocks=3, width=1 / 24, dtype="float32")
 m = methods.get("rotnet")
 params = state = None
@@ -156,10 +160,11 @@ for n in (1, 8):
         # Each device holds its own images' four rotations: 4 x 16 / n rows.
         out[f"{n}/rows_per_device"] = views["image"].addressable_shards[0].data.shape[0]
         if params is None:
-            params, state = m.init(jax.random.key(2), views, c)
+            params, state = m.init(jax.random.key(2), views, c, spec)
         p, s = jax.device_put((params, state), parallel.replicated(mesh))
         f = jax.jit(jax.value_and_grad(
-            lambda p, s, v: m.loss(p, s, v, jnp.arange(16), jax.random.key(3), c), has_aux=True))
+            lambda p, s, v: m.loss(p, s, v, {"index": jnp.arange(16)}, jax.random.key(3), c, spec),
+            has_aux=True))
         (loss, (metrics, new_state)), grads = f(p, s, views)
     out[f"{n}/loss"], out[f"{n}/acc"], out[f"{n}/view"] = loss, metrics["rot_acc"], views["image"]
     for i, g in enumerate(jax.tree.leaves(grads)):
@@ -195,7 +200,7 @@ def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache, fast_prng
     assert resumed["params"]["head"]["Dense_0"]["kernel"].shape == (16, 4)
 
     # RotNet's evaluation: linear and the paper's non-linear probe on every block.
-    results = evaluate.evaluate(workdir, ("linear", "knn", "mlp"), stages="all")
+    results = evaluation.evaluate(workdir, ("linear", "knn", "mlp"), stages="all")
     for name in ("linear", "knn", "mlp"):
         r = results[name]
         assert 0.0 <= r["top1"] <= r["top5"] <= 100.0 and r["step"] == 6

@@ -2,21 +2,23 @@
 import jax
 import numpy as np
 
-from configs import supervised as supervised_config
-from ssl_jax import augment, evaluate, methods, train
-from ssl_jax.data import pipeline
+from ssl_jax import evaluation, methods, train
+from ssl_jax.config import load_file
+from ssl_jax.data import sources
+from ssl_jax.dataspec import DataSpec
 from ssl_jax.eval import features
 from ssl_jax.methods import network, supervised
+from ssl_jax.views import augment
 
 
 def test_labels_reach_only_methods_that_ask():
-    asking = [n for n, m in methods.METHODS.items() if getattr(m, "USES_LABELS", False)]
+    asking = [n for n, m in methods.METHODS.items() if m.uses_labels]
     assert asking == ["supervised"]
 
 
 def test_supervised_learns_the_labels_and_its_features_classify(tiny_data, tmp_path, fast_prng,
                                                                 compilation_cache):
-    c = supervised_config.get_config("dataset=fashion_mnist,runlocal")
+    c = load_file("configs/supervised.py:dataset=fashion_mnist,runlocal")
     c.dataset, c.data_dir = "tiny_squares", tiny_data
     c.batch_size, c.total_steps, c.ckpt_every_steps, c.log_every_steps = 32, 40, 40, 10
     c.aug.crop_scale = (0.9, 1.0)  # the label is where the square is: keep it in view
@@ -24,13 +26,14 @@ def test_supervised_learns_the_labels_and_its_features_classify(tiny_data, tmp_p
     state = jax.device_get(train.train(c, str(tmp_path / "w")))
     assert state["params"]["head"]["Dense_0"]["kernel"].shape == (64, 10)
     # Its classifier predicts the held-out labels (chance: 10%).
-    test = pipeline.read_batch(pipeline.open_source("tiny_squares", "test", tiny_data),
+    test = sources.read_batch(sources.open_source("tiny_squares", "test", tiny_data),
                                np.arange(128))
     view = features.eval_view_config(c)
     x = augment.batch_views(jax.random.key(0), test["image"], view)
-    _, logits, _ = network.apply(supervised._net(c), state["params"],
+    spec = DataSpec(256, (28, 28, 1), num_classes=10)  # tiny_squares: 10 classes, from its metadata
+    _, logits, _ = network.apply(supervised._net(c, spec), state["params"],
                                  state["method_state"]["batch_stats"], x, train=False)
     accuracy = float(np.mean(np.argmax(logits, -1) == test["label"]))
     assert accuracy > 0.5, accuracy  # 40 steps: ~0.8 here
-    r = evaluate.evaluate(str(tmp_path / "w"), ("knn",))["knn"]
+    r = evaluation.evaluate(str(tmp_path / "w"), ("knn",))["knn"]
     assert r["top1"] > 90.0 and r["step"] == 40

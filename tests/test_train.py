@@ -7,19 +7,17 @@ import jax
 import numpy as np
 import pytest
 
-from configs import moco as moco_config
-from configs import simclr as simclr_config
+from ssl_jax import evaluation, train
 from ssl_jax import config as cfg_lib
-from ssl_jax import evaluate, train
 
-CONFIGS = {"simclr": simclr_config, "moco": moco_config}
+CONFIGS = ("moco", "simclr")  # trained end to end here; tiny_config takes any configs/<method>.py
 
 
 # Every comparison here is between runs in this process: conftest.py's faster PRNG mode is safe.
 pytestmark = pytest.mark.usefixtures("fast_prng")
 
 def tiny_config(method, data_dir, **overrides):
-    c = CONFIGS[method].get_config("dataset=fashion_mnist,runlocal")
+    c = cfg_lib.load_file(f"configs/{method}.py:dataset=fashion_mnist,runlocal")
     c.dataset, c.data_dir = "tiny_squares", data_dir
     c.batch_size, c.total_steps, c.ckpt_every_steps, c.log_every_steps = 32, 6, 3, 3
     c.model.widths = (4, 8, 8, 16)
@@ -71,7 +69,7 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
         np.testing.assert_array_equal(w, full["online"]["params"]["w"])  # resumed exactly
         assert np.abs(w).sum() > 0
 
-    results = evaluate.evaluate(workdir, ("linear", "knn"), stages="all")
+    results = evaluation.evaluate(workdir, ("linear", "knn"), stages="all")
     for name in ("linear", "knn"):
         r = results[name]
         assert sorted(r["stages"]) == ["block1", "block2", "block3", "block4"]
@@ -86,9 +84,9 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
     assert rows[0].startswith("| date | method |") and len(rows) == 2 + 2 * 4
     assert f"| {method} | tiny_squares | 6 | knn (offline) | block2 |" in rows[-3]
     with pytest.raises(ValueError, match=r"has stages \['block1'"):
-        evaluate.evaluate(workdir, ("knn",), stages=["block9"])
+        evaluation.evaluate(workdir, ("knn",), stages=["block9"])
     if method == "simclr":  # the random-init baseline reads the same workdir, writes its own file
-        base = evaluate.evaluate(workdir, ("knn",), random_init=True)["knn"]
+        base = evaluation.evaluate(workdir, ("knn",), random_init=True)["knn"]
         assert base["step"] == 0 and base["random_init"]
         with open(os.path.join(workdir, "eval_knn_random_init.json")) as f:
             assert json.load(f)["top1"] == base["top1"]
@@ -97,7 +95,7 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
         # Again: its features are cached, so its BN statistics need not be measured again.
         from ssl_jax.eval import features
         monkeypatch.setattr(features, "calibrate_bn", lambda *a, **k: pytest.fail("calibrated"))
-        again = evaluate.evaluate(workdir, ("knn",), random_init=True)["knn"]
+        again = evaluation.evaluate(workdir, ("knn",), random_init=True)["knn"]
         assert again["stages"] == base["stages"]
 
 

@@ -4,7 +4,7 @@ Small generated datasets (tests, custom data) then go through the very same
 array_record + TFDS reading path as the real ones:
 
     build_from_arrays("tiny", data_dir, {"train": (images, labels)}, num_classes=3)
-    src = pipeline.open_source("tiny", "train", data_dir)
+    src = sources.open_source("tiny", "train", data_dir)
 
 Images are stored as PNG bytes: TFDS encodes numpy images with TensorFlow,
 which we do without; PNG bytes give the same files and decode the same way.

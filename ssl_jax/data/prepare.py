@@ -12,7 +12,8 @@ import time
 
 from absl import app, flags
 
-from ssl_jax.data import fashion_mnist, pipeline
+from ssl_jax.data import fashion_mnist, sources
+from ssl_jax.errors import UserError
 
 # dataset name -> builder class taking data_dir= and source_dir= (None: its default).
 BUILDERS = {
@@ -27,8 +28,8 @@ def prepare(dataset: str, data_dir: str | None = None,
     Returns (the dataset's directory, whether it was built now).
     """
     if dataset not in BUILDERS:
-        raise ValueError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
-    builder = BUILDERS[dataset](data_dir=data_dir or pipeline.default_data_dir(),
+        raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
+    builder = BUILDERS[dataset](data_dir=data_dir or sources.default_data_dir(),
                                 source_dir=source_dir)
     if builder.is_prepared():
         return str(builder.data_path), False

@@ -1,7 +1,10 @@
 """Evaluation of encoders. Offline, on a frozen encoder after pretraining
-(ssl_jax/evaluate.py runs them): features (extraction, pooling, cache), linear,
-knn, mlp, lowshot; report (tables and figures from their records). Online,
-during pretraining: online (online_linear / online_knn probes)."""
+(ssl_jax/evaluate.py runs them): features (extraction, pooling, cache); the
+evaluators linear, knn, mlp, lowshot, in one registry with one interface
+(evaluators), the probes trained by one core (probe); results (printed,
+eval_<name>.json, results.md); report and figures (tables and figures from their
+records). Online, during pretraining: online (online_linear / online_knn probes).
+The evaluators' settings and their defaults: `defaults` below (config.eval)."""
 
 import ml_collections
 from ml_collections import config_dict

@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ssl_jax import augment, parallel
+from ssl_jax import parallel
 from ssl_jax.data import pipeline
+from ssl_jax.errors import UserError
+from ssl_jax.views import augment, ops
 
 POOLS = ("global", "avg2x2", "avg3x3")  # the usual ones; any avg{s}x{s} works
 
@@ -47,7 +49,7 @@ def pool_grid(pool: str) -> int | None:
         return None
     m = re.fullmatch(r"avg(\d+)x(\d+)", pool)
     if not m or m[1] != m[2] or int(m[1]) < 1:
-        raise ValueError(f"pool={pool!r}: use 'global' or 'avg{{s}}x{{s}}' with s >= 1 "
+        raise UserError(f"pool={pool!r}: use 'global' or 'avg{{s}}x{{s}}' with s >= 1 "
                          f"(e.g. {', '.join(POOLS)}).")
     return int(m[1])
 
@@ -113,9 +115,9 @@ def light_augment(keys, images, crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3
         k_crop, k_flip = jax.random.split(key)
         x = image.astype(jnp.float32) / 255.0
         x = x[..., None] if x.ndim == 2 else x
-        x = augment.random_resized_crop(k_crop, x, x.shape[:2], tuple(crop_scale),
+        x = ops.random_resized_crop(k_crop, x, x.shape[:2], tuple(crop_scale),
                                         tuple(crop_ratio))
-        x = augment.random_flip(k_flip, x, flip_p)
+        x = ops.random_flip(k_flip, x, flip_p)
         return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8).reshape(image.shape)
     return jax.vmap(one)(keys, images)
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssl_jax.eval.linear import check_inputs
+from ssl_jax.errors import UserError
+from ssl_jax.eval.probe import check_inputs
 
 
 def _normalise(x: jax.Array) -> jax.Array:
@@ -86,13 +87,6 @@ def knn_scores_at(train_x, train_y, test_x, *, num_classes: int, ks=(200,),
     return dict(zip(ks, scores))
 
 
-def knn_scores(train_x, train_y, test_x, *, num_classes: int, k: int = 200,
-               temperature: float = 0.07, batch_size: int = 256) -> np.ndarray:
-    """knn_scores_at for one k: (M, num_classes) float32 votes (k clipped to N)."""
-    return next(iter(knn_scores_at(train_x, train_y, test_x, num_classes=num_classes, ks=(k,),
-                                   temperature=temperature, batch_size=batch_size).values()))
-
-
 def _accuracy(scores: np.ndarray, test_y: np.ndarray, num_classes: int) -> dict:
     # Stable ranking: tied classes go to the lower index, as argmax does.
     ranked = np.argsort(-scores, axis=1, kind="stable")[:, :min(5, num_classes)]
@@ -112,7 +106,7 @@ def knn_classify(train_x, train_y, test_x, test_y, *, num_classes: int, k: int =
     """
     train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
     if min((k, *also_k)) < 1 or not temperature > 0 or batch_size < 1:
-        raise ValueError(f"need k >= 1 (also_k too), temperature > 0, batch_size >= 1; got "
+        raise UserError(f"need k >= 1 (also_k too), temperature > 0, batch_size >= 1; got "
                          f"{k} (also {tuple(also_k)}), {temperature}, {batch_size}.")
     clip = lambda x: int(min(x, len(train_x)))  # noqa: E731
     k = clip(k)
@@ -123,3 +117,22 @@ def knn_classify(train_x, train_y, test_x, test_y, *, num_classes: int, k: int =
             for j in also_k if clip(j) != k}
     return dict(_accuracy(scores[k], test_y, num_classes), k=k, temperature=float(temperature),
                 also=also)
+
+
+def evaluate(inputs, settings: dict) -> dict[str, dict]:
+    """The "knn" evaluator (eval/evaluators.py): inputs an evaluators.Inputs,
+    settings config.eval.knn. -> {stage: {"top1", "top5", "k", "also": {"k=K":
+    {"top1", "top5"}}}}, one neighbour search per stage."""
+    out = {}
+    for n in inputs.train:
+        r = knn_classify(inputs.train[n], inputs.train_y, inputs.test[n], inputs.test_y,
+                         num_classes=inputs.num_classes, **settings)
+        out[n] = {"top1": float(r["top1"]), "top5": float(r["top5"]), "k": r["k"],
+                  "also": {label: {"top1": v["top1"], "top5": v["top5"]}
+                           for label, v in r["also"].items()}}
+    return out
+
+
+def further_k(stage_record: dict) -> dict[str, dict]:
+    """A stage's results at the further k (also_k): {"k=K": {"top1", "top5"}}."""
+    return stage_record["also"]

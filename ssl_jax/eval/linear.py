@@ -5,12 +5,13 @@ first: pooled features of different stages and methods differ in scale by
 orders of magnitude, and standardising lets one learning rate fit them all
 (and makes the probe invariant to a feature's scale).
 
-Training is minibatch SGD with Nesterov momentum and a cosine schedule from
-zero weights, on the mean cross-entropy plus an L2 penalty on the weights
-(`0.5 * wd * |W|^2`, the bias is not decayed). One jitted call runs a whole
-epoch as a `lax.scan` over minibatches of a per-epoch permutation; the
-permutation keys come from `fold_in(key(seed), epoch)`, so a probe is a
-deterministic function of its inputs and seed. Every requested stage's probe
+Training (eval/probe.py, shared with the MLP probe) is minibatch SGD with
+Nesterov momentum and a cosine schedule from zero weights, on the mean
+cross-entropy plus an L2 penalty on the weights (`0.5 * wd * |W|^2`, the bias
+is not decayed). One jitted call runs a whole epoch as a `lax.scan` over
+minibatches of a per-epoch permutation; the permutation keys come from
+`fold_in(key(seed), epoch)`, so a probe is a deterministic function of its
+inputs and seed. Every requested stage's probe
 trains in the same run on the same minibatches (VISSL's evaluation of all
 layers at once): one epoch loop, one compile, the same answers as one run per
 stage. The record carries the objective reached, to compare with a converged
@@ -32,7 +33,6 @@ view still sets the standardisation and scores the sweep.
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -40,58 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ssl_jax.errors import UserError
+from ssl_jax.eval import probe
+from ssl_jax.eval.probe import check_inputs, standardizer  # noqa: F401  (evaluators use them)
+
 VAL_FRACTION = 0.1  # held out of train for the weight-decay sweep
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # the default sweep
-
-
-def standardizer(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: (N, D) -> (mean (D,), inv_std (D,)); features constant on x get inv_std 0.
-
-    The threshold is relative to the largest std so that scaling all features
-    by a constant does not change which ones count as constant.
-    """
-    mean = jnp.mean(x, axis=0)
-    std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=0))  # two-pass: stable in float32
-    alive = std > 1e-6 * jnp.max(std)
-    return mean, jnp.where(alive, 1.0 / jnp.where(alive, std, 1.0), 0.0)
-
-
-def _check_split(x: np.ndarray, y: np.ndarray, num_classes: int, name: str) -> None:
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"{name} features must be (N, D) and labels (N,) with N = len(labels); "
-                         f"got features {x.shape} and labels {y.shape}.")
-    if not len(x):
-        raise ValueError(f"{name} split is empty.")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise ValueError(f"{name} features must be numeric; got dtype {x.dtype}.")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} features contain NaN or Inf (rows "
-                         f"{np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()}...): "
-                         "the encoder diverged or the checkpoint is corrupt.")
-    # Checked before any cast: float labels would be truncated to int silently.
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{name} labels must be integers; got dtype {y.dtype}.")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"{name} labels must lie in [0, {num_classes}); "
-                         f"got [{y.min()}, {y.max()}].")
-
-
-def check_inputs(train_x, train_y, test_x, test_y, num_classes: int):
-    """Validates a train/test pair of features and labels; raises ValueError naming the problem.
-
-    Returns (train_x (N, D), train_y (N,) int32, test_x (M, D), test_y (M,) int32) as numpy.
-    Shared by the offline evaluators so that they reject the same inputs the same way.
-    """
-    if int(num_classes) < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
-    train_x, test_x = np.asarray(train_x), np.asarray(test_x)
-    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    _check_split(train_x, train_y, num_classes, "train")
-    _check_split(test_x, test_y, num_classes, "test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train and test features differ in width: {train_x.shape[1]} vs "
-                         f"{test_x.shape[1]}.")
-    return train_x, train_y.astype(np.int32), test_x, test_y.astype(np.int32)
 
 
 def _logits(params, x):
@@ -109,35 +63,12 @@ def _objective(params, x, y, wds):
     return jnp.mean(ce, axis=1) + 0.5 * wds * jnp.sum(jnp.square(params["w"]), axis=(1, 2))
 
 
-def _loss(params, xs, y, wds):
-    """Sum of every stage's and every sweep value's objective. params, xs, wds:
-    {stage: probe params}, {stage: (B, D_stage)}, {stage: (S,)}; y: (B,)."""
+def _loss(params, state, batch, wds):
+    """Sum of every stage's and every sweep value's objective, and the (absent) state.
+    params, wds: {stage: probe params}, {stage: (S,)}; batch: ({stage: (B, D_stage)}, y (B,))."""
+    xs, y = batch
     # The probes share no parameters, so the sum's gradient is each probe's own.
-    return sum(jnp.sum(_objective(params[k], xs[k], y, wds[k])) for k in params)
-
-
-def _optimizer(lr: float, total_steps: int) -> optax.GradientTransformation:
-    return optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=0.9, nesterov=True)
-
-
-# Module level with hyperparameters static: probes of the same shapes (repeated
-# evaluations) reuse one compiled epoch instead of compiling a fresh closure each.
-@functools.partial(jax.jit, static_argnames=("lr", "total_steps", "batch_size"))
-def _epoch(params, opt_state, key, xs, y, wds, *, lr: float, total_steps: int, batch_size: int):
-    """One epoch of every stage's probes on the same minibatches of a permutation of
-    the N rows of xs {stage: (N, D_stage)} -> new (params, opt_state)."""
-    tx = _optimizer(lr, total_steps)
-    n = y.shape[0]
-    steps = n // batch_size  # the N % batch_size rows left out differ from epoch to epoch
-    order = jax.random.permutation(key, n)[:steps * batch_size]
-
-    def step(carry, idx):
-        params, opt_state = carry
-        grads = jax.grad(_loss)(params, {k: x[idx] for k, x in xs.items()}, y[idx], wds)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), None
-
-    return jax.lax.scan(step, (params, opt_state), order.reshape(steps, batch_size))[0]
+    return sum(jnp.sum(_objective(params[k], xs[k], y, wds[k])) for k in params), state
 
 
 @jax.jit
@@ -163,36 +94,24 @@ def _fit(xs: dict[str, np.ndarray], y: np.ndarray, wds: dict[str, Sequence[float
         norm[k] = (jax.jit(standardizer)(x) if standardize else (jnp.zeros(d), jnp.ones(d)))
         params[k] = {"w": jnp.zeros((len(wds[k]), d, num_classes)),
                      "b": jnp.zeros((len(wds[k]), num_classes))}
-    n = len(y)
-    bs = min(batch_size, n)
-    hyper = dict(lr=float(lr), total_steps=max(epochs * (n // bs), 1), batch_size=bs)
-    opt_state = _optimizer(hyper["lr"], hyper["total_steps"]).init(params)
     sources = list(views) or [xs]
     # One device copy per view, standardised once (not once per epoch).
-    sources = [{k: _standardize(v[k], *norm[k]) for k in xs} for v in sources]
-    yj, key = jnp.asarray(y, jnp.int32), jax.random.key(seed)
+    yj = jnp.asarray(y, jnp.int32)
+    sources = [({k: _standardize(v[k], *norm[k]) for k in xs}, yj) for v in sources]
     wdj = {k: jnp.asarray(w, jnp.float32) for k, w in wds.items()}
-    for e in range(epochs):
-        params, opt_state = _epoch(params, opt_state, jax.random.fold_in(key, e),
-                                   sources[e % len(sources)], yj, wdj, **hyper)
+    params, _ = probe.train(_loss, params, None, sources, wdj, jax.random.key(seed),
+                            epochs=epochs, batch_size=batch_size, lr=lr)
     return {k: dict(params[k], mean=norm[k][0], inv_std=norm[k][1]) for k in xs}
 
 
-@jax.jit
-def _topk_correct(params, x, y):
-    """-> (S, 2) int32: per probe, the number of rows of x correct at top-1 and top-5."""
-    logits = _logits(params, (x - params["mean"]) * params["inv_std"])
-    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))  # (S, N, k)
-    hit = top == y[None, :, None]
-    return jnp.stack([jnp.sum(hit[..., 0], axis=1), jnp.sum(jnp.any(hit, axis=-1), axis=1)], 1)
+def _scored_logits(params, x):
+    """x: (N, D) raw features -> (S, N, C): params carry the standardisation."""
+    return _logits(params, (x - params["mean"]) * params["inv_std"])
 
 
 def accuracy(params, x: np.ndarray, y: np.ndarray, chunk: int = 16384) -> np.ndarray:
     """-> (S, 2) float: top-1 and top-5 accuracy in percent of each probe of `params`."""
-    correct = sum(np.asarray(_topk_correct(params, jnp.asarray(x[i:i + chunk], jnp.float32),
-                                           jnp.asarray(y[i:i + chunk], jnp.int32)), np.int64)
-                  for i in range(0, len(x), chunk))
-    return 100.0 * correct / len(x)
+    return probe.accuracy(_scored_logits, params, x, y, chunk)
 
 
 @jax.jit
@@ -248,11 +167,11 @@ def train_linear_probes(train_feats: dict[str, np.ndarray], train_y: np.ndarray,
     ytr, yte = next(iter(checked.values()))[1], next(iter(checked.values()))[3]
     views = _check_views(train_views, xtr)
     if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, "
+        raise UserError(f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, "
                          f"{batch_size}, {lr}.")
     wds = [float(w) for w in np.atleast_1d(weight_decay)]
     if not wds or not all(np.isfinite(w) and w >= 0 for w in wds):
-        raise ValueError(f"weight_decay must be >= 0 (or a non-empty sequence of such); "
+        raise UserError(f"weight_decay must be >= 0 (or a non-empty sequence of such); "
                          f"got {weight_decay!r}.")
     fit = dict(num_classes=num_classes, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                standardize=standardize)
@@ -291,3 +210,17 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
     train_views: augmented copies of train_x, (N, D) each. Returns that stage's record."""
     return train_linear_probes({"x": train_x}, train_y, {"x": test_x}, test_y,
                                train_views=[{"x": v} for v in train_views], **kwargs)["x"]
+
+
+def evaluate(inputs, settings: dict) -> dict[str, dict]:
+    """The "linear" evaluator (eval/evaluators.py): inputs an evaluators.Inputs,
+    settings config.eval.linear. Every stage's probe trains in one run, on the
+    augmented train views that settings["augment"] asks for (none by default).
+    -> {stage: {"top1", "top5", "train_top1", "objective", "weight_decay"}}."""
+    settings = dict(settings)
+    views = inputs.train_views(settings.pop("augment"))
+    out = train_linear_probes(inputs.train, inputs.train_y, inputs.test, inputs.test_y,
+                              num_classes=inputs.num_classes, seed=inputs.seed,
+                              train_views=views, **settings)
+    return {n: {k: r[k] for k in ("top1", "top5", "train_top1", "objective", "weight_decay")}
+            for n, r in out.items()}

@@ -18,7 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ssl_jax.eval.linear import check_inputs, train_linear_probe
+from ssl_jax.errors import UserError
+from ssl_jax.eval.linear import train_linear_probe
+from ssl_jax.eval.probe import check_inputs
 
 SHOTS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -41,7 +43,7 @@ def lowshot(train_x, train_y, test_x, test_y, *, num_classes: int,
      "top1", "top5": mean top-1 / top-5 at the largest k (what tables show)}."""
     train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
     if not shots or min(shots) < 1 or not seeds:
-        raise ValueError(f"need shots >= 1 and at least one seed; got {shots}, {seeds}.")
+        raise UserError(f"need shots >= 1 and at least one seed; got {shots}, {seeds}.")
     per_k, top5 = {}, {}
     for k in sorted(shots):
         runs = []
@@ -56,3 +58,21 @@ def lowshot(train_x, train_y, test_x, test_y, *, num_classes: int,
         top5[int(k)] = float(np.mean([r["top5"] for r in runs]))
     k_max = max(per_k)
     return {"per_k": per_k, "top1": per_k[k_max]["mean"], "top5": top5[k_max]}
+
+
+def evaluate(inputs, settings: dict) -> dict[str, dict]:
+    """The "lowshot" evaluator (eval/evaluators.py): inputs an evaluators.Inputs,
+    settings config.eval.lowshot (its own seeds). -> {stage: {"top1", "top5":
+    at the largest k, "per_k": {k: {"mean", "std", "top1"}}}}."""
+    out = {}
+    for n in inputs.train:
+        r = lowshot(inputs.train[n], inputs.train_y, inputs.test[n], inputs.test_y,
+                    num_classes=inputs.num_classes, **settings)
+        out[n] = {"top1": r["top1"], "top5": r["top5"], "per_k": r["per_k"]}
+    return out
+
+
+def curve(stage_record: dict) -> list[str]:
+    """A stage's whole low-shot curve, one printed line: "k=1: 31.50±2.25  k=2: ..."."""
+    return ["  ".join(f"k={k}: {v['mean']:.2f}±{v['std']:.2f}"
+                      for k, v in stage_record["per_k"].items())]

@@ -6,22 +6,23 @@ non-linear classifier on frozen conv-block features (its CIFAR-10 table
 reports this probe next to the linear one). Our conv-block features arrive
 globally average-pooled (eval/features.py), so the first layer sees (N, D).
 
-Training mirrors eval/linear.py: standardised inputs, minibatch SGD with
-Nesterov momentum and a cosine schedule, an L2 penalty on the weight matrices
-(not biases, not BN), one jitted `lax.scan` per epoch over a permutation keyed
-by `fold_in(key(seed), epoch)`: a deterministic function of inputs and seed.
+Training is eval/linear.py's (eval/probe.py): standardised inputs, minibatch
+SGD with Nesterov momentum and a cosine schedule, an L2 penalty on the weight
+matrices (not biases, not BN), one jitted `lax.scan` per epoch over a
+permutation keyed by `fold_in(key, epoch)`: a deterministic function of inputs
+and seed.
 BN uses batch statistics in training and running averages (momentum 0.9) at test.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssl_jax.eval.linear import check_inputs, standardizer
+from ssl_jax.errors import UserError
+from ssl_jax.eval import probe
+from ssl_jax.eval.probe import check_inputs, standardizer
 
 BN_MOMENTUM, BN_EPS = 0.9, 1e-5
 
@@ -59,48 +60,18 @@ def apply(params: dict, stats: dict, x: jax.Array, train: bool) -> tuple[jax.Arr
     return x @ params["w2"] + params["b2"], new
 
 
-def _loss(params, stats, x, y, wd):
+def _loss(params, stats, batch, wd):
+    """-> (mean cross-entropy + 0.5 * wd * |W|^2 of batch (x (B, D), y (B,)), new batch_stats)."""
+    x, y = batch
     logits, new_stats = apply(params, stats, x, train=True)
     ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     l2 = 0.5 * wd * sum(jnp.sum(jnp.square(params[f"w{i}"])) for i in range(3))
     return ce + l2, new_stats
 
 
-def _optimizer(lr: float, total_steps: int) -> optax.GradientTransformation:
-    return optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=0.9, nesterov=True)
-
-
-@functools.partial(jax.jit, static_argnames=("lr", "total_steps", "batch_size"))
-def _epoch(params, stats, opt_state, key, x, y, wd, *, lr: float, total_steps: int,
-           batch_size: int):
-    """One epoch over a permutation of x (N, D), y (N,) -> (params, stats, opt_state)."""
-    tx = _optimizer(lr, total_steps)
-    steps = x.shape[0] // batch_size
-    order = jax.random.permutation(key, x.shape[0])[:steps * batch_size]
-
-    def step(carry, idx):
-        params, stats, opt_state = carry
-        grads, stats = jax.grad(_loss, has_aux=True)(params, stats, x[idx], y[idx], wd)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), stats, opt_state), None
-
-    return jax.lax.scan(step, (params, stats, opt_state), order.reshape(steps, batch_size))[0]
-
-
-@jax.jit
-def _topk_correct(params, stats, x, y):
-    """-> (2,) int32: rows of x (standardised) correct at top-1 and top-5."""
-    logits, _ = apply(params, stats, x, train=False)
-    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
-    hit = top == y[:, None]
-    return jnp.stack([jnp.sum(hit[:, 0]), jnp.sum(jnp.any(hit, axis=1))])
-
-
-def _accuracy(params, stats, x, y, chunk: int = 16384) -> np.ndarray:
-    correct = sum(np.asarray(_topk_correct(params, stats, jnp.asarray(x[i:i + chunk]),
-                                           jnp.asarray(y[i:i + chunk])), np.int64)
-                  for i in range(0, len(x), chunk))
-    return 100.0 * correct / len(x)
+def _eval_logits(model, x):
+    """model: (params, batch_stats); x: (N, D) standardised -> (N, C), BN in eval mode."""
+    return apply(*model, x, train=False)[0]
 
 
 def train_mlp_probe(train_x, train_y, test_x, test_y, *, num_classes: int, hidden: int = 200,
@@ -114,22 +85,29 @@ def train_mlp_probe(train_x, train_y, test_x, test_y, *, num_classes: int, hidde
     """
     train_x, train_y, test_x, test_y = check_inputs(train_x, train_y, test_x, test_y, num_classes)
     if epochs < 1 or batch_size < 2 or hidden < 1 or not lr > 0 or not weight_decay >= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 2 (BN needs a batch), hidden >= 1, "
+        raise UserError(f"need epochs >= 1, batch_size >= 2 (BN needs a batch), hidden >= 1, "
                          f"lr > 0, weight_decay >= 0; got {epochs}, {batch_size}, {hidden}, "
                          f"{lr}, {weight_decay}.")
     x = jnp.asarray(train_x, jnp.float32)
     mean, inv_std = jax.jit(standardizer)(x)
     x = (x - mean) * inv_std
     xte = (jnp.asarray(test_x, jnp.float32) - mean) * inv_std
-    bs = min(batch_size, len(x))
-    hyper = dict(lr=float(lr), total_steps=max(epochs * (len(x) // bs), 1), batch_size=bs)
     init_key, key = jax.random.split(jax.random.key(seed))
     params, stats = init(init_key, x.shape[1], hidden, num_classes)
-    opt_state = _optimizer(hyper["lr"], hyper["total_steps"]).init(params)
     y, wd = jnp.asarray(train_y), jnp.float32(weight_decay)
-    for e in range(epochs):
-        params, stats, opt_state = _epoch(params, stats, opt_state, jax.random.fold_in(key, e),
-                                          x, y, wd, **hyper)
-    test_acc = _accuracy(params, stats, np.asarray(xte), test_y)
+    model = probe.train(_loss, params, stats, [(x, y)], wd, key, epochs=epochs,
+                        batch_size=batch_size, lr=lr)
+    test_acc = probe.accuracy(_eval_logits, model, np.asarray(xte), test_y)
     return {"top1": float(test_acc[0]), "top5": float(test_acc[1]),
-            "train_top1": float(_accuracy(params, stats, np.asarray(x), train_y)[0])}
+            "train_top1": float(probe.accuracy(_eval_logits, model, np.asarray(x), train_y)[0])}
+
+
+def evaluate(inputs, settings: dict) -> dict[str, dict]:
+    """The "mlp" evaluator (eval/evaluators.py): inputs an evaluators.Inputs,
+    settings config.eval.mlp. -> {stage: {"top1", "top5"}}, one probe per stage."""
+    out = {}
+    for n in inputs.train:
+        r = train_mlp_probe(inputs.train[n], inputs.train_y, inputs.test[n], inputs.test_y,
+                            num_classes=inputs.num_classes, seed=inputs.seed, **settings)
+        out[n] = {"top1": float(r["top1"]), "top5": float(r["top5"])}
+    return out

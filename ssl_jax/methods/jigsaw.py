@@ -1,6 +1,6 @@
 """Jigsaw (Noroozi & Favaro 2016): solve 3x3 puzzles made from the image.
 
-Each image gives 9 tiles (ssl_jax/jigsaw.py), shuffled by one of P fixed
+Each image gives 9 tiles (ssl_jax/views/jigsaw.py), shuffled by one of P fixed
 permutations of maximal Hamming distance; the network predicts which:
 
   tiles (B, 9, t, t, C) -> (B*9, t, t, C), one image's tiles adjacent
@@ -27,9 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import jigsaw as puzzle
-from ssl_jax import losses, models
-from ssl_jax.methods import network
+from ssl_jax import errors, losses, models
+from ssl_jax.methods import base, network
+from ssl_jax.views import jigsaw as puzzle
 
 
 class JigsawHead(nn.Module):
@@ -69,9 +69,9 @@ def perms(config):
     return puzzle.permutations(config.jigsaw.num_perms, config.jigsaw.perm_seed)
 
 
-def check(config, global_batch: int) -> None:
+def check(config, spec, mesh) -> None:
     """Raises before compiling on impossible tiles; computes (and caches) the permutations."""
-    del global_batch
+    del spec, mesh
     puzzle.tile_geometry(tile_config(config))
     perms(config)
 
@@ -87,14 +87,15 @@ def _flat(tiles):
     return tiles.reshape((-1,) + tiles.shape[2:])   # (B, 9, ...) -> (B*9, ...), tiles adjacent
 
 
-def init(rng, views, config):
+def init(rng, views, config, spec):
+    del spec
     tiles = _flat(views["tiles"])
     net = _net(config)
     # A final map with no pixels would pool to NaN: say so instead of training on it.
     final = jax.eval_shape(lambda x: net.encoder.init_with_output(rng, x, train=False)[0],
                            tiles[:1])[net.stage]
     if 0 in final.shape[1:3]:
-        raise ValueError(
+        raise errors.UserError(
             f"{config.model.name} maps {tiles.shape[1]}x{tiles.shape[2]} px tiles to an empty "
             f"{net.stage} ({final.shape[1]}x{final.shape[2]}): raise config.jigsaw.tiles.tile_size "
             "(or tile_side / crop_size), or use an encoder with fewer downsampling stages.")
@@ -102,12 +103,13 @@ def init(rng, views, config):
     return params, {"batch_stats": batch_stats}
 
 
-def loss(params, state, views, indices, rng, config):
-    """Returns (loss, (metrics, new_state)); indices and rng are unused."""
-    del indices, rng
+def loss(params, state, views, batch, rng, config, spec):
+    """Returns (loss, (metrics, new_state)); batch and rng are unused."""
+    del batch, rng, spec
     _, logits, batch_stats = network.apply(_net(config), params, state["batch_stats"],
                                            _flat(views["tiles"]), train=True)
-    labels = views["perm_index"]
-    value = jnp.mean(losses.cross_entropy(logits, labels))
-    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    value, acc = losses.classification(logits, views["perm_index"])
     return value, ({"perm_acc": acc}, {"batch_stats": batch_stats})
+
+
+METHOD = base.Method(views=views, init=init, loss=loss, check=check)

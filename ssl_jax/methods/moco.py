@@ -17,20 +17,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import augment, losses, parallel
-from ssl_jax.methods import network
+from ssl_jax import errors, losses, parallel
+from ssl_jax.methods import base, network
+from ssl_jax.views import augment
 
 
-def check(config, global_batch: int) -> None:
+def check(config, spec, mesh) -> None:
     """Raises before compiling when the queue or BN groups cannot work."""
-    m = config.moco
+    del spec, mesh
+    m, global_batch = config.moco, config.batch_size
     if m.queue_size % global_batch:
-        raise ValueError(
+        raise errors.UserError(
             f"config.moco.queue_size={m.queue_size} is not divisible by the global batch "
             f"size {global_batch}: the queue is filled a whole batch at a time. Use a "
             f"multiple, e.g. {max(1, m.queue_size // global_batch) * global_batch}.")
     if global_batch % m.bn_groups:
-        raise ValueError(f"config.batch_size={global_batch} is not divisible by "
+        raise errors.UserError(f"config.batch_size={global_batch} is not divisible by "
                          f"config.moco.bn_groups={m.bn_groups}.")
 
 
@@ -46,7 +48,8 @@ def _net(config):
     return network.make_network(config, bn_groups=config.moco.bn_groups)
 
 
-def init(rng, views, config):
+def init(rng, views, config, spec):
+    del spec
     r_net, r_queue = jax.random.split(rng)
     params, batch_stats = network.init(_net(config), r_net, views["query"])
     queue = losses.l2_normalize(
@@ -57,10 +60,10 @@ def init(rng, views, config):
     return params, state
 
 
-def loss(params, state, views, indices, rng, config):
+def loss(params, state, views, batch, rng, config, spec):
     """Returns (loss, (metrics, new_state)); new_state holds the moved key encoder
     and the queue with this global batch's keys enqueued (oldest replaced)."""
-    del indices
+    del batch, spec
     m, net = config.moco, _net(config)
     _, q, batch_stats = network.apply(net, params, state["batch_stats"], views["query"])
 
@@ -83,3 +86,6 @@ def loss(params, state, views, indices, rng, config):
                  "key_batch_stats": key_batch_stats, "queue": queue,
                  "queue_ptr": (ptr + b) % m.queue_size}
     return value, (metrics, new_state)
+
+
+METHOD = base.Method(views=views, init=init, loss=loss, check=check)

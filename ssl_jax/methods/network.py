@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import models
+from ssl_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -31,7 +32,7 @@ def make_encoder(model_cfg, bn_groups: int | None = None) -> nn.Module:
     kwargs = encoder_kwargs(model_cfg)
     if "dtype" in kwargs:
         if kwargs["dtype"] not in DTYPES:
-            raise ValueError(f"config.model.dtype={kwargs['dtype']!r}: use one of {sorted(DTYPES)}.")
+            raise UserError(f"config.model.dtype={kwargs['dtype']!r}: use one of {sorted(DTYPES)}.")
         kwargs["dtype"] = DTYPES[kwargs["dtype"]]
     if bn_groups is not None:
         kwargs["bn_groups"] = bn_groups

@@ -21,9 +21,11 @@ code draws K per example: the same expected loss; sharing makes the lookup
 K x D instead of B x K x D, which is what lets K = 32000 fit). They come from
 the step's key alone, so they are the same on any number of devices.
 
-config.memory: size (N, the train split's size; `check` verifies it), pad_to,
-momentum, negatives (K), temperature, loss, init ("random" as the papers, or
-"encoder": `warm_start` fills the bank with the initial encoder's embeddings).
+The bank has one row per training image, N = spec.num_examples (read from the
+prepared dataset by the setup layer), addressed by the batch's dataset indices.
+config.memory: pad_to, momentum, negatives (K), temperature, loss, init
+("random" as the papers, or "encoder": the warm start fills the bank with the
+initial network's embeddings).
 config.pirl: jigsaw_weight, num_permutations, tiles (jigsaw.tile_view_config
 fields). config.aug: the image view.
 """
@@ -33,10 +35,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import augment, jigsaw, losses, memory, models, parallel
-from ssl_jax.data import pipeline
-from ssl_jax.eval import features
-from ssl_jax.methods import network
+from ssl_jax import errors, losses, models, parallel
+from ssl_jax.methods import base, memory, network
+from ssl_jax.views import augment, jigsaw
 
 LOSSES = ("nce", "infonce")
 BANK_INITS = ("random", "encoder")
@@ -53,28 +54,22 @@ def _branches(config) -> dict[str, float]:
     return {k: w for k, w in (("image", 1.0 - lam), ("jigsaw", lam)) if w > 0}
 
 
-def check(config, global_batch: int) -> None:
-    """Raises before compiling when the bank cannot match the data or the mesh."""
-    del global_batch
+def check(config, spec, mesh) -> None:
+    """Raises before compiling when the bank cannot match the mesh."""
     m = config.memory
     if m.loss not in LOSSES:
-        raise ValueError(f"config.memory.loss={m.loss!r}: use one of {LOSSES}.")
+        raise errors.UserError(f"config.memory.loss={m.loss!r}: use one of {LOSSES}.")
     if m.get("init", "random") not in BANK_INITS:
-        raise ValueError(f"config.memory.init={m.init!r}: use one of {BANK_INITS}.")
+        raise errors.UserError(f"config.memory.init={m.init!r}: use one of {BANK_INITS}.")
     if not 0.0 <= jigsaw_weight(config) <= 1.0:
-        raise ValueError(f"config.pirl.jigsaw_weight={jigsaw_weight(config)} is not in [0, 1].")
-    # The bank has one row per training image, addressed by dataset index: a
-    # wrong size would silently drop updates (too small) or sample never-seen rows.
-    n = len(pipeline.open_source(config.dataset, config.train_split, config.data_dir,
-                                 memory_limit=0))  # lazy: only the length is read
-    if m.size != n:
-        raise ValueError(f"config.memory.size={m.size} but {config.dataset} "
-                         f"{config.train_split!r} has {n} examples: pass --config.memory.size={n}.")
-    rows, devices = memory.padded_size(m.size, m.pad_to), jax.device_count()
+        raise errors.UserError(
+            f"config.pirl.jigsaw_weight={jigsaw_weight(config)} is not in [0, 1].")
+    rows, devices = memory.padded_size(spec.num_examples, m.pad_to), mesh.devices.size
     if rows % devices:
-        raise ValueError(f"The memory bank's {rows} rows (config.memory.size rounded up to "
-                         f"config.memory.pad_to={m.pad_to}) do not split over {devices} devices: "
-                         f"set config.memory.pad_to to a multiple of {devices}.")
+        raise errors.UserError(
+            f"The memory bank's {rows} rows ({spec.num_examples} train images rounded up to "
+            f"config.memory.pad_to={m.pad_to}) do not split over {devices} devices: set "
+            f"config.memory.pad_to to a multiple of {devices}.")
 
 
 # ---------------------------------------------------------------- views
@@ -137,59 +132,53 @@ def _net(config) -> PirlNetwork:
                        dim=h.dim, hidden=h.hidden, layers=h.layers)
 
 
-def init(rng, views, config):
-    """-> (params, state): state holds BN statistics, the bank (memory.size
-    padded, head.dim) and, for NCE, log Z per branch (-inf: estimated on the
-    first step)."""
+def init(rng, views, config, spec):
+    """-> (params, state): state holds BN statistics, the bank (spec.num_examples
+    rows padded to memory.pad_to, head.dim) and, for NCE, log Z per branch (-inf:
+    estimated on the first step)."""
     r_net, r_bank = jax.random.split(rng)
     net = _net(config)
     variables = jax.jit(lambda r, x, t: net.init(r, x, t, train=True))(
         r_net, views["image"], views.get("tiles"))
     m = config.memory
     state = {"batch_stats": variables.get("batch_stats", {}),
-             "bank": memory.init(r_bank, m.size, config.head.dim, m.pad_to),
+             "bank": memory.init(r_bank, spec.num_examples, config.head.dim, m.pad_to),
              "log_z": {k: jnp.full((), -jnp.inf, jnp.float32) for k in _branches(config)
                        if m.loss == "nce"}}
     return variables["params"], state
 
 
-def warm_start(params, state, source, config, mesh):
-    """With config.memory.init="encoder", the bank's rows start as the initial
-    network's embeddings f(x_i) of every training image (deterministic eval view
-    of config.aug, BN on batch statistics as in training, which are not kept);
-    with "random" (the papers) `state` is returned as it is. The train loop calls
-    this once, at step 0, never on resume.
+# ---------------------------------------------------------------- warm start
+# With config.memory.init="encoder", the bank's rows start as the initial
+# network's embeddings f(x_i) of every training image (the eval view, BN on
+# batch statistics as in training, which are not kept); with "random" (the
+# papers) the bank keeps its random rows. The setup layer runs `_embed` over the
+# train split at step 0 (never on resume) and writes each batch with `_write`.
+#
+# Why: a row becomes its image's embedding only when the image is first
+# visited, so through the whole first epoch every positive is a random vector
+# and the loss teaches noise. At 200 epochs that is 0.5% of the run; at the few
+# epochs a CPU affords it is the run (Fashion-MNIST, 1 epoch, random rows:
+# linear probe 51% against 84% for the untrained encoder).
 
-    Why: a row becomes its image's embedding only when the image is first
-    visited, so through the whole first epoch every positive is a random vector
-    and the loss teaches noise. At 200 epochs that is 0.5% of the run; at the
-    few epochs a CPU affords it is the run (Fashion-MNIST, 1 epoch, random
-    rows: linear probe 51% against 84% for the untrained encoder). Costs one
-    forward pass over the split; the rows are written with memory.update at
-    momentum 0, sharded as in training. state["bank"] is donated.
-    """
-    if config.memory.get("init", "random") == "random":
-        return state
-    net = _net(config)
-    view_cfg = features.eval_view_config(config)
+def _warm_start_wanted(config) -> bool:
+    return config.memory.get("init", "random") == "encoder"
+
+
+def _embed(params, state, x, config):
+    """x: (B, h, w, C) eval views -> f(x) (B, dim) float32, BN on the batch's statistics."""
+    (_, f, _), _ = _net(config).apply({"params": params, "batch_stats": state["batch_stats"]},
+                                      x, None, train=True, mutable=["batch_stats"])
+    return f
+
+
+def _write(state, index, values, config, spec):
+    """Rows `index` (B,) of the bank set to values (B, D), L2-normalised (momentum 0);
+    index -1 (padding of the last batch) is dropped."""
+    del config, spec
     set_rows = lambda bank, i, v, axis_name: memory.update(bank, i, v, 0.0, axis_name)
-
-    def fill(params, batch_stats, bank, images, index):
-        x = augment.batch_views(jax.random.key(0), images, view_cfg)
-        (_, f, _), _ = net.apply({"params": params, "batch_stats": batch_stats}, x, None,
-                                 train=True, mutable=["batch_stats"])
-        # Padding rows of the last batch carry index -1: update drops them.
-        return parallel.on_shards(set_rows, (True, True, True), batch_out=True)(bank, index, f)
-
-    repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    bank_sh = state["bank"].sharding
-    fn = jax.jit(fill, in_shardings=(repl, repl, bank_sh, shard, shard), out_shardings=bank_sh,
-                 donate_argnums=2)
-    bank = state["bank"]
-    for batch in pipeline.eval_batches(source, config.batch_size, jax.process_index(),
-                                       jax.process_count()):
-        batch = parallel.global_batch({"image": batch["image"], "index": batch["index"]}, mesh)
-        bank = fn(params, state["batch_stats"], bank, batch["image"], batch["index"])
+    bank = parallel.on_shards(set_rows, (True, True, True), batch_out=True)(
+        state["bank"], index, values)
     return dict(state, bank=bank)
 
 
@@ -202,27 +191,28 @@ def state_sharding(shapes, mesh):
 
 # ---------------------------------------------------------------- loss
 
-def _contrast(z, pos, neg, log_z, config):
+def _contrast(z, pos, neg, log_z, config, num_data: int):
     """One term L(m_I, z) -> (loss, metrics); with NCE metrics["log_z"] is the
     log Z to keep (log_z: the stored one, -inf before the first step)."""
     m = config.memory
     if m.loss == "nce":
-        fn = lambda z_, p, u, lz, axis_name: losses.nce(z_, p, u, m.temperature, m.size, lz, axis_name)
+        fn = lambda z_, p, u, lz, axis_name: losses.nce(z_, p, u, m.temperature, num_data, lz, axis_name)
         return parallel.on_shards(fn, (True, True, False, False))(z, pos, neg, log_z)
     # InfoNCE: MoCo's loss, the memory row as the positive key, the negatives as its queue.
     fn = lambda z_, p, u, axis_name: losses.info_nce_queue(z_, p, u, m.temperature, axis_name)
     return parallel.on_shards(fn, (True, True, False))(z, pos, neg)
 
 
-def loss(params, state, views, indices, rng, config):
-    """indices: (B,) dataset indices of the batch (< config.memory.size).
+def loss(params, state, views, batch, rng, config, spec):
+    """batch["index"]: (B,) dataset indices of the batch (< spec.num_examples).
     Returns (loss, (metrics, new_state)); new_state has the moved bank rows."""
-    m, net = config.memory, _net(config)
+    m, net, n = config.memory, _net(config), spec.num_examples
+    indices = batch["index"]
     (_, f, g), updates = net.apply({"params": params, "batch_stats": state["batch_stats"]},
                                    views["image"], views.get("tiles"), train=True,
                                    mutable=["batch_stats"])
     b = f.shape[0]
-    negatives = memory.sample_negatives(rng, m.negatives, m.size)
+    negatives = memory.sample_negatives(rng, m.negatives, n)
     # One lookup for positives and negatives: a single psum over the sharded bank.
     rows = parallel.on_shards(memory.lookup, (True, False))(
         state["bank"], jnp.concatenate([indices.astype(jnp.int32), negatives]))
@@ -231,7 +221,7 @@ def loss(params, state, views, indices, rng, config):
     value, metrics, log_z = 0.0, {}, {}
     for branch, weight in _branches(config).items():
         term, mt = _contrast(f if branch == "image" else g, pos, neg,
-                             state["log_z"].get(branch), config)
+                             state["log_z"].get(branch), config, n)
         value = value + weight * term
         if "log_z" in mt:
             log_z[branch] = mt["log_z"] = jax.lax.stop_gradient(mt["log_z"])
@@ -242,3 +232,8 @@ def loss(params, state, views, indices, rng, config):
         state["bank"], indices.astype(jnp.int32), f)
     new_state = {"batch_stats": updates["batch_stats"], "bank": bank, "log_z": log_z}
     return value, (metrics, new_state)
+
+
+METHOD = base.Method(
+    views=views, init=init, loss=loss, check=check, state_sharding=state_sharding,
+    warm_start=base.WarmStart(wanted=_warm_start_wanted, embed=_embed, write=_write))

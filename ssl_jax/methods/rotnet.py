@@ -7,7 +7,7 @@ four rotations in the same batch, which the paper found better than one random
 rotation per image. A linear classifier on the globally average-pooled final
 encoder stage predicts the rotation; the loss is its cross-entropy.
 
-config.aug: the view config (augment.py); `view_config` fills in RotNet's
+config.aug: the view config (views/augment.py); `view_config` fills in RotNet's
 light recipe. BN under jit over the global batch (all 4B rotated images) is
 synchronised across devices, so loss and gradients do not depend on the
 device count.
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ssl_jax import augment, losses, models
-from ssl_jax.methods import network
+from ssl_jax import errors, losses, models
+from ssl_jax.methods import base, network
+from ssl_jax.views import augment
 
 NUM_ROTATIONS = 4
 
@@ -33,7 +34,7 @@ def view_config(config) -> dict:
 
 def views(rng, images, config) -> dict:
     """images: (B, H, W, C) uint8, H == W ->
-    {"image": (4B, h, w, C) float32, "label": (4B,) int32 rotation index k
+    {"image": (4B, h, w, C) float32, "rotation": (4B,) int32 rotation index k
     (k * 90 degrees counter-clockwise)}.
 
     Rows 4i .. 4i+3 are image i rotated by k = 0, 1, 2, 3: interleaved, not
@@ -42,12 +43,12 @@ def views(rng, images, config) -> dict:
     x = augment.batch_views(rng, images, view_config(config))        # (B, h, w, C)
     b, h, w = x.shape[:3]
     if h != w:
-        raise ValueError(f"RotNet needs square views to rotate them in one batch, got {h}x{w}: "
+        raise errors.UserError(f"RotNet needs square views to rotate them in one batch, got {h}x{w}: "
                          "set config.aug.crop_size to a square size.")
     # Static k: four cheap transposes/reversals of the whole batch, no per-example switch.
     rotated = jnp.stack([jnp.rot90(x, k, axes=(1, 2)) for k in range(NUM_ROTATIONS)], axis=1)
     return {"image": rotated.reshape((b * NUM_ROTATIONS,) + x.shape[1:]),
-            "label": jnp.tile(jnp.arange(NUM_ROTATIONS, dtype=jnp.int32), b)}
+            "rotation": jnp.tile(jnp.arange(NUM_ROTATIONS, dtype=jnp.int32), b)}
 
 
 def _net(config) -> network.EncoderHead:
@@ -56,22 +57,24 @@ def _net(config) -> network.EncoderHead:
                                stage=network.final_stage(config.model))
 
 
-def init(rng, views, config):
+def init(rng, views, config, spec):
     """-> (params {"encoder", "head"}, state {"batch_stats": {"encoder": ...}})."""
+    del spec
     params, batch_stats = network.init(_net(config), rng, views["image"])
     return params, {"batch_stats": batch_stats}
 
 
-def loss(params, state, views, indices, rng, config):
+def loss(params, state, views, batch, rng, config, spec):
     """Mean rotation cross-entropy over the 4B rotated images of the global batch.
 
-    Returns (loss, (metrics {"rot_acc"}, new_state)). indices and rng are unused.
+    Returns (loss, (metrics {"rot_acc"}, new_state)). batch and rng are unused.
     A plain mean under jit is already global: no per-shard function needed.
     """
-    del indices, rng
+    del batch, rng, spec
     _, logits, batch_stats = network.apply(_net(config), params, state["batch_stats"],
                                            views["image"], train=True)     # (4B, 4)
-    labels = views["label"]
-    value = jnp.mean(losses.cross_entropy(logits, labels))
-    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    value, acc = losses.classification(logits, views["rotation"])
     return value, ({"rot_acc": acc}, {"batch_stats": batch_stats})
+
+
+METHOD = base.Method(views=views, init=init, loss=loss)

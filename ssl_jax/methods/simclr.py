@@ -1,7 +1,7 @@
 """SimCLR (Chen et al. 2020): two augmented views, one encoder + MLP head,
 NT-Xent with the negatives of the whole global batch.
 
-config.simclr.temperature; config.aug: the view recipe (augment.py).
+config.simclr.temperature; config.aug: the view recipe (views/augment.py).
 BN under jit over the global batch is synchronised across devices, as SimCLR's
 TPU implementation does (it matters: per-device BN lets the model cheat).
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import augment, losses, parallel
-from ssl_jax.methods import network
+from ssl_jax import losses, parallel
+from ssl_jax.methods import base, network
+from ssl_jax.views import augment
 
 
 def views(rng, images, config) -> dict:
@@ -26,14 +27,15 @@ def augment_config(config):
     return augment.simclr_view_config(**config.aug.to_dict())
 
 
-def init(rng, views, config):
+def init(rng, views, config, spec):
+    del spec
     params, batch_stats = network.init(network.make_network(config), rng, views["view1"])
     return params, {"batch_stats": batch_stats}
 
 
-def loss(params, state, views, indices, rng, config):
-    """Returns (loss, (metrics, new_state)). indices are unused (no memory bank)."""
-    del indices, rng
+def loss(params, state, views, batch, rng, config, spec):
+    """Returns (loss, (metrics, new_state)); batch and rng are unused (no memory bank)."""
+    del batch, rng, spec
     net = network.make_network(config)
     # Both views in one forward pass: BN statistics then cover all 2B images,
     # and the encoder runs once on a larger batch (faster than twice).
@@ -47,3 +49,6 @@ def loss(params, state, views, indices, rng, config):
         lambda a, b, axis_name: losses.nt_xent(a, b, config.simclr.temperature, axis_name),
         batch_args=(True, True))(z1, z2)
     return value, (metrics, {"batch_stats": batch_stats})
+
+
+METHOD = base.Method(views=views, init=init, loss=loss)

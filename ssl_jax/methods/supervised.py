@@ -5,24 +5,23 @@ self-supervised ones (how far is each pretext from using the labels?). One
 view per image (config.aug: random resized crop and flip by default, no colour
 ops), a linear classifier on the globally average-pooled final stage.
 
-The loop hands a method the labels only when it asks (`USES_LABELS`), so no
-self-supervised method can read them by accident.
+The loop hands a method the labels only when it asks (`uses_labels`), so no
+self-supervised method can read them by accident. The number of classes comes
+from the prepared dataset (spec.num_classes), not from the config.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
+from ssl_jax import errors, losses, models
+from ssl_jax.methods import base, network
+from ssl_jax.views import augment
 
-from ssl_jax import augment, losses, models
-from ssl_jax.methods import network
-
-USES_LABELS = True
-
-
-def check(config, global_batch: int) -> None:
-    del global_batch
-    if config.supervised.num_classes < 2:
-        raise ValueError(f"config.supervised.num_classes={config.supervised.num_classes}: "
-                         "set it to the dataset's number of classes.")
+def check(config, spec, mesh) -> None:
+    del mesh
+    if not spec.num_classes or spec.num_classes < 2:
+        raise errors.UserError(
+            f"The supervised reference needs labels, and {config.dataset} has "
+            f"{'no label feature with a class count' if not spec.num_classes else 'one class'}: "
+            "train it on a labelled dataset.")
 
 
 def views(rng, images, config) -> dict:
@@ -30,25 +29,26 @@ def views(rng, images, config) -> dict:
     return {"image": augment.batch_views(rng, images, config.aug)}
 
 
-def _net(config) -> network.EncoderHead:
+def _net(config, spec) -> network.EncoderHead:
     return network.EncoderHead(encoder=network.make_encoder(config.model),
-                               head=models.LinearHead(config.supervised.num_classes),
+                               head=models.LinearHead(spec.num_classes),
                                stage=network.final_stage(config.model))
 
 
-def init(rng, views, config):
+def init(rng, views, config, spec):
     """-> (params {"encoder", "head"}, state {"batch_stats": {"encoder": ...}})."""
-    params, batch_stats = network.init(_net(config), rng, views["image"])
+    params, batch_stats = network.init(_net(config, spec), rng, views["image"])
     return params, {"batch_stats": batch_stats}
 
 
-def loss(params, state, views, indices, rng, config):
-    """Mean cross-entropy of views["label"] (B,) int32 (added by the loop) over the
-    global batch -> (loss, ({"train_acc"}, new_state))."""
-    del indices, rng
-    _, logits, batch_stats = network.apply(_net(config), params, state["batch_stats"],
+def loss(params, state, views, batch, rng, config, spec):
+    """Mean cross-entropy of batch["label"] (B,) int32 over the global batch
+    -> (loss, ({"train_acc"}, new_state))."""
+    del rng
+    _, logits, batch_stats = network.apply(_net(config, spec), params, state["batch_stats"],
                                            views["image"], train=True)
-    labels = views["label"]
-    value = jnp.mean(losses.cross_entropy(logits, labels))
-    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    value, acc = losses.classification(logits, batch["label"])
     return value, ({"train_acc": acc}, {"batch_stats": batch_stats})
+
+
+METHOD = base.Method(views=views, init=init, loss=loss, check=check, uses_labels=True)

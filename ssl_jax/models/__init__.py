@@ -10,6 +10,7 @@ import functools
 
 import flax.linen as nn
 
+from ssl_jax.errors import UserError
 from ssl_jax.models.convnet import ConvNet
 from ssl_jax.models.heads import LinearHead, MLPHead
 from ssl_jax.models.nin import NIN
@@ -35,7 +36,7 @@ STAGES = {
 
 def _check(name: str):
     if name not in ENCODERS:
-        raise ValueError(f"Unknown encoder {name!r} (config.model.name); valid: {sorted(ENCODERS)}.")
+        raise UserError(f"Unknown encoder {name!r} (config.model.name); valid: {sorted(ENCODERS)}.")
 
 
 def make_encoder(name: str, **kwargs) -> nn.Module:
@@ -44,7 +45,7 @@ def make_encoder(name: str, **kwargs) -> nn.Module:
     try:
         return ENCODERS[name](**kwargs)
     except TypeError as e:
-        raise ValueError(f"config.model for {name!r}: {e}") from None
+        raise UserError(f"config.model for {name!r}: {e}") from None
 
 
 def stages(name: str, **kwargs) -> list[str]:

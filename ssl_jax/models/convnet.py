@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.errors import UserError
 from ssl_jax.models.conv import CONV_IMPLS
 from ssl_jax.models.norm import BatchNorm
 
@@ -45,7 +46,7 @@ class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.conv not in CONV_IMPLS:
-            raise ValueError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
+            raise UserError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
         x = x.astype(self.dtype)
         feats = {}
         for i, width in enumerate(self.widths):

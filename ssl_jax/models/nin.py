@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.errors import UserError
 from ssl_jax.models.conv import CONV_IMPLS
 from ssl_jax.models.norm import BatchNorm
 
@@ -88,9 +89,9 @@ class NIN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.num_blocks < 1:
-            raise ValueError(f"NIN num_blocks must be >= 1, got {self.num_blocks}.")
+            raise UserError(f"NIN num_blocks must be >= 1, got {self.num_blocks}.")
         if self.conv not in CONV_IMPLS:
-            raise ValueError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
+            raise UserError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
         x = x.astype(self.dtype)
         feats = {}
         for i in range(self.num_blocks):

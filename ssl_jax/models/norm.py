@@ -17,6 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.errors import UserError
+
 
 class BatchNorm(nn.Module):
     """x: (B, ..., C) -> same shape and x's dtype. Parameters scale/bias (C,), float32."""
@@ -38,7 +40,7 @@ class BatchNorm(nn.Module):
         if train:
             g = self.groups
             if x.shape[0] % g:
-                raise ValueError(f"BatchNorm groups={g} must divide the batch size {x.shape[0]}.")
+                raise UserError(f"BatchNorm groups={g} must divide the batch size {x.shape[0]}.")
             xf = x.astype(jnp.float32).reshape((g, x.shape[0] // g) + x.shape[1:])
             axes = tuple(range(1, xf.ndim - 1))
             mean = jnp.mean(xf, axes, keepdims=True)

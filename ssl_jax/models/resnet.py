@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssl_jax.errors import UserError
 from ssl_jax.models.conv import CONV_IMPLS
 from ssl_jax.models.norm import BatchNorm
 
@@ -70,11 +71,11 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.conv not in CONV_IMPLS:
-            raise ValueError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
+            raise UserError(f"conv={self.conv!r}: use one of {sorted(CONV_IMPLS)}.")
         if self.depth not in STAGE_SIZES:
-            raise ValueError(f"ResNet depth {self.depth}: use one of {sorted(STAGE_SIZES)}.")
+            raise UserError(f"ResNet depth {self.depth}: use one of {sorted(STAGE_SIZES)}.")
         if self.stem not in ("imagenet", "small"):
-            raise ValueError(f"ResNet stem {self.stem!r}: use 'imagenet' or 'small'.")
+            raise UserError(f"ResNet stem {self.stem!r}: use 'imagenet' or 'small'.")
         conv = lambda *a, **k: nn.Conv(*a, use_bias=False, padding="SAME", dtype=self.dtype,
                                        param_dtype=jnp.float32,
                                        kernel_init=nn.initializers.he_normal(),

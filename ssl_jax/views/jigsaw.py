@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssl_jax import augment
 from ssl_jax.config import nearest_keys
+from ssl_jax.errors import UserError
+from ssl_jax.views import augment, ops
 
 GRID = 3
 NUM_TILES = GRID * GRID
@@ -95,7 +96,7 @@ def permutations(num: int, seed: int = 0, cache_dir: str | None = None) -> np.nd
     every trace of a train step asks for it.
     """
     if not 1 <= num <= math.factorial(NUM_TILES):
-        raise ValueError(f"num_perms={num}: use 1..{math.factorial(NUM_TILES)} (9!).")
+        raise UserError(f"num_perms={num}: use 1..{math.factorial(NUM_TILES)} (9!).")
     path = os.path.join(cache_dir or CACHE_DIR, f"jigsaw_perms_v{_VERSION}_{num}_{seed}.npy")
     p = None
     if os.path.exists(path):
@@ -140,7 +141,7 @@ def tile_view_config(**overrides) -> ml_collections.ConfigDict:
     """
     unknown = [k for k in overrides if k not in augment.DEFAULTS and k not in TILE_DEFAULTS]
     if unknown:
-        raise KeyError(f"unknown tile config field {unknown[0]!r}."
+        raise UserError(f"unknown tile config field {unknown[0]!r}."
                        f"{nearest_keys(unknown[0], list(augment.DEFAULTS) + list(TILE_DEFAULTS))}")
     view = dict(crop_size=(255, 255), crop_scale=(0.6, 1.0), blur_p=0.0)
     view.update({k: v for k, v in overrides.items() if k in augment.DEFAULTS})
@@ -156,10 +157,10 @@ def tile_geometry(cfg) -> tuple[tuple[int, int], int, int]:
     cell = (crop_h // GRID, crop_w // GRID)
     side = cfg["tile_side"]
     if not 0 < side <= min(cell):
-        raise ValueError(f"tile_side={side} must be in 1..{min(cell)}: crop_size={tuple(cfg['crop_size'])} "
+        raise UserError(f"tile_side={side} must be in 1..{min(cell)}: crop_size={tuple(cfg['crop_size'])} "
                          f"gives {cell[0]}x{cell[1]} cells. Lower tile_side or raise crop_size.")
     if cfg["crop"] not in ("resized", "center"):
-        raise ValueError(f"tile config crop={cfg['crop']!r}: use 'resized' or 'center'.")
+        raise UserError(f"tile config crop={cfg['crop']!r}: use 'resized' or 'center'.")
     return cell, side, cfg["tile_size"] or side
 
 
@@ -180,9 +181,9 @@ def tiles(rng, image, cfg):
     k_crop, k_offset, k_aug = jax.random.split(rng, 3)
     crop_size = tuple(cfg["crop_size"])
     if cfg["crop"] == "resized":
-        crop = augment.random_resized_crop(k_crop, x, crop_size, cfg["crop_scale"], cfg["crop_ratio"])
+        crop = ops.random_resized_crop(k_crop, x, crop_size, cfg["crop_scale"], cfg["crop_ratio"])
     else:
-        crop = augment.center_crop_resize(x, crop_size, cfg["crop_frac"])
+        crop = ops.center_crop_resize(x, crop_size, cfg["crop_frac"])
 
     # Integer offsets inside the cells; pixels past 3 * cell (crop side not a
     # multiple of 3) are never used.
@@ -196,7 +197,7 @@ def tiles(rng, image, cfg):
     x0 = cols * cell_w + offset[:, 1]
     # crop_resize with an integer box of the output's size is an exact selection
     # (one-hot interpolation rows), and a resize when tile_size != tile_side.
-    cut = jax.vmap(lambda y, x_: augment.crop_resize(crop, (y, x_, side, side), (size, size)))
+    cut = jax.vmap(lambda y, x_: ops.crop_resize(crop, (y, x_, side, side), (size, size)))
     out = cut(y0.astype(jnp.float32), x0.astype(jnp.float32))          # (9, t, t, C)
 
     # Each tile its own flip / colour: the view ops with an identity centre crop.

@@ -1,0 +1,127 @@
+"""How the commands (train, evaluate, export) read their command line and speak
+to people: absl's app.run, one --config flag, and one-line errors.
+
+    cli.run(main)                      # flags only (export)
+    cli.run(main, config=cli.FILE)     # --config configs/x.py[:args] [--config.a.b=value ...]
+    cli.run(main, config=schema)       # only --config.a.b=value, of schema's fields (evaluate)
+
+--config.a.b=value is ml_collections' override flag, typed by the field it
+sets; there is no other path. Around it, two rules (ssl_jax/config.py): every
+key names a field, checked against the loaded config before ml_collections
+defines a flag per key (whose own error for a missing field is a traceback
+from inside flag parsing); and a length or interval given in one unit clears
+the preset's other units (config.clear_other_units). `schema` is a ConfigDict
+(or dict) of the fields a command may change in a stored config, with the types to
+parse them as (evaluate: the evaluators' defaults, {"eval": ...}); the values
+given are flags.FLAGS["config"].override_values.
+
+A UserError (ssl_jax/errors.py), or a command line absl or ml_collections
+refuses, prints one line, `error: <message>`, on stderr and exits with status
+2, before or while main runs. Any other exception is a crash: its traceback stays.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import NoReturn
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from ssl_jax import config as cfg_lib
+from ssl_jax.errors import UserError
+
+FILE = "file"  # config=FILE: --config names a config file
+EXIT_USAGE = 2  # the shell's convention for a command used wrongly (argparse's too)
+
+
+class _Refused(flags.Error):
+    """A UserError met inside absl's parsing of --config: raised as a flags.Error
+    because absl rewrites a ValueError as "flag --config=<the whole value>: ..."."""
+
+
+class _ConfigFile(flags.ArgumentParser):
+    """--config's parser, in place of ml_collections' own: the file loaded as
+    config.load_file loads it (the one way, shared with tests and benchmarks),
+    then every --config.a.b checked against it."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def flag_type(self):
+        return "config object"
+
+    def parse(self, spec):
+        try:
+            config = cfg_lib.load_file(spec)
+            for key in self.keys:
+                cfg_lib.check_override(config, key)
+        except UserError as e:
+            raise _Refused(str(e)) from None
+        except (TypeError, ValueError) as e:  # a bug in the config file, not the command
+            raise RuntimeError(f"--config {spec}: the config file failed") from e
+        config.lock()
+        return config
+
+
+def override_keys(argv, name: str = "config") -> list[str]:
+    """The dotted keys of --config.a.b=value (or --config.a.b value, --noconfig.a.b)
+    in argv, as ml_collections finds them."""
+    return [a.split("=", 1)[0].split(".", 1)[1]
+            for a in argv if re.match(rf"-{{1,2}}(no)?{name}\.", a)]
+
+
+def parse(argv, config=None, flag_values=flags.FLAGS):
+    """Defines --config (see the module docstring) and parses argv into
+    flag_values; -> the arguments left. Raises UserError or flags.Error."""
+    argv = flag_values.read_flags_from_files(argv, force_gnu=False)  # --flagfile
+    keys = override_keys(argv)
+    from_file = isinstance(config, str) and config == FILE
+    if from_file:
+        config_flags.DEFINE_config_file(
+            "config", None, "A config file and its arguments, configs/<method>.py[:key=value,"
+            "...]; then --config.a.b=value sets any field.", flag_values=flag_values,
+            sys_argv=argv)
+        flag_values["config"].parser = _ConfigFile(keys)
+        flags.mark_flag_as_required("config", flag_values=flag_values)
+    elif isinstance(config, (dict, ml_collections.ConfigDict)):
+        schema = ml_collections.ConfigDict(config)
+        for key in keys:
+            cfg_lib.check_override(schema, key, settable=tuple(schema.keys()))
+        config_flags.DEFINE_config_dict(
+            "config", schema, "Only --config.a.b=value: changes a field of the stored config, "
+            "typed as below (the default shown; the stored value is used unless changed).",
+            flag_values=flag_values, sys_argv=argv)
+    elif config is not None:
+        raise TypeError(f"config={config!r}: cli.FILE, a ConfigDict or dict, or None.")
+    if config is not None:  # the command's own flag, listed by its --helpshort
+        flag_values.register_key_flag_for_module(sys.argv[0], flag_values["config"])
+    rest = flag_values(argv)
+    if from_file:
+        cfg_lib.clear_other_units(flag_values.config, flag_values["config"].override_values)
+    return rest
+
+
+def _fail(e: Exception) -> NoReturn:
+    message = re.sub(r"\s*\n\s*", " ", str(e).strip())
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def run(main, config=None):
+    """app.run(main) with --config as `config` says (FILE, a schema ConfigDict
+    or dict, or None) and a UserError or refused flag as one line and exit status 2."""
+    def parse_or_fail(argv):
+        try:
+            return parse(argv, config)
+        except (UserError, flags.Error) as e:
+            _fail(e)
+
+    def main_or_fail(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            _fail(e)
+
+    app.run(main_or_fail, flags_parser=parse_or_fail)

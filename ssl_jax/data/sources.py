@@ -1,0 +1,262 @@
+"""Prepared TFDS datasets as random-access sources, and reading batches of records.
+
+    src = open_source("fashion_mnist", "train", data_dir)  # decoded in memory if small
+    batch = read_batch(src, [0, 5, 7])  # {"image": (3, H, W, C) uint8, "label", "index"}
+
+Nothing here knows a particular dataset: any TFDS dataset with `image` and
+`label` features prepared with file_format="array_record" (fashion_mnist,
+cifar10, imagenet2012, ...) reads the same way. A small split is decoded into
+memory once (`ArraySource`); a large one is read lazily, record by record
+(`CheckedSource`, which names an unreadable record or skips it).
+
+Records are read a batch of indices at a time: array_record's `__getitems__`
+on a list costs several times less per record than `__getitem__`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from PIL import Image
+
+from ssl_jax.errors import UserError
+
+MEMORY_LIMIT = 2 * 2**30  # decoded bytes; splits at most this big are held in memory
+_CHUNK = 1024  # records per read when decoding a split into memory
+
+
+class DatasetNotFoundError(UserError):
+    """The dataset is not prepared in the data directory."""
+
+
+class CorruptRecordError(UserError):
+    """A record of a prepared dataset cannot be read or decoded."""
+
+
+def default_data_dir() -> str:
+    """TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _prepared_builder(dataset: str, data_dir: str | None):
+    data_dir = data_dir or default_data_dir()
+    hint = (f"Dataset {dataset!r} is not prepared in {data_dir}. Prepare it with "
+            f"`python -m ssl_jax.data.prepare --dataset {dataset} --data_dir {data_dir}`.")
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DatasetNotFoundError(hint) from e
+    # A name TFDS knows gives a builder even with no files behind it; reading
+    # would then fail with a misleading file-format error.
+    if not builder.is_prepared():
+        folder = os.path.join(data_dir, dataset.split(":")[0])
+        others = sorted(v for v in (os.listdir(folder) if os.path.isdir(folder) else [])
+                        if v[:1].isdigit())
+        if others:
+            hint = (f"Dataset {dataset!r} version {builder.version} is not prepared in "
+                    f"{data_dir} (found version(s) {others} there, which this code does not "
+                    f"read). Prepare it with `python -m ssl_jax.data.prepare --dataset "
+                    f"{dataset} --data_dir {data_dir}`.")
+        raise DatasetNotFoundError(hint)
+    return builder, data_dir
+
+
+def dataset_info(dataset: str, data_dir: str | None = None) -> dict:
+    """What the prepared dataset's dataset_info.json says.
+
+    Returns {"num_examples": {split: int}, "image_shape": (H, W, C), None
+    where sizes vary, "num_classes": int, "class_names": [str]}; num_classes is
+    None (and class_names empty) for a dataset without labels or a label
+    feature without a class count: pretraining needs none, evaluators refuse.
+    """
+    info = _prepared_builder(dataset, data_dir)[0].info
+    label = info.features["label"] if "label" in info.features else None
+    num_classes = getattr(label, "num_classes", None)
+    return {
+        "num_examples": {name: split.num_examples for name, split in info.splits.items()},
+        "image_shape": tuple(info.features["image"].shape),
+        "num_classes": num_classes,
+        "class_names": list(label.names) if num_classes else [],
+    }
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+    """A split decoded into memory; a grain random-access source.
+
+    image: (N, H, W, C) uint8; label: (N,) int32; row i is record i of the split,
+    or record index[i] when `index` is given (corrupt records were skipped).
+    """
+    image: np.ndarray
+    label: np.ndarray
+    index: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.image[i], "label": self.label[i]}
+
+    def __getitems__(self, ix: Sequence[int]) -> list[dict]:
+        return [self[i] for i in ix]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CheckedSource:
+    """A lazily read source whose unreadable records raise CorruptRecordError
+    naming them, or, with skip, are replaced by a readable record of the same
+    read (logged; the batch keeps its shape and the replaced record's index)."""
+    src: object
+    name: str
+    skip: bool = False
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, ix: Sequence[int]) -> list[dict]:
+        records, kept = read_records(self.src, list(ix), self.name, self.skip)
+        if len(kept) == len(ix):
+            return records
+        if not records:
+            raise CorruptRecordError(f"Every record of {list(ix)[:8]}... of {self.name} is "
+                                     "corrupt: re-prepare the dataset.")
+        by_index = dict(zip(kept, records))
+        return [by_index.get(i, records[0]) for i in ix]
+
+    @property
+    def dataset_info(self):
+        return self.src.dataset_info
+
+
+def read_records(src, ix: list[int], name: str, skip: bool) -> tuple[list[dict], list[int]]:
+    """Reads records ix of a random-access source -> (records, the indices read).
+
+    When the batched read fails, records are re-read one by one to find the bad
+    ones: each raises CorruptRecordError naming it and the fix, or, with skip,
+    is left out (logged).
+    """
+    try:
+        return src.__getitems__(ix), ix
+    except Exception:  # noqa: BLE001 -- find which record it was
+        pass
+    records, kept = [], []
+    for i in ix:
+        try:
+            records.append(src[i])
+            kept.append(i)
+        except Exception as e:  # noqa: BLE001 -- any reader or decoder error
+            if not skip:
+                raise CorruptRecordError(
+                    f"Record {i} of {name} cannot be read: {type(e).__name__}: {e}. The prepared "
+                    "files are damaged: delete the dataset's folder and prepare it again "
+                    "(python -m ssl_jax.data.prepare), or set --config.data.skip_corrupt=True "
+                    "to skip unreadable records.") from e
+            logging.warning("Skipping corrupt record %d of %s (%s: %s).", i, name,
+                            type(e).__name__, e)
+    return records, kept
+
+
+def open_source(dataset: str, split: str, data_dir: str | None = None, *,
+                memory_limit: int = MEMORY_LIMIT, skip_corrupt: bool = False):
+    """A grain random-access source over one split of a prepared TFDS dataset.
+
+    A split whose decoded images take at most `memory_limit` bytes is decoded
+    once into an ArraySource; a bigger one, or one whose image sizes vary, is
+    read lazily from array_record (memory_limit=0: always lazily). `split`
+    takes TFDS's slicing syntax too ("train[:10%]").
+    Raises DatasetNotFoundError (a ValueError) naming the command that prepares it,
+    and CorruptRecordError naming an unreadable record (skip_corrupt: skip it).
+    """
+    _, data_dir = _prepared_builder(dataset, data_dir)
+    src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    name = f"{dataset} {split} in {data_dir}"
+    shape = src.dataset_info.features["image"].shape
+    if None in shape or len(src) * int(np.prod(shape)) > memory_limit:
+        return CheckedSource(src, name, skip_corrupt)
+    t = time.perf_counter()
+    mem = load_into_memory(src, name, skip_corrupt)
+    logging.info("Decoded %s %s into memory: %s in %.1f s.", dataset, split,
+                 mem.image.shape, time.perf_counter() - t)
+    return mem
+
+
+def load_into_memory(src, name: str = "the source", skip_corrupt: bool = False) -> ArraySource:
+    """Decodes every record of a random-access source, in order; unreadable
+    records raise CorruptRecordError, or are left out with skip_corrupt (the
+    ArraySource's `index` then maps rows to record indices)."""
+    parts, kept = [], []
+    for i in range(0, len(src), _CHUNK):
+        records, ix = read_records(src, list(range(i, min(i + _CHUNK, len(src)))), name,
+                                   skip_corrupt)
+        if records:
+            parts.append(read_batch(_Records(records), np.arange(len(records))))
+        kept += ix
+    if len(kept) < len(src):
+        logging.warning("%d corrupt records of %s skipped.", len(src) - len(kept), name)
+    if not parts:
+        raise CorruptRecordError(f"No record of {name} can be read: re-prepare the dataset.")
+    return ArraySource(image=np.concatenate([p["image"] for p in parts]),
+                       label=np.concatenate([p["label"] for p in parts]),
+                       index=None if len(kept) == len(src) else np.asarray(kept, np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Records:
+    """Records already read, as a random-access source (so read_batch stacks them)."""
+    records: list
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitems__(self, ix) -> list[dict]:
+        return [self.records[i] for i in ix]
+
+
+def _fit(image: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, C) -> (size, size, C): shorter side resized to `size`, centre crop."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    nh, nw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = np.asarray(pil.resize((nw, nh), Image.BILINEAR)).reshape(nh, nw, -1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return out[top:top + size, left:left + size]
+
+
+def read_batch(src, ix, image_size: int | None = None) -> dict:
+    """Reads records ix (b,) of a random-access source.
+
+    Returns {"image": (b, H, W, C) uint8, "label": (b,) int32, "index": (b,)
+    int32}. With image_size, every image is resized (shorter side) and
+    centre-cropped to (image_size, image_size): for datasets whose sizes vary.
+    """
+    ix = np.asarray(ix, np.int64)
+    if isinstance(src, ArraySource):
+        images, labels = src.image[ix], src.label[ix]
+        if src.index is not None:
+            ix = src.index[ix]
+        if image_size is not None and images.shape[1:3] != (image_size, image_size):
+            images = np.stack([_fit(im, image_size) for im in images])
+    else:
+        records = src.__getitems__(ix.tolist())
+        # The channel axis stays even for features stored without one.
+        images = [r["image"].reshape(r["image"].shape[:2] + (-1,)) for r in records]
+        if image_size is not None:
+            images = [_fit(im, image_size) for im in images]
+        if len({im.shape for im in images}) > 1:
+            raise ValueError("Images of different sizes in one batch: pass image_size "
+                             "to bring them to one size.")
+        images = np.stack(images)
+        labels = np.array([r["label"] for r in records])
+    return {"image": images.astype(np.uint8, copy=False),
+            "label": labels.astype(np.int32, copy=False),
+            "index": ix.astype(np.int32)}

@@ -1,0 +1,168 @@
+"""Frozen encoders for evaluation and export: from a training run, at random init,
+or from an exported folder (its format, read and written here).
+
+  config, encoder, variables, step = encoders.load_run(workdir, mesh)
+  features_fn, variables = encoders.load_export(out)    # what ssl_jax.export.load is
+
+A run's encoder is read alone from its newest checkpoint (orbax partial restore of
+params["encoder"] and method_state["batch_stats"]["encoder"]): no optimizer state,
+no memory bank, no decode of the dataset (its metadata gives the shapes).
+
+An export (python -m ssl_jax.export) holds
+  encoder/      the encoder's parameters and BN statistics (an orbax checkpoint)
+  params.npz    the same arrays flat, "params/conv1/kernel" -> array, for other frameworks
+  export.json   format version, the model config, the preprocessing the encoder
+                expects (input size and channels, eval crop, mean/std), its
+                stages, where it came from (workdir, step, method, dataset),
+                the data it was trained on (dataset, data_dir, train_split,
+                num_classes) and the run's evaluation settings (config.eval and seed)
+An artefact written by a newer format version is refused; "data" and "eval" were
+added within format version 1, so readers treat them as optional.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ssl_jax import checkpoint, errors, experiment, models, parallel
+from ssl_jax import config as cfg_lib
+from ssl_jax import eval as eval_lib
+from ssl_jax.data import sources
+from ssl_jax.eval import features
+from ssl_jax.methods import network
+
+FORMAT_VERSION = 1
+
+
+def _encoder_init(config, spec):
+    """images -> the encoder's variables at step 0 (a function to jit or eval_shape)."""
+    return lambda images: network.encoder_variables(*experiment.init_model(config, spec, images))
+
+
+def load_run(workdir: str, mesh, random_init: bool = False):
+    """-> (config, encoder module, encoder variables, step) from a workdir's newest
+    checkpoint; or, with random_init, the same encoder as initialised (step 0,
+    seed config.seed), the baseline a pretrained encoder must beat."""
+    config = cfg_lib.load(workdir)
+    ckpt = None
+    if not random_init:
+        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+        if ckpt.latest_step() is None:  # say so before reading data or tracing the model
+            ckpt.close()
+            raise errors.UserError(
+                f"No checkpoint in {ckpt.dir}: {workdir} has a config.json but no trained "
+                f"weights yet. Train first (`python -m ssl_jax.train --config "
+                f"configs/{config.method}.py --workdir {workdir}`, with the config arguments "
+                "it was started with, resumes it), or pass --random_init for the untrained "
+                "baseline.")
+    spec = experiment.data_spec(config)
+    init = _encoder_init(config, spec)
+    zeros = jnp.zeros((config.batch_size,) + spec.image_shape, jnp.uint8)
+    with jax.set_mesh(mesh):
+        if random_init:
+            variables, step = jax.jit(init)(zeros), 0
+        else:
+            shapes = jax.eval_shape(init, zeros)
+            part = {"params": {"encoder": shapes["params"]},
+                    "method_state": {"batch_stats": {"encoder": shapes["batch_stats"]}}}
+            got, step = ckpt.restore_state_only(
+                checkpoint.abstract(part, parallel.replicated(mesh)), partial=True)
+            ckpt.close()
+            variables = {"params": got["params"]["encoder"],
+                         "batch_stats": got["method_state"]["batch_stats"]["encoder"]}
+    return config, network.make_encoder(config.model), variables, step
+
+
+# ------------------------------------------------------------------ exports
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    """{"params": {"conv1": {"kernel": x}}} -> {"params/conv1/kernel": x}."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def write_export(workdir: str, out: str) -> dict:
+    """Writes the encoder of `workdir`'s newest checkpoint to `out`; -> export.json's contents."""
+    mesh = parallel.make_mesh()
+    config, _, variables, step = load_run(workdir, mesh)
+    variables = jax.device_get(variables)
+    info = sources.dataset_info(config.dataset, config.data_dir)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": config.model.to_dict(),
+        "preprocessing": {"input_shape": list(info["image_shape"]),
+                          "view": features.eval_view_config(config).to_dict(),
+                          "dtype": "uint8"},
+        "stages": models.stages(config.model.name, **network.encoder_kwargs(config.model)),
+        "source": {"workdir": os.path.abspath(workdir), "step": int(step),
+                   "method": config.method, "dataset": config.dataset},
+        "data": {"dataset": config.dataset, "data_dir": config.data_dir,
+                 "train_split": config.train_split, "num_classes": info["num_classes"]},
+        "eval": dict(config.eval.to_dict(), seed=config.seed),
+    }
+    os.makedirs(out, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.abspath(os.path.join(out, "encoder")), variables, force=True)
+    ckpt.wait_until_finished()
+    np.savez(os.path.join(out, "params.npz"), **_flat(variables))
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump(meta, f, indent=2, default=list)
+    return meta
+
+
+def read_meta(out: str) -> dict:
+    """export.json of `out`; errors when it is not an export, or a newer format."""
+    path = os.path.join(out, "export.json")
+    if not os.path.exists(path):
+        raise errors.UserError(
+            f"{path} not found: {out} is not an exported encoder. Write one with "
+            "`python -m ssl_jax.export --workdir RUN --out OUT`.")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise errors.UserError(
+            f"{out} was exported with format version {meta['format_version']}; this ssl_jax "
+            f"reads versions <= {FORMAT_VERSION}: upgrade ssl_jax.")
+    return meta
+
+
+def eval_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_split=None,
+                test_split=None) -> ml_collections.ConfigDict:
+    """The config fields evaluate reads, for an export: the arguments given win,
+    then export.json's "data", "eval" and "source", then the evaluators' defaults
+    (exports written before "data" and "eval" existed name only the dataset)."""
+    data, source = meta.get("data", {}), meta.get("source", {})
+    dataset = dataset or data.get("dataset") or source.get("dataset")
+    if not dataset:
+        raise errors.UserError(f"{os.path.join(out, 'export.json')} names no dataset: pass "
+                               "--dataset (and --data_dir) to say what to evaluate on.")
+    ev = dict(meta.get("eval", {}))
+    seed = ev.pop("seed", 0)
+    if test_split:
+        ev["test_split"] = test_split
+    config = ml_collections.ConfigDict(cfg_lib.to_tuples({
+        "method": source.get("method", "exported"), "dataset": dataset,
+        "data_dir": data_dir or data.get("data_dir"),
+        "train_split": train_split or data.get("train_split") or "train",
+        "seed": seed, "model": meta["model"]}))
+    config.eval = eval_lib.with_defaults(cfg_lib.to_tuples(ev))
+    return config
+
+
+def load_export(out: str, *, pool: str = "global", stages=None):
+    """-> (features_fn, variables) of an exported encoder: features_fn(variables,
+    images uint8 (B, H, W, C)) -> {stage: (B, D) float32}, the eval view (centre
+    crop, normalisation) and pooling included; pool and stages as
+    features.make_features_fn takes them."""
+    meta = read_meta(out)
+    model = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["model"]))
+    encoder = network.make_encoder(model)
+    variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(out, "encoder")))
+    view = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["preprocessing"]["view"]))
+    return jax.jit(features.make_features_fn(encoder, view, pool, stages)), variables

@@ -1,0 +1,63 @@
+"""The offline evaluators: one interface, one registry.
+
+An evaluator is a function `run(inputs, settings) -> {stage: record}`: the
+frozen features of every requested stage in (`Inputs`), its settings
+(config.eval.<name> as a dict; {} when the config has no such section), and
+one record per stage out, holding "top1" and "top5" in percent and whatever
+else the evaluator reports. ssl_jax/evaluate.py runs the requested ones and
+eval/results.py prints each record and writes it to eval_<name>.json and
+results.md. Adding an evaluator: a module with its `run` (and, if it reports
+more than one number per stage, `extra` / `details`), plus one line here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from ssl_jax.eval import knn, linear, lowshot, mlp
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What every evaluator is given: features of the frozen encoder, stages shallow to deep."""
+    train: dict[str, np.ndarray]  # {stage: (N, D_stage) float32}, the train split
+    train_y: np.ndarray  # (N,) int32 in [0, num_classes)
+    test: dict[str, np.ndarray]  # {stage: (M, D_stage) float32}, the test split
+    test_y: np.ndarray  # (M,) int32
+    num_classes: int
+    seed: int  # config.seed, for evaluators that draw random numbers
+    # augment settings (config.eval.linear.augment: {"views": V, light_augment's
+    # arguments}) -> V augmented copies of `train`, [{stage: (N, D_stage)}]; [] when
+    # V < 1. Extracted (or read from the feature cache) only when called.
+    train_views: Callable[[dict], list[dict[str, np.ndarray]]]
+
+
+def _nothing(stage_record: dict) -> dict:
+    return {}
+
+
+def _no_lines(stage_record: dict) -> list[str]:
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """run(inputs: Inputs, settings: dict) -> {stage: record}, record {"top1", "top5", ...}."""
+    run: Callable[[Inputs, dict], dict[str, dict]]
+    # stage record -> {label: {"top1", "top5"}}: further results of the same run, printed
+    # under the main one and written as results.md rows of their own (kNN at further k).
+    extra: Callable[[dict], dict[str, dict]] = _nothing
+    # stage record -> further lines printed under it (low-shot's whole curve).
+    details: Callable[[dict], list[str]] = _no_lines
+
+
+# name (--eval, config.eval.<name>, eval_<name>.json) -> evaluator; --eval's default
+# runs them all, in this order.
+REGISTRY: dict[str, Evaluator] = {
+    "linear": Evaluator(linear.evaluate),
+    "knn": Evaluator(knn.evaluate, extra=knn.further_k),
+    "mlp": Evaluator(mlp.evaluate),
+    "lowshot": Evaluator(lowshot.evaluate, details=lowshot.curve),
+}

@@ -1,0 +1,216 @@
+"""Offline evaluation of a frozen encoder, as a function: `evaluate(...)` loads
+the encoder (a training run's, its random init, or an export's), extracts the
+pooled features of the requested stages for the train and test splits (cached
+on disk), runs each requested evaluator of eval/evaluators.py on them and
+writes the records (eval/results.py). `python -m ssl_jax.evaluate` is its
+command line; benchmarks and notebooks call it directly.
+
+Everything goes to RESULTS, which is `results_dir`, else the workdir or the
+export: the features under RESULTS/features/, keyed by the weights, model, eval
+view, pooling, stages, split and example limit, so that evaluating the same
+checkpoint again skips extraction (cache=False: neither read nor write them);
+the results printed, written to RESULTS/eval_<name>[_<pool>][_random_init].json
+and appended as rows to the Markdown table RESULTS/results.md.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+
+from ssl_jax import config as cfg_lib
+from ssl_jax import encoders, models, parallel
+from ssl_jax import eval as eval_lib
+from ssl_jax.data import sources
+from ssl_jax.errors import UserError
+from ssl_jax.eval import evaluators, features
+from ssl_jax.eval import results as results_lib
+from ssl_jax.methods import network
+
+EVALUATORS = tuple(evaluators.REGISTRY)  # --eval's names, and the default: all of them
+
+
+def _stages(config, stages) -> list[str]:
+    """'final' | 'all' | [names] -> stage names, shallow to deep; errors list the valid ones."""
+    valid = models.stages(config.model.name, **network.encoder_kwargs(config.model))
+    if stages in ("final", ["final"], ("final",)):
+        return [valid[-1]]
+    if stages in ("all", ["all"], ("all",)):
+        return valid
+    names = [stages] if isinstance(stages, str) else list(stages)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UserError(f"--stages {unknown}: {config.model.name} has stages {valid} "
+                         "(or use 'final' / 'all').")
+    return [n for n in valid if n in names]
+
+
+def _settings(config, overrides):
+    """config with the eval fields it lacks (stored by an older version) at their
+    defaults, then the command line's --config.eval.* applied."""
+    config.eval = eval_lib.with_defaults(config.eval)
+    return cfg_lib.apply_overrides(config, overrides or {})
+
+
+def _num_classes(config, evals) -> int:
+    """The dataset's number of classes; a ValueError naming the dataset when it has
+    no labels (every evaluator here fits or votes on them), before any loading."""
+    n = sources.dataset_info(config.dataset, config.data_dir)["num_classes"]
+    if not n:
+        raise UserError(
+            f"Dataset {config.dataset!r} in {config.data_dir or sources.default_data_dir()} has "
+            "no labels (no 'label' feature with a number of classes in its dataset_info), and "
+            f"the evaluators {list(evals)} need labelled train and test splits. Evaluate on a "
+            "labelled dataset: export the encoder (python -m ssl_jax.export) and pass "
+            "--exported OUT --dataset NAME --data_dir DIR.")
+    return n
+
+
+def _check_arguments(workdir, exported, evals, pool, random_init, data_args) -> None:
+    """Errors in evaluate's arguments, each raised before anything is loaded."""
+    if (workdir is None) == (exported is None):
+        raise UserError("Give exactly one of --workdir (a training run) or --exported (an "
+                         "encoder written by `python -m ssl_jax.export`).")
+    unknown = [e for e in evals if e not in EVALUATORS]
+    if unknown:
+        raise UserError(f"--eval {unknown} unknown; valid: {list(EVALUATORS)}.")
+    features.pool_grid(pool)
+    if workdir is not None and any(v is not None for v in data_args.values()):
+        given = [f"--{k}" for k, v in data_args.items() if v is not None]
+        raise UserError(f"{', '.join(given)} go with --exported; a workdir's config.json "
+                         "names the data it is evaluated on.")
+    if exported is not None and random_init:
+        raise UserError("--random_init needs --workdir: an export holds the trained weights, "
+                         "not the run's initialisation.")
+
+
+def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
+             random_init: bool = False, *, exported: str | None = None, pool: str = "global",
+             cache: bool = True, results_dir: str | None = None, dataset: str | None = None,
+             data_dir: str | None = None, train_split: str | None = None,
+             test_split: str | None = None, plot: bool = False,
+             overrides: dict[str, str] | None = None) -> dict:
+    """Runs each evaluator on each stage of the encoder of `workdir` (a training
+    run) or `exported` (python -m ssl_jax.export's OUT): exactly one. Returns
+    {evaluator: record}, where a record holds the deepest requested stage's
+    numbers ("top1", "top5", "stage", ...), "stages": {stage: {"top1", "top5"}}
+    for every requested stage, and the "pool" that made the features.
+
+    evals: names in eval/evaluators.py's REGISTRY.
+    pool: "global" or "avg{s}x{s}" (features.pool_stage).
+    random_init (workdir only): evaluate the run's encoder as initialised instead,
+    with its BN statistics measured on the train split (features.calibrate_bn):
+    the random baseline. Results then go to eval_<name>_random_init.json.
+    cache: read and write the split's features under RESULTS/features/.
+    results_dir: RESULTS, where everything is written (default: workdir or exported).
+    dataset, data_dir, train_split, test_split (exported only): override export.json's.
+    plot: also write figures to RESULTS/figures/ (eval/results.py's `plot`).
+    overrides: {"eval.a.b": "value"} (--config.eval.a.b=value): evaluation settings
+    changed from the run's (or the export's) stored config.
+    """
+    data_args = dict(dataset=dataset, data_dir=data_dir, train_split=train_split,
+                     test_split=test_split)
+    _check_arguments(workdir, exported, evals, pool, random_init, data_args)
+
+    # ---------------------------------------------------------------- encoder
+    mesh = parallel.make_mesh()
+    if exported is None:
+        config = cfg_lib.load(workdir)
+    else:
+        meta = encoders.read_meta(exported)
+        config = encoders.eval_config(exported, meta, **data_args)
+    config = _settings(config, overrides)
+    num_classes = _num_classes(config, evals)  # before the slow loading
+    names = _stages(config, stages)
+    if exported is None:
+        # The same config.json as above: keep the one with the eval settings applied.
+        _, encoder, variables, step = encoders.load_run(workdir, mesh, random_init)
+        view_cfg = features.eval_view_config(config)
+        fn = features.make_features_fn(encoder, view_cfg, pool, names)
+        origin = {"step": int(step), "random_init": random_init}
+    else:
+        fn, variables = encoders.load_export(exported, pool=pool, stages=names)
+        view_cfg = meta["preprocessing"]["view"]
+        step = meta["source"]["step"]
+        origin = {"step": int(step), "source": meta["source"]}
+    results_dir = results_dir or workdir or exported
+    data = {split: sources.open_source(config.dataset, split, config.data_dir)
+               for split in (config.train_split, config.eval.test_split)}  # each decoded once
+    # The variables features are extracted with, a zero-argument function called only
+    # when some features must be extracted: a random init's BN statistics are then
+    # measured, once; not at all when every split's features are cached.
+    extraction_variables = (functools.cache(functools.partial(
+        _calibrated, encoder, view_cfg, variables, data[config.train_split],
+        config.eval.batch_size, mesh)) if random_init else lambda: variables)
+
+    # --------------------------------------------------------------- features
+    key = None
+    if cache:  # everything the features depend on; the weights by content, not by name
+        # (a random init's as initialised: calibration is deterministic, origin says it ran)
+        key = dict(origin, weights=features.fingerprint(variables),
+                   model=config.model.to_dict(), view=dict(view_cfg), pool=pool, stages=names,
+                   dataset=config.dataset,
+                   data_dir=os.path.abspath(config.data_dir or sources.default_data_dir()))
+    t0 = time.time()
+    split_kw = dict(batch_size=config.eval.batch_size, mesh=mesh, stages=names, step=step,
+                    cache_dir=os.path.join(results_dir, "features"))
+    splits = {split: features.split_features(fn, extraction_variables, data[split], split,
+                                             limit, key=key, **split_kw)
+              for split, limit in ((config.train_split, config.eval.train_examples),
+                                   (config.eval.test_split, 0))}
+    (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
+    dims = ", ".join(f"{results_lib.label(n, pool)} {ftr[n].shape[1]}-d" for n in names)
+    print(f"Features of {dims} at step {step}: {len(ytr)} train, {len(yte)} test "
+          f"({time.time() - t0:.1f}s)", flush=True)
+    inputs = evaluators.Inputs(
+        train={n: ftr[n] for n in names}, train_y=ytr, test={n: fte[n] for n in names},
+        test_y=yte, num_classes=num_classes, seed=config.seed,
+        train_views=functools.partial(_augmented_views, config, fn, extraction_variables,
+                                      data[config.train_split], key, split_kw))
+
+    # ------------------------------------------------------------- evaluators
+    results = {}
+    for name in evals:
+        evaluator, t0 = evaluators.REGISTRY[name], time.time()
+        # Complete for the known evaluators: _settings filled in what a stored config lacks.
+        per_stage = evaluator.run(inputs, dict(config.eval[name]) if name in config.eval else {})
+        r = results[name] = results_lib.record(
+            per_stage, names[-1], pool=pool, step=step, random_init=random_init,
+            train_examples=len(ytr), test_examples=len(yte),
+            seconds=round(time.time() - t0, 1), exported=exported)
+        results_lib.show(name, r, evaluator, config.dataset, config.eval.test_split)
+        if jax.process_index() == 0:
+            results_lib.write(results_dir, config, name, r, evaluator)
+    if plot and jax.process_index() == 0:
+        results_lib.plot(results_dir, data[config.train_split],
+                         data[config.eval.test_split], ftr[names[-1]], ytr, fte[names[-1]],
+                         yte, random_init)
+    return results
+
+
+def _calibrated(encoder, view_cfg, variables, source, batch_size: int, mesh):
+    """A random init's variables with BN statistics measured on source (features.calibrate_bn)."""
+    with jax.set_mesh(mesh):
+        return features.calibrate_bn(encoder, view_cfg, variables, source,
+                                     batch_size=batch_size, mesh=mesh)
+
+
+def _augmented_views(config, fn, variables, source, key, split_kw, augment) -> list[dict]:
+    """The linear evaluator's Inputs.train_views: augment (config.eval.linear.augment)
+    views > 0: that many light_augment views of the train split ({stage: (N, D)}
+    each, cached like the centre view). Else []. variables: a zero-argument function."""
+    aug = dict(augment)
+    n_views = int(aug.pop("views", 0))
+    if n_views < 1:
+        return []
+    transform = functools.partial(features.light_augment, **aug)
+    t0 = time.time()
+    views = [features.split_features(
+        fn, variables, source, config.train_split, config.eval.train_examples,
+        key=key and dict(key, augment=aug, augment_view=v), transform=transform,
+        seed=config.seed * 10_007 + v, **split_kw)[0] for v in range(n_views)]
+    print(f"Augmented train views for the linear probe: {n_views} ({time.time() - t0:.1f}s)",
+          flush=True)
+    return views

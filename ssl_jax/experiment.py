@@ -1,0 +1,250 @@
+"""The setup layer: a config, the data's spec and a mesh -> everything a run is made of.
+
+    spec = experiment.data_spec(config)            # from the prepared dataset's metadata
+    exp = experiment.Experiment(config, spec, mesh)  # every check; nothing compiled yet
+    state = exp.initial_state()                    # or exp.restore(ckpt, data_iter)
+    state = exp.warm_start(state, source)          # step 0 only (e.g. a memory bank)
+    step = exp.train_step()                        # jitted (state, batch) -> (state, metrics)
+
+train, evaluate, export and the benchmarks all build a run through here, so the
+state's layout is defined once. The train state:
+
+    {"step": () int32, "params": ..., "opt_state": ..., "method_state": ...,
+     and "online": the online linear probe's state when config.online.linear}
+
+Stream 0 of fold_in(key(seed), .) initialises, stream 1 drives training: step s
+uses fold_in(stream 1, s), so a resumed run replays the randomness an
+uninterrupted one would use.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ssl_jax import checkpoint, errors, faults, methods, optim, parallel
+from ssl_jax import config as cfg_lib
+from ssl_jax.data import sources
+from ssl_jax.dataspec import DataSpec
+from ssl_jax.eval import features, online
+from ssl_jax.methods import network
+from ssl_jax.views import augment
+
+
+def data_spec(config) -> DataSpec:
+    """The train split's facts from the prepared dataset's metadata, without
+    decoding it (a sliced split, e.g. "train[:10%]", or images of varying size
+    read one record). Raises sources.DatasetNotFoundError when it is not prepared."""
+    info = sources.dataset_info(config.dataset, config.data_dir)
+    n, shape = info["num_examples"].get(config.train_split), info["image_shape"]
+    if n is None or None in shape:
+        source = sources.open_source(config.dataset, config.train_split, config.data_dir,
+                                      memory_limit=0)
+        n, shape = len(source), source[0]["image"].shape
+    return DataSpec(num_examples=int(n), image_shape=tuple(shape),
+                    num_classes=info["num_classes"], class_names=tuple(info["class_names"]))
+
+
+def check_images(config, image_shape) -> None:
+    """The dataset's images must match what the config normalises: one mean/std
+    value per channel (a 1-value preset would silently treat RGB as grey)."""
+    if len(image_shape) != 3:
+        raise errors.UserError(f"{config.dataset} images have shape {image_shape}; the "
+                               "encoders take (H, W, C) images.")
+    c = image_shape[-1]
+    for name in ("mean", "std"):
+        n = len(config.aug[name])
+        if n != c:
+            raise errors.UserError(
+                f"{config.dataset} has {c}-channel images {image_shape} but config.aug.{name} "
+                f"has {n} value(s): the config was made for another dataset. Use its preset for "
+                f"this one (configs/{config.method}.py:dataset={config.dataset}) or set "
+                f"--config.aug.mean and --config.aug.std with {c} values each.")
+
+
+def check_same_config(config, stored) -> None:
+    """A workdir belongs to one config: resuming under another silently mixes runs.
+    stored: the config.json of the workdir (None: a new workdir)."""
+    if stored is None:
+        return
+    changed = [c for c in cfg_lib.diff(stored, config)
+               if not c.startswith("resume_from_different_config")]
+    if changed and not config.resume_from_different_config:
+        raise errors.UserError(
+            "the workdir holds a run of a different config; differing keys:\n  "
+            + "\n  ".join(changed)
+            + "\nUse another --workdir, or pass --config.resume_from_different_config=True.")
+
+
+def init_model(config, spec: DataSpec, images):
+    """images (B, H, W, C) uint8 -> (params, method_state) at step 0: stream 0 of
+    the seed, split into the views' key and the initialisation's."""
+    method = methods.get(config.method)
+    r_views, r_init = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0))
+    return method.init(r_init, method.views(r_views, images, config), config, spec)
+
+
+def encoder_variables(state) -> dict:
+    """The frozen encoder's variables of a train state, {"params", "batch_stats"}
+    (every method keeps them at the same place: methods/network.py)."""
+    return network.encoder_variables(state["params"], state["method_state"])
+
+
+class Experiment:
+    """A method's run: its optimizer, schedule, intervals, train state and step.
+
+    Constructing it runs every check that needs no compilation (batch vs mesh,
+    channels vs normalisation, the method's own `check`, interval units, the
+    online probes' needs), so an entry point can construct it before writing
+    anything.
+    """
+
+    def __init__(self, config, spec: DataSpec, mesh):
+        self.config, self.spec, self.mesh = config, spec, mesh
+        self.method = methods.get(config.method)
+        parallel.check_batch_size(config.batch_size, mesh)
+        check_images(config, spec.image_shape)
+        self.method.check(config, spec, mesh)
+        self.steps_per_epoch = spec.num_examples // config.batch_size
+        units = dict(steps_per_epoch=self.steps_per_epoch, batch_size=config.batch_size)
+        self.total_steps = cfg_lib.steps(config, "total", **units)
+        if self.total_steps is None:
+            raise errors.UserError(
+                "Set one of config.total_steps / total_epochs / total_examples.")
+        warmup = cfg_lib.steps(config.optimizer, "warmup", **units, default=0)
+        decay = cfg_lib.steps(config.optimizer, "decay", **units, default=())  # "step" schedule
+        self.schedule = optim.learning_rate(config.optimizer, config.batch_size,
+                                            self.total_steps, warmup, decay)
+        self.tx = optim.make_optimizer(config.optimizer, self.schedule)
+        self.log_every = cfg_lib.steps(config, "log_every", **units, default=50)
+        self.ckpt_every = cfg_lib.steps(config, "ckpt_every", **units, default=self.total_steps)
+        self.online = online.make(config, spec, units, self.encoder_features())
+        if config.get("nonfinite", "raise") not in faults.POLICIES:
+            raise errors.UserError(f"config.nonfinite={config.nonfinite!r} unknown; valid: "
+                                   f"{list(faults.POLICIES)}.")
+        self.batch_sharding = parallel.batch_sharding(mesh)
+        self.sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(spec.image_shape),
+                                           jnp.uint8, sharding=self.batch_sharding)
+        # Tracing the initialiser (no compilation) finds the model's and the views'
+        # config mistakes (an unknown encoder, tiles too small for it, ...) here too.
+        self.shapes = jax.eval_shape(self.init_state, self.sample)
+
+    # ------------------------------------------------------------ the state
+
+    def init_state(self, images):
+        """images (B, H, W, C) uint8 -> the train state at step 0 (see the module docstring)."""
+        params, method_state = init_model(self.config, self.spec, images)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": self.tx.init(params), "method_state": method_state}
+        if self.online is not None and self.online.stateful:
+            state["online"] = self.online.init(encoder_variables(state), images)
+        return state
+
+    @functools.cached_property
+    def state_sharding(self):
+        """Replicated, except the method state of a method that shards it (a memory bank)."""
+        out = jax.tree.map(lambda _: parallel.replicated(self.mesh), self.shapes)
+        out["method_state"] = self.method.state_sharding(self.shapes["method_state"], self.mesh)
+        return out
+
+    def abstract_state(self):
+        return checkpoint.abstract(self.shapes, self.state_sharding)
+
+    def initial_state(self):
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self.init_state, out_shardings=self.state_sharding)(
+                jnp.zeros(self.sample.shape, jnp.uint8, device=self.batch_sharding))
+
+    def restore(self, ckpt: checkpoint.Checkpointer, data_iter=None):
+        """-> (state, step) of the newest readable checkpoint, data_iter restored in
+        place; (None, None) when the workdir has none."""
+        return ckpt.restore(self.abstract_state(), data_iter)
+
+    def encoder_features(self):
+        """-> (final stage, f(variables, images uint8) -> {stage: (B, C)}): the eval view's
+        globally pooled final stage, what the online probes read."""
+        stage = network.final_stage(self.config.model)
+        return stage, features.make_features_fn(network.make_encoder(self.config.model),
+                                                features.eval_view_config(self.config),
+                                                stages=(stage,))
+
+    # ------------------------------------------------------------ step 0
+
+    def warm_start(self, state, source):
+        """The method's WarmStart, if this run wants one: its embeddings of the train
+        split (`source`) through the feature extraction, written into the method state
+        one global batch at a time. Returns the state (method_state replaced)."""
+        ws, config, mesh = self.method.warm_start, self.config, self.mesh
+        if ws is None or not ws.wanted(config):
+            return state
+        view = features.eval_view_config(config)
+
+        def embed(variables, images):
+            x = augment.batch_views(jax.random.key(0), images, view)
+            return {"embed": ws.embed(*variables, x, config)}
+        with jax.set_mesh(mesh):
+            emb, _ = features.extract(embed, (state["params"], state["method_state"]), source,
+                                      batch_size=config.batch_size, mesh=mesh)
+        emb = emb["embed"]  # (N, D) numpy, every row on every process
+        rows = getattr(source, "index", None)  # an in-memory split that skipped corrupt rows
+        index = np.arange(len(emb), dtype=np.int32) if rows is None else np.asarray(rows)
+        sh = self.state_sharding["method_state"]
+        write = jax.jit(lambda s, i, v: ws.write(s, i, v, config, self.spec), donate_argnums=0,
+                        in_shardings=(sh, self.batch_sharding, self.batch_sharding),
+                        out_shardings=sh)
+        b, p = config.batch_size, jax.process_count()
+        local = slice(jax.process_index() * b // p, (jax.process_index() + 1) * b // p)
+        method_state = state["method_state"]
+        with jax.set_mesh(mesh):
+            for first in range(0, len(emb), b):
+                i, v = index[first:first + b], emb[first:first + b]
+                i = np.concatenate([i, np.full((b - len(i),), -1, np.int32)])
+                v = np.concatenate([v, np.zeros((b - len(v), v.shape[1]), v.dtype)])
+                batch = parallel.global_batch({"i": i[local], "v": v[local]}, mesh)
+                method_state = write(method_state, batch["i"], batch["v"])
+        return dict(state, method_state=method_state)
+
+    # ------------------------------------------------------------ the step
+
+    def train_step(self):
+        """-> jitted (state, batch) -> (state, metrics); the state is donated.
+
+        batch: {"image": (B, H, W, C) uint8, "index": (B,) int32, "label": (B,) int32}
+        sharded over the mesh's data axis; views are made on device inside the step.
+        The method sees batch["label"] only if it declares uses_labels.
+        """
+        config, method, tx, spec, hook = (self.config, self.method, self.tx, self.spec,
+                                           self.online)
+        base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+        repl = parallel.replicated(self.mesh)
+
+        @functools.partial(jax.jit, donate_argnums=0, out_shardings=(self.state_sharding, repl),
+                           in_shardings=(self.state_sharding, self.batch_sharding))
+        def train_step(state, batch):
+            r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
+            views = method.views(r_views, batch["image"], config)
+            facts = {"index": batch["index"]}
+            if method.uses_labels:
+                facts["label"] = batch["label"]
+            grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+            (loss, (metrics, method_state)), grads = grad_fn(
+                state["params"], state["method_state"], views, facts, r_loss, config, spec)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            metrics = dict(metrics, loss=loss, lr=self.schedule(state["step"]),
+                           grad_norm=optax.tree.norm(grads))
+            # A non-finite loss or gradient leaves the state as it was (faults.py); the
+            # step counter moves on either way, as the data iterator does.
+            new = {"params": params, "opt_state": opt_state, "method_state": method_state}
+            if "online" in state:  # sees the encoder, never trains it
+                new["online"], online_metrics = hook.update(
+                    state["online"], encoder_variables(state), batch["image"],
+                    batch["label"])
+                metrics.update(online_metrics)
+            old = {k: state[k] for k in new}
+            new, flags = faults.guarded_update(loss, grads, new, old)
+            return dict(new, step=state["step"] + 1), dict(metrics, **flags)
+        return train_step

@@ -1,0 +1,71 @@
+"""The method contract: what the train loop and the setup layer may call.
+
+A method is a module of pure functions gathered into one `Method` value:
+
+  views(rng, images, config) -> {name: array}
+      images: (B, H, W, C) uint8, the global batch; the on-device inputs of the loss
+      (augmented views, tiles, rotations), made inside the jitted step.
+  init(rng, views, config, spec) -> (params, state)
+      params: what gradients train (the encoder under params["encoder"]);
+      state: what they do not (BN statistics under state["batch_stats"]["encoder"],
+      queues, memory banks, key encoders).
+  loss(params, state, views, batch, rng, config, spec) -> (loss, (metrics, new_state))
+      batch: {"index": (B,) int32 dataset indices, and "label": (B,) int32 only for a
+      method with uses_labels}: the data's facts, apart from the images' views.
+
+Optional hooks, with defaults, declared in the `Method` (never probed with hasattr):
+
+  check(config, spec, mesh)       raises errors.UserError before anything compiles
+  state_sharding(shapes, mesh)    shardings of the state (default: replicated)
+  uses_labels                     the loop hands batch["label"] only to such a method
+  warm_start                      a `WarmStart`: fill state from the initial network's
+                                  embeddings of the train split before step 1
+
+spec: a dataspec.DataSpec (num_examples, image_shape, num_classes) read from the
+prepared dataset by the setup layer: a method never opens a dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from ssl_jax import parallel
+
+
+def no_check(config, spec, mesh) -> None:
+    del config, spec, mesh
+
+
+def replicated(shapes, mesh):
+    """Every leaf of the method state on every device."""
+    return jax.tree.map(lambda _: parallel.replicated(mesh), shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """State filled from the initial network before step 1 (once; a resume keeps its state).
+
+    wanted(config) -> bool: whether this run asks for it.
+    embed(params, state, x, config) -> (B, D) float32: x is the eval view of a batch of
+      the train split (B, h, w, C) float32; called through the setup layer's feature
+      extraction, batch size config.batch_size.
+    write(state, index, values, config, spec) -> state: index (B,) int32 dataset
+      indices of one global batch (-1: padding, to drop), values (B, D) their
+      embeddings; jitted by the setup layer with the batch sharded over the mesh.
+    """
+    wanted: Callable[[Any], bool]
+    embed: Callable
+    write: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    views: Callable
+    init: Callable
+    loss: Callable
+    check: Callable = no_check
+    state_sharding: Callable = replicated
+    uses_labels: bool = False
+    warm_start: WarmStart | None = None

@@ -1,0 +1,85 @@
+"""The commands speak to people: a mistake in the command, the config or the data
+on disk is one line on stderr, `error: <what and the fix>`, exit status 2, no
+traceback, and (train) nothing written. Each case is a real process
+(`python -m ssl_jax.train|evaluate|export ...`), all started at once: each pays
+JAX's import, not each other's wait."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIMCLR = "configs/simclr.py:dataset=fashion_mnist,runlocal"
+# Besides the error, stderr may hold only absl log records (e.g. TFDS's warning
+# about a missing folder), never a print or a traceback.
+LOG_RECORD = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def _cases(tmp, tiny_data):
+    """name -> (argv after `python -m`, what the error line must say, the
+    directory nothing may be written to, extra environment)."""
+    empty, norun = tmp / "empty", tmp / "norun"
+    empty.mkdir()
+    norun.mkdir()
+    return {
+        "unprepared dataset": (
+            ["ssl_jax.train", "--config", "configs/simclr.py:dataset=cifar10",
+             f"--config.data_dir={empty}", "--workdir", str(tmp / "w1")],
+            f"Dataset 'cifar10' is not prepared in {empty}. Prepare it with `python -m "
+            f"ssl_jax.data.prepare --dataset cifar10 --data_dir {empty}`", tmp / "w1", {}),
+        "unknown config key": (
+            ["ssl_jax.train", "--config", SIMCLR, "--config.optimizer.lrr=0.1",
+             "--workdir", str(tmp / "w2")],
+            "Unknown config key in --config.optimizer.lrr: config has no key 'optimizer.lrr' "
+            "('lrr' missing). Did you mean lr?", tmp / "w2", {}),
+        "batch size for the devices": (
+            ["ssl_jax.train", "--config", SIMCLR, "--config.dataset=tiny_squares",
+             f"--config.data_dir={tiny_data}", "--config.batch_size=66",
+             "--workdir", str(tmp / "w3")],
+            "config.batch_size=66 is not divisible by the 4 devices of the mesh; use a "
+            "multiple of 4 (e.g. 64)", tmp / "w3",
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}),
+        "unknown evaluator": (
+            ["ssl_jax.evaluate", "--workdir", str(norun), "--eval", "linear,lienar"],
+            "flag --eval=['linear', 'lienar']: unknown evaluator; the evaluators are linear, "
+            "knn, mlp, lowshot.", None, {}),
+        "a workdir without a run": (
+            ["ssl_jax.export", "--workdir", str(norun), "--out", str(tmp / "out")],
+            f"{norun}/config.json not found: {norun} is not a training workdir. Train first",
+            tmp / "out", {}),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data):
+    """name -> (case, returncode, stdout, stderr), the commands run concurrently."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cases = _cases(tmp, tiny_data)
+    procs = {}
+    for name, (args, _, _, env) in cases.items():
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+        procs[name] = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        out[name] = (cases[name], p.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.parametrize("name", ["unprepared dataset", "unknown config key",
+                                  "batch size for the devices", "unknown evaluator",
+                                  "a workdir without a run"])
+def test_a_mistake_is_one_line_and_exit_status_2_with_nothing_written(runs, name):
+    (_, says, untouched, _), returncode, stdout, stderr = runs[name]
+    assert "Traceback" not in stdout + stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.splitlines()[-1] == errors[0], stderr
+    assert says in errors[0], stderr
+    others = [line for line in stderr.splitlines()[:-1] if not LOG_RECORD.match(line)]
+    assert not others, stderr
+    assert returncode == 2, stderr
+    if untouched is not None:  # checks first: the workdir (or export) is not even made
+        assert not os.path.exists(untouched) or not os.listdir(untouched), os.listdir(untouched)
