@@ -30,6 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ssl_jax import config as cfg_lib
+from ssl_jax import parallel
 from ssl_jax.errors import UserError
 
 FILE = "file"  # config=FILE: --config names a config file
@@ -101,6 +102,28 @@ def parse(argv, config=None, flag_values=flags.FLAGS):
     if from_file:
         cfg_lib.clear_other_units(flag_values.config, flag_values["config"].override_values)
     return rest
+
+
+def define_process_flags(flag_values=flags.FLAGS) -> None:
+    """--coordinator/--num_processes/--process_id/--initialization_timeout of the
+    commands that run on every host of a multi-process run (train, evaluate)."""
+    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, to run as one of "
+                        "several processes (jax.distributed); also SSL_JAX_COORDINATOR. "
+                        "Not needed under SLURM or on a TPU pod (launch/).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", None, "How many processes the run has "
+                         "(with --coordinator).", flag_values=flag_values)
+    flags.DEFINE_integer("process_id", None, "This process's index, 0 on the coordinator's "
+                         "host (with --coordinator).", flag_values=flag_values)
+    flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for the "
+                         "coordinator and the other processes before failing.",
+                         flag_values=flag_values)
+
+
+def join_processes(flag_values=flags.FLAGS) -> None:
+    """Joins the multi-process run the flags (or the environment) describe."""
+    parallel.initialize(flag_values.coordinator, flag_values.num_processes,
+                        flag_values.process_id, timeout_s=flag_values.initialization_timeout)
 
 
 def _fail(e: Exception) -> NoReturn:

@@ -38,6 +38,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
+    cli.join_processes()  # every process extracts its share of the features
     evaluate(f.workdir, tuple(f.eval), f.stages[0] if len(f.stages) == 1 else f.stages,
              f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
              results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
@@ -68,6 +69,7 @@ if __name__ == "__main__":
     flags.DEFINE_bool("plot", False, "Also write PNG figures to RESULTS/figures/: accuracy per "
                       "stage, the low-shot curve, and a retrieval grid (test images and their "
                       "nearest train images).")
+    cli.define_process_flags()
     flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
     flags.register_validator(
         "eval", lambda names: not set(names) - set(EVALUATORS),

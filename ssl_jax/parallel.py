@@ -13,6 +13,7 @@ explicitly with `jax.shard_map`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable
 
@@ -25,22 +26,81 @@ from ssl_jax.errors import UserError
 AXIS = "data"
 
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one.
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300,
+               heartbeat_s: int = 100) -> None:
+    """Joins a multi-process run (jax.distributed) when one is described; else nothing.
 
-    A single process needs nothing. TPU pods and SLURM set variables that
-    `jax.distributed.initialize()` reads by itself; a hand-started group passes
-    SSL_JAX_COORDINATOR / SSL_JAX_NUM_PROCESSES / SSL_JAX_PROCESS_ID.
+    In order: the arguments (the commands' --coordinator HOST:PORT --num_processes N
+    --process_id I); SSL_JAX_COORDINATOR / SSL_JAX_NUM_PROCESSES / SSL_JAX_PROCESS_ID;
+    SSL_JAX_DISTRIBUTED=auto, or a SLURM job step of more than one task, where
+    `jax.distributed.initialize()` finds everything itself (SLURM's variables; a
+    Cloud TPU VM's metadata, which launch/tpu_pod.sh asks for with the variable).
+    timeout_s bounds the wait for the coordinator and the other processes (then a
+    UserError, not a hang); heartbeat_s is how soon the others fail once one dies.
     """
     if jax.distributed.is_initialized():
         return
-    if "SSL_JAX_COORDINATOR" in os.environ:
-        jax.distributed.initialize(
-            coordinator_address=os.environ["SSL_JAX_COORDINATOR"],
-            num_processes=int(os.environ["SSL_JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["SSL_JAX_PROCESS_ID"]))
-    elif "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        jax.distributed.initialize()
+    env = os.environ
+    if coordinator is None and env.get("SSL_JAX_COORDINATOR"):
+        coordinator = env["SSL_JAX_COORDINATOR"]
+        num_processes = num_processes or int(env.get("SSL_JAX_NUM_PROCESSES", 0)) or None
+        if process_id is None and env.get("SSL_JAX_PROCESS_ID"):
+            process_id = int(env["SSL_JAX_PROCESS_ID"])
+    timeouts = dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_s)
+    if coordinator is not None:
+        if num_processes is None or process_id is None:
+            raise UserError(f"--coordinator {coordinator} needs --num_processes N and "
+                            "--process_id I (0 on the coordinator's host) as well.")
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--coordinator {coordinator!r} is not HOST:PORT (e.g. "
+                            "10.0.0.2:12355, the address of process 0's host).")
+        if not 0 <= process_id < num_processes:
+            raise UserError(f"--process_id {process_id} is not in [0, {num_processes}).")
+        if num_processes == 1:
+            return
+        _join(dict(coordinator_address=coordinator, num_processes=num_processes,
+                   process_id=process_id, **timeouts),
+              f"as process {process_id} of {num_processes} with coordinator {coordinator}")
+    elif (env.get("SSL_JAX_DISTRIBUTED") == "auto"
+          or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1):
+        _join(timeouts, "with the coordinator jax.distributed detected (SLURM / Cloud TPU)")
+
+
+def _join(kwargs: dict, what: str) -> None:
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 -- XLA's errors name no fix
+        raise UserError(
+            f"Could not join the multi-process run {what} within "
+            f"{kwargs['initialization_timeout']} s ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}). Check that process "
+            "0 is running, that its HOST:PORT is reachable from this host, and that every "
+            "process got the same --num_processes and a distinct --process_id.") from e
+
+
+def agree(value: str, what: str) -> None:
+    """Raises a UserError on every process unless all processes hold the same `value`
+    (e.g. the config: different code or flags on one host would train garbage)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    digest = np.frombuffer(hashlib.sha256(value.encode()).digest()[:8], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1, 2)
+    differ = [int(p) for p in np.flatnonzero((every != every[0]).any(axis=1))]
+    if differ:
+        raise UserError(
+            f"The processes were given different {what}: process(es) {differ} differ from "
+            "process 0. Start every process with the same code, config file and --config "
+            "flags (launch/ does).")
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -11,7 +11,9 @@ built by the setup layer, ssl_jax/experiment.py; this file only drives it.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 
 import jax
@@ -28,10 +30,18 @@ FLAGS = flags.FLAGS
 def train(config, workdir: str):
     """Trains config.method and returns the final state (placed as the experiment's
     state_sharding)."""
+    return run(config, workdir)[0]
+
+
+def run(config, workdir: str):
+    """train(), and whether it stopped early on SIGTERM: -> (state, preempted)."""
     # ------------------------------------------------------ mesh and checks
     # Everything that can refuse the run does so before the workdir is touched.
-    parallel.maybe_initialize_distributed()
+    # (A multi-process run has joined jax.distributed before this: cli.join_processes.)
     mesh = parallel.make_mesh()
+    # Every process must train the same thing: a host with other code or flags
+    # would make the collectives combine different programs' values.
+    parallel.agree(config.to_json(sort_keys=True), "configs")
     exp = experiment.Experiment(config, experiment.data_spec(config), mesh)
     stored = os.path.join(workdir, "config.json")
     experiment.check_same_config(config, cfg_lib.load(workdir) if os.path.exists(stored)
@@ -68,10 +78,13 @@ def train(config, workdir: str):
     total_steps, hook = exp.total_steps, exp.online
 
     # ---------------------------------------------------------------- loop
-    writer = None
+    writer = metrics_log = None
     if is_main:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(workdir, "tb"))
+        # One JSON object per log step (and per online evaluation): what sweeps and
+        # scripts read, without parsing TensorBoard events. Appended on resume.
+        metrics_log = open(os.path.join(workdir, "metrics.jsonl"), "a")
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         print(f"{config.method}: {n_params / 1e6:.2f}M params, {total_steps} steps "
               f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
@@ -98,6 +111,7 @@ def train(config, workdir: str):
                                        images_per_sec=progress.rate)
                         for k, v in scalars.items():
                             writer.add_scalar(f"train/{k}", float(v), step)
+                        _log_line(metrics_log, step, {f"train/{k}": v for k, v in scalars.items()})
                         logging.info("step %d %s", step, {k: float(v) for k, v in scalars.items()})
                 if hook is not None and hook.due(step, last):
                     # online_knn (+ online_linear) on the test split; every process
@@ -109,6 +123,7 @@ def train(config, workdir: str):
                               + f" at step {step}", flush=True)
                         for k, v in scalars.items():
                             writer.add_scalar(k, v, step)
+                        _log_line(metrics_log, step, scalars)
                 if save:
                     ckpt.save(step, state, data_iter, force=True)
                 if stop:
@@ -122,6 +137,7 @@ def train(config, workdir: str):
             if writer is not None:
                 try:
                     writer.close()
+                    metrics_log.close()
                 except OSError as e:  # a full disk must not hide the checkpoint's error
                     logging.warning("TensorBoard writer: %s", e)
     if is_main:
@@ -134,7 +150,18 @@ def train(config, workdir: str):
             print(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}", flush=True)
         print(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
               "in all (arrays are copied to host, then written in the background).", flush=True)
-    return state
+    return state, step < total_steps
+
+
+def _log_line(f, step: int, scalars: dict) -> None:
+    try:
+        f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        f.flush()
+    except OSError as e:  # a full disk is the checkpoint's error to report, not this log's
+        logging.warning("metrics.jsonl: %s", e)
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM with a checkpoint; re-run to resume
 
 
 def main(argv):
@@ -142,10 +169,14 @@ def main(argv):
     if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR wins
         jax.config.update("jax_compilation_cache_dir",
                           os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
-    train(FLAGS.config, FLAGS.workdir)  # --config: cli.run parsed it, units cleared
+    cli.join_processes()
+    _, preempted = run(FLAGS.config, FLAGS.workdir)  # --config: cli.run parsed it
+    if preempted:
+        sys.exit(EXIT_PREEMPTED)  # launch/slurm.sbatch requeues the job on this status
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
     flags.mark_flags_as_required(["workdir"])
+    cli.define_process_flags()
     cli.run(main, config=cli.FILE)

@@ -179,6 +179,18 @@ def test_process_shards_are_disjoint_and_cover_the_epoch(tiny_train):
     assert seen[0] | seen[1] == set(range(96))
 
 
+def test_global_batches_do_not_depend_on_the_process_count(tiny_train):
+    """Process p's rows are slice p of the one-process batch: a 2-host run trains on
+    exactly the batches of a 1-host run with the same global batch."""
+    src, _ = tiny_train
+    one = _take(pipeline.train_iterator(src, global_batch_size=16, seed=3), 8)
+    two = [_take(pipeline.train_iterator(src, global_batch_size=16, seed=3, process_index=p,
+                                         process_count=2), 8) for p in range(2)]
+    for step, batch in enumerate(one):
+        np.testing.assert_array_equal(
+            batch["index"], np.concatenate([two[0][step]["index"], two[1][step]["index"]]))
+
+
 def test_epochs_are_reshuffled_and_seeded():
     src = sources.ArraySource(np.zeros((100, 2, 2, 1), np.uint8), np.zeros(100, np.int32))
     def epochs(seed, k=4):

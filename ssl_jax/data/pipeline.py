@@ -41,17 +41,22 @@ def _local_batch(global_batch_size: int, process_count: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _permutation(seed: int, process_index: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng((seed, process_index, epoch)).permutation(n)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    # (seed, 0, epoch): the stream a single process has always used, so one-process
+    # runs (and their recorded numbers) keep their exact data order.
+    return np.random.default_rng((seed, 0, epoch)).permutation(n)
 
 
 @dataclasses.dataclass(frozen=True)
 class _ShuffledBatches:
     """Step -> the split indices of that step's batch on one process.
 
-    The process's shard is p, p + P, p + 2P, ... (n of them); each epoch is a
-    fresh permutation of it, cut into whole batches. A pure function of the
-    step, so grain's iterator state (the next step) is all a checkpoint needs.
+    Every epoch is one permutation of the whole split, the same on every
+    process, cut into global batches of B = b * process_count; process p reads
+    rows [p * b, (p + 1) * b) of each. So the global batch of a step does not
+    depend on how many processes read it (a 2-host run sees the batches of a
+    1-host run), and each process reads only its own rows. A pure function of
+    the step: grain's iterator state (the next step) is all a checkpoint needs.
     """
     seed: int
     process_index: int
@@ -60,9 +65,10 @@ class _ShuffledBatches:
     b: int
 
     def __call__(self, step: int, _) -> np.ndarray:
-        epoch, k = divmod(step, self.n // self.b)
-        perm = _permutation(self.seed, self.process_index, epoch, self.n)
-        return self.process_index + self.process_count * perm[k * self.b:(k + 1) * self.b]
+        global_b = self.b * self.process_count
+        epoch, k = divmod(step, self.n // global_b)
+        first = k * global_b + self.process_index * self.b
+        return _permutation(self.seed, epoch, self.n)[first:first + self.b]
 
 
 def train_iterator(source, *, global_batch_size: int, seed: int,
@@ -71,11 +77,11 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
                    ) -> grain.DatasetIterator:
     """An endless, shuffled, checkpointable iterator over this process's batches.
 
-    Process p reads its own shard, examples p, p + P, p + 2P, ... (P =
-    process_count; n = len(source) // P of them, so that all processes have
-    the same number of batches per epoch). Every epoch is a new permutation
-    of the shard, seeded by (seed, p, epoch), cut into whole batches; each
-    epoch's remainder is dropped, so no batch mixes two epochs.
+    Every epoch is a new permutation of the split, seeded by (seed, epoch) and
+    the same on every process, cut into whole global batches (each epoch's
+    remainder is dropped, so no batch mixes two epochs); process p of P reads
+    rows [p * b, (p + 1) * b) of each global batch. The global batches are
+    therefore the same for any process count.
 
     Yields {"image": (b, H, W, C) uint8, "label": (b,) int32, "index": (b,)
     int32} with b = global_batch_size // process_count; `index` is the
@@ -87,13 +93,13 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     b = _local_batch(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
-    n = len(source) // process_count
-    if n < b:
-        raise UserError(f"A shard of {n} examples cannot fill a batch of {b}.")
+    n = len(source)
+    if n < global_batch_size:
+        raise UserError(f"A split of {n} examples cannot fill a batch of {global_batch_size}.")
     # Not grain's shuffle + batch: that computes each index's place in Python
     # (~20 us apiece), 5x the cost of reading an in-memory batch. One numpy
     # permutation per epoch, looked up by step, does the same job.
-    ds = (grain.MapDataset.range(n // b)
+    ds = (grain.MapDataset.range(n // global_batch_size)
           .repeat()
           .map_with_index(_ShuffledBatches(seed, process_index, process_count, n, b))
           .map(_Reader(source, image_size)))
