@@ -62,6 +62,11 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.data = dict(worker_count=0, skip_corrupt=False)  # skip: leave unreadable records out
     c.batch_size = 256
+    # Gradient accumulation: the loss runs on accumulate_steps micro-batches of
+    # batch_size / accumulate_steps images, one optimizer update per step (memory for
+    # a large batch on few devices). It must divide the per-device batch. Contrastive
+    # losses then see the micro-batch's negatives only: ssl_jax/experiment.py.
+    c.accumulate_steps = 1
     # Training length and intervals: set exactly one unit of each.
     for name in ("total", "log_every", "ckpt_every"):
         for unit, typ in (("steps", int), ("epochs", float), ("examples", int)):

@@ -15,6 +15,26 @@ state's layout is defined once. The train state:
 Stream 0 of fold_in(key(seed), .) initialises, stream 1 drives training: step s
 uses fold_in(stream 1, s), so a resumed run replays the randomness an
 uninterrupted one would use.
+
+Gradient accumulation, config.accumulate_steps = A (default 1: none). The step
+makes the views of the whole global batch, then runs the loss on A micro-batches
+of B / A images (a lax.scan, so one compiled loss): micro-batch j takes the j-th
+slice of every device's rows, so it is still sharded over the data axis and
+nothing moves between devices. Gradients are averaged and the optimizer updates
+once; the method state (BN statistics, MoCo's queue, a memory bank) threads
+through the micro-batches in order, and the method's `before_step` (MoCo's
+key-encoder momentum update) runs once per update. Metrics are means over the
+micro-batches; the online probes see the whole batch. What it equals:
+  - a loss that is a mean over examples without BatchNorm: the A = 1 step;
+  - with BatchNorm, each micro-batch is normalised with its own statistics: on
+    one device the gradient is the A = 1 step's with BN in A ghost groups
+    (model.bn_groups = A; tests/test_accumulate.py), and the BN running averages
+    move A times per step;
+  - contrastive losses (SimCLR, MoCo, NPID/PIRL): an approximation. The negatives
+    come from the micro-batch (SimCLR: 2B/A - 2 of them, not 2B - 2), so A > 1 is
+    a smaller effective batch for the loss, not only a memory saving. MoCo's queue
+    and the banks' negatives do not depend on the batch, but each micro-batch is
+    enqueued / written in turn.
 """
 from __future__ import annotations
 
@@ -65,6 +85,27 @@ def check_images(config, image_shape) -> None:
                 f"--config.aug.mean and --config.aug.std with {c} values each.")
 
 
+def check_accumulate_steps(config, mesh) -> int:
+    """config.accumulate_steps (1 where a stored config predates it) -> A, checked: an
+    integer >= 1 dividing the per-device batch, so every micro-batch splits evenly
+    over the devices."""
+    a = config.get("accumulate_steps", 1)
+    if isinstance(a, bool) or not isinstance(a, int) or a < 1:
+        raise errors.UserError(f"config.accumulate_steps={a!r}: use an integer >= 1 "
+                               "(1: no gradient accumulation).")
+    n = mesh.devices.size
+    per_device = config.batch_size // n
+    if per_device % a:
+        fits = max(d for d in range(1, a + 1) if per_device % d == 0)
+        raise errors.UserError(
+            f"config.accumulate_steps={a} does not divide the per-device batch {per_device} "
+            f"(config.batch_size={config.batch_size} over {n} devices): each micro-batch "
+            f"takes per_device / accumulate_steps images from every device. Use "
+            f"--config.accumulate_steps={fits}, or a config.batch_size that is a multiple of "
+            f"{n * a} (e.g. {max(1, config.batch_size // (n * a)) * n * a}).")
+    return a
+
+
 def check_same_config(config, stored) -> None:
     """A workdir belongs to one config: resuming under another silently mixes runs.
     stored: the config.json of the workdir (None: a new workdir)."""
@@ -106,6 +147,7 @@ class Experiment:
         self.config, self.spec, self.mesh = config, spec, mesh
         self.method = methods.get(config.method)
         parallel.check_batch_size(config.batch_size, mesh)
+        self.accumulate_steps = check_accumulate_steps(config, mesh)
         check_images(config, spec.image_shape)
         self.method.check(config, spec, mesh)
         self.steps_per_epoch = spec.num_examples // config.batch_size
@@ -216,10 +258,10 @@ class Experiment:
         sharded over the mesh's data axis; views are made on device inside the step.
         The method sees batch["label"] only if it declares uses_labels.
         """
-        config, method, tx, spec, hook = (self.config, self.method, self.tx, self.spec,
-                                           self.online)
+        config, method, tx, hook = self.config, self.method, self.tx, self.online
         base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
         repl = parallel.replicated(self.mesh)
+        grads_fn = self._accumulated_grads()
 
         @functools.partial(jax.jit, donate_argnums=0, out_shardings=(self.state_sharding, repl),
                            in_shardings=(self.state_sharding, self.batch_sharding))
@@ -229,9 +271,9 @@ class Experiment:
             facts = {"index": batch["index"]}
             if method.uses_labels:
                 facts["label"] = batch["label"]
-            grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-            (loss, (metrics, method_state)), grads = grad_fn(
-                state["params"], state["method_state"], views, facts, r_loss, config, spec)
+            method_state = method.before_step(state["params"], state["method_state"], config)
+            loss, metrics, method_state, grads = grads_fn(
+                state["params"], method_state, views, facts, r_loss)
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
             metrics = dict(metrics, loss=loss, lr=self.schedule(state["step"]),
@@ -248,3 +290,50 @@ class Experiment:
             new, flags = faults.guarded_update(loss, grads, new, old)
             return dict(new, step=state["step"] + 1), dict(metrics, **flags)
         return train_step
+
+    def _accumulated_grads(self):
+        """-> f(params, method_state, views, facts, rng) -> (loss, metrics, method_state,
+        grads): the loss's value and gradient on the global batch, over
+        config.accumulate_steps micro-batches (module docstring)."""
+        config, method, spec, a = self.config, self.method, self.spec, self.accumulate_steps
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        n = self.mesh.devices.size
+        micro_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+            None, parallel.AXIS))
+        state_sharding = self.state_sharding["method_state"]
+
+        def whole(params, method_state, views, facts, rng):
+            (loss, (metrics, method_state)), grads = grad_fn(
+                params, method_state, views, facts, rng, config, spec)
+            return loss, metrics, method_state, grads
+
+        def micro_batches(x):
+            """(L, ...) sharded over n devices, L = c * B -> (A, L / A, ...): micro-batch
+            j is the j-th of A equal slices of every device's rows, so it stays sharded
+            (P(None, "data")) and an image's c adjacent rows stay together."""
+            rows = x.shape[0] // (n * a)
+            x = x.reshape((n, a, rows) + x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(
+                x.reshape((a, n * rows) + x.shape[3:]), micro_sharding)
+
+        def accumulated(params, method_state, views, facts, rng):
+            def body(carry, xs):
+                grad_sum, state = carry
+                (v, f), j = xs
+                (loss, (metrics, new_state)), grads = grad_fn(
+                    params, state, v, f, jax.random.fold_in(rng, j), config, spec)
+                # The carry keeps its types (a scan needs them fixed) and its sharding.
+                new_state = jax.tree.map(lambda x, old: x.astype(old.dtype), new_state, state)
+                new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
+                return (jax.tree.map(jnp.add, grad_sum, grads), new_state), (loss, metrics)
+
+            xs = (jax.tree.map(micro_batches, (views, facts)), jnp.arange(a))
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grad_sum, method_state), (loss, metrics) = jax.lax.scan(
+                body, (zeros, method_state), xs)
+            mean = lambda x: jnp.mean(x, axis=0)
+            return (mean(loss), jax.tree.map(mean, metrics), method_state,
+                    jax.tree.map(lambda g: g / a, grad_sum))
+
+        # A = 1 is the plain step, unchanged (bitwise) by accumulation's existence.
+        return whole if a == 1 else accumulated

@@ -12,10 +12,20 @@ A method is a module of pure functions gathered into one `Method` value:
   loss(params, state, views, batch, rng, config, spec) -> (loss, (metrics, new_state))
       batch: {"index": (B,) int32 dataset indices, and "label": (B,) int32 only for a
       method with uses_labels}: the data's facts, apart from the images' views.
+      With gradient accumulation (config.accumulate_steps = A > 1) the loop calls
+      the loss on A micro-batches of B / A images each, threading `state` through
+      them: every view's leading axis must be a whole number of rows per image
+      (B, or cB with an image's c rows adjacent, as RotNet's rotations), so that
+      slicing it per image gives the micro-batch's views.
 
 Optional hooks, with defaults, declared in the `Method` (never probed with hasattr):
 
   check(config, spec, mesh)       raises errors.UserError before anything compiles
+  before_step(params, state, config) -> state
+                                  once per optimizer step, before the loss: what must
+                                  move once per update, however many micro-batches
+                                  (config.accumulate_steps) the loss is called on, e.g.
+                                  MoCo's key-encoder momentum update (default: none)
   state_sharding(shapes, mesh)    shardings of the state (default: replicated)
   uses_labels                     the loop hands batch["label"] only to such a method
   warm_start                      a `WarmStart`: fill state from the initial network's
@@ -36,6 +46,11 @@ from ssl_jax import parallel
 
 def no_check(config, spec, mesh) -> None:
     del config, spec, mesh
+
+
+def no_state_update(params, state, config):
+    del params, config
+    return state
 
 
 def replicated(shapes, mesh):
@@ -66,6 +81,7 @@ class Method:
     init: Callable
     loss: Callable
     check: Callable = no_check
+    before_step: Callable = no_state_update
     state_sharding: Callable = replicated
     uses_labels: bool = False
     warm_start: WarmStart | None = None

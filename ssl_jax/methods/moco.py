@@ -3,6 +3,8 @@ gradient, a key encoder that follows it as a moving average, and a queue of K
 keys from earlier batches as negatives.
 
 config.moco: momentum (0.999), queue_size K, temperature (0.2), bn_groups.
+The momentum update is `before_step`, once per optimizer step; the loss reads
+the key encoder it left.
 
 Shuffle-BN. MoCo normalises each GPU's 32 keys with that GPU's statistics after
 shuffling the keys across GPUs, so BN cannot leak which key is the positive. Under
@@ -31,9 +33,13 @@ def check(config, spec, mesh) -> None:
             f"config.moco.queue_size={m.queue_size} is not divisible by the global batch "
             f"size {global_batch}: the queue is filled a whole batch at a time. Use a "
             f"multiple, e.g. {max(1, m.queue_size // global_batch) * global_batch}.")
-    if global_batch % m.bn_groups:
-        raise errors.UserError(f"config.batch_size={global_batch} is not divisible by "
-                         f"config.moco.bn_groups={m.bn_groups}.")
+    accumulate = config.get("accumulate_steps", 1)
+    micro = global_batch // accumulate  # the batch each loss call (and its BN) sees
+    if micro % m.bn_groups:
+        what = (f"config.batch_size={global_batch}" if accumulate == 1 else
+                f"The micro-batch of {micro} images (config.batch_size={global_batch} / "
+                f"config.accumulate_steps={accumulate})")
+        raise errors.UserError(f"{what} is not divisible by config.moco.bn_groups={m.bn_groups}.")
 
 
 def views(rng, images, config) -> dict:
@@ -60,16 +66,26 @@ def init(rng, views, config, spec):
     return params, state
 
 
+def before_step(params, state, config):
+    """The key encoder's momentum update, once per optimizer step, before the loss
+    (as in MoCo: the step's keys come from the moved key encoder). Not inside the
+    loss: with config.accumulate_steps = A the loss runs on A micro-batches per
+    update, and the key encoder would then move A times (momentum m^A)."""
+    m = config.moco.momentum
+    key_params = jax.tree.map(lambda k, p: m * k + (1 - m) * p,
+                              state["key_params"], jax.lax.stop_gradient(params))
+    return dict(state, key_params=key_params)
+
+
 def loss(params, state, views, batch, rng, config, spec):
-    """Returns (loss, (metrics, new_state)); new_state holds the moved key encoder
-    and the queue with this global batch's keys enqueued (oldest replaced)."""
+    """Returns (loss, (metrics, new_state)); new_state holds the queue with this
+    batch's keys enqueued (oldest replaced). The key encoder, state["key_params"],
+    is used as given: the loop has moved it already (`before_step`)."""
     del batch, spec
     m, net = config.moco, _net(config)
     _, q, batch_stats = network.apply(net, params, state["batch_stats"], views["query"])
 
-    # Momentum update first, as in MoCo: keys come from the moved key encoder.
-    key_params = jax.tree.map(lambda k, p: m.momentum * k + (1 - m.momentum) * p,
-                              state["key_params"], jax.lax.stop_gradient(params))
+    key_params = state["key_params"]
     b = views["key"].shape[0]
     perm = jax.random.permutation(rng, b)
     _, k, key_batch_stats = network.apply(net, key_params, state["key_batch_stats"],
@@ -88,4 +104,5 @@ def loss(params, state, views, batch, rng, config, spec):
     return value, (metrics, new_state)
 
 
-METHOD = base.Method(views=views, init=init, loss=loss, check=check)
+METHOD = base.Method(views=views, init=init, loss=loss, check=check,
+                     before_step=before_step)
