@@ -8,8 +8,6 @@ batches an uninterrupted run would have seen next.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 
 import grain
@@ -17,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ssl_jax import parallel, storage
 from ssl_jax.errors import UserError
 
 
@@ -34,7 +33,7 @@ class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 2, async_save: bool = True):
         self._saving = None  # the step being written in the background, if any
         self.blocked_s, self.saves = 0.0, 0  # time the caller waited in save(), and count
-        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.dir = storage.path(workdir) / "checkpoints"  # local, or a bucket's gs://
         self.manager = ocp.CheckpointManager(
             self.dir,
             options=ocp.CheckpointManagerOptions(
@@ -70,7 +69,7 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # noqa: BLE001 -- orbax re-raises background errors as-is
-            complete = sorted(int(d) for d in os.listdir(self.dir) if d.isdigit())
+            complete = sorted(int(d.name) for d in self.dir.iterdir() if d.name.isdigit())
             kept = (f"the newest complete checkpoint is step {complete[-1]} in {self.dir}"
                     if complete else f"no complete checkpoint is in {self.dir}")
             raise CheckpointSaveError(
@@ -119,15 +118,18 @@ class Checkpointer:
                 "to start afresh.") from failed[0][1]
         return None, None
 
-    def _corrupt_dir(self) -> str:
-        return os.path.join(os.path.dirname(self.dir), "corrupt_checkpoints")
+    def _corrupt_dir(self):
+        return self.dir.parent / "corrupt_checkpoints"
 
     def _quarantine(self, steps) -> None:
+        """Process 0 moves the unreadable steps aside; every process then waits for it
+        before rereading the folder, so that none still sees them as the newest."""
         if jax.process_index() == 0:
-            os.makedirs(self._corrupt_dir(), exist_ok=True)
+            self._corrupt_dir().mkdir(parents=True, exist_ok=True)
             for s in steps:
-                dest = os.path.join(self._corrupt_dir(), f"{s}-{int(time.time())}")
-                shutil.move(os.path.join(self.dir, str(s)), dest)
+                storage.replace(self.dir / str(s),
+                                self._corrupt_dir() / f"{s}-{int(time.time())}")
+        parallel.sync("ssl_jax checkpoint quarantine")
         self.manager.reload()
 
     def restore_state_only(self, abstract_state, step: int | None = None,

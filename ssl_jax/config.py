@@ -21,6 +21,7 @@ import os
 
 import ml_collections
 
+from ssl_jax import storage
 from ssl_jax.errors import UserError
 
 UNITS = ("steps", "epochs", "examples")
@@ -184,19 +185,17 @@ def to_tuples(x):
 
 
 def save(config, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
+    (storage.path(workdir) / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
     """Reads back the config a training run stored in its workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.path(workdir) / "config.json"
+    if not path.exists():
         raise NoRunError(
             f"{path} not found: {workdir} is not a training workdir. Train first with "
             f"`python -m ssl_jax.train --config configs/simclr.py --workdir {workdir}`.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(to_tuples(json.load(f)))
+    return ml_collections.ConfigDict(to_tuples(json.loads(path.read_text())))
 
 
 def diff(a, b, prefix="") -> list[str]:

@@ -22,7 +22,6 @@ added within format version 1, so readers treat them as optional.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ssl_jax import checkpoint, errors, experiment, models, parallel
+from ssl_jax import checkpoint, errors, experiment, models, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax import eval as eval_lib
 from ssl_jax.data import sources
@@ -100,31 +99,31 @@ def write_export(workdir: str, out: str) -> dict:
                           "view": features.eval_view_config(config).to_dict(),
                           "dtype": "uint8"},
         "stages": models.stages(config.model.name, **network.encoder_kwargs(config.model)),
-        "source": {"workdir": os.path.abspath(workdir), "step": int(step),
+        "source": {"workdir": str(storage.path(workdir)), "step": int(step),
                    "method": config.method, "dataset": config.dataset},
         "data": {"dataset": config.dataset, "data_dir": config.data_dir,
                  "train_split": config.train_split, "num_classes": info["num_classes"]},
         "eval": dict(config.eval.to_dict(), seed=config.seed),
     }
-    os.makedirs(out, exist_ok=True)
+    out = storage.path(out)  # local, or a bucket's gs://
+    out.mkdir(parents=True, exist_ok=True)
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.abspath(os.path.join(out, "encoder")), variables, force=True)
+    ckpt.save(out / "encoder", variables, force=True)
     ckpt.wait_until_finished()
-    np.savez(os.path.join(out, "params.npz"), **_flat(variables))
-    with open(os.path.join(out, "export.json"), "w") as f:
-        json.dump(meta, f, indent=2, default=list)
+    with (out / "params.npz").open("wb") as f:
+        np.savez(f, **_flat(variables))
+    (out / "export.json").write_text(json.dumps(meta, indent=2, default=list))
     return meta
 
 
 def read_meta(out: str) -> dict:
     """export.json of `out`; errors when it is not an export, or a newer format."""
-    path = os.path.join(out, "export.json")
-    if not os.path.exists(path):
+    path = storage.path(out) / "export.json"
+    if not path.exists():
         raise errors.UserError(
             f"{path} not found: {out} is not an exported encoder. Write one with "
             "`python -m ssl_jax.export --workdir RUN --out OUT`.")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(path.read_text())
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise errors.UserError(
             f"{out} was exported with format version {meta['format_version']}; this ssl_jax "
@@ -140,7 +139,7 @@ def eval_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_spli
     data, source = meta.get("data", {}), meta.get("source", {})
     dataset = dataset or data.get("dataset") or source.get("dataset")
     if not dataset:
-        raise errors.UserError(f"{os.path.join(out, 'export.json')} names no dataset: pass "
+        raise errors.UserError(f"{storage.path(out) / 'export.json'} names no dataset: pass "
                                "--dataset (and --data_dir) to say what to evaluate on.")
     ev = dict(meta.get("eval", {}))
     seed = ev.pop("seed", 0)
@@ -163,6 +162,6 @@ def load_export(out: str, *, pool: str = "global", stages=None):
     meta = read_meta(out)
     model = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["model"]))
     encoder = network.make_encoder(model)
-    variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(out, "encoder")))
+    variables = ocp.StandardCheckpointer().restore(storage.path(out) / "encoder")
     view = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["preprocessing"]["view"]))
     return jax.jit(features.make_features_fn(encoder, view, pool, stages)), variables

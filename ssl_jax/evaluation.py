@@ -21,7 +21,7 @@ import time
 import jax
 
 from ssl_jax import config as cfg_lib
-from ssl_jax import encoders, models, parallel
+from ssl_jax import encoders, models, parallel, storage
 from ssl_jax import eval as eval_lib
 from ssl_jax.data import sources
 from ssl_jax.errors import UserError
@@ -152,7 +152,7 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
         key = dict(origin, weights=features.fingerprint(variables),
                    model=config.model.to_dict(), view=dict(view_cfg), pool=pool, stages=names,
                    dataset=config.dataset,
-                   data_dir=os.path.abspath(config.data_dir or sources.default_data_dir()))
+                   data_dir=str(storage.path(config.data_dir or sources.default_data_dir())))
     t0 = time.time()
     split_kw = dict(batch_size=config.eval.batch_size, mesh=mesh, stages=names, step=step,
                     cache_dir=os.path.join(results_dir, "features"))

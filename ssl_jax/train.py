@@ -19,7 +19,7 @@ import time
 import jax
 from absl import flags, logging
 
-from ssl_jax import checkpoint, cli, experiment, faults, parallel
+from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import pipeline, sources
 from ssl_jax.progress import Progress
@@ -43,16 +43,18 @@ def run(config, workdir: str):
     # would make the collectives combine different programs' values.
     parallel.agree(config.to_json(sort_keys=True), "configs")
     exp = experiment.Experiment(config, experiment.data_spec(config), mesh)
-    stored = os.path.join(workdir, "config.json")
-    experiment.check_same_config(config, cfg_lib.load(workdir) if os.path.exists(stored)
-                                 else None)
+    stored = storage.path(workdir) / "config.json"
+    experiment.check_same_config(config, cfg_lib.load(workdir) if stored.exists() else None)
     is_main = jax.process_index() == 0
 
     # ------------------------------------------------------------- workdir
-    os.makedirs(workdir, exist_ok=True)
+    # Local or a bucket (gs://: a pod's workers share it). Process 0 writes the
+    # run's files; every process writes its part of each checkpoint.
+    storage.path(workdir).mkdir(parents=True, exist_ok=True)
     if is_main:
         cfg_lib.save(config, workdir)
-        logging.get_absl_handler().use_absl_log_file("train", workdir)
+        if storage.is_local(workdir):  # absl writes local files only; else stderr
+            logging.get_absl_handler().use_absl_log_file("train", workdir)
 
     # --------------------------------------------------------------- input
     source = sources.open_source(config.dataset, config.train_split, config.data_dir,
@@ -81,10 +83,10 @@ def run(config, workdir: str):
     writer = metrics_log = None
     if is_main:
         from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
+        writer = SummaryWriter(str(storage.path(workdir) / "tb"))  # gs:// too
         # One JSON object per log step (and per online evaluation): what sweeps and
         # scripts read, without parsing TensorBoard events. Appended on resume.
-        metrics_log = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        metrics_log = storage.path(workdir) / "metrics.jsonl"
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
         print(f"{config.method}: {n_params / 1e6:.2f}M params, {total_steps} steps "
               f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
@@ -137,7 +139,6 @@ def run(config, workdir: str):
             if writer is not None:
                 try:
                     writer.close()
-                    metrics_log.close()
                 except OSError as e:  # a full disk must not hide the checkpoint's error
                     logging.warning("TensorBoard writer: %s", e)
     if is_main:
@@ -153,10 +154,10 @@ def run(config, workdir: str):
     return state, step < total_steps
 
 
-def _log_line(f, step: int, scalars: dict) -> None:
+def _log_line(path, step: int, scalars: dict) -> None:
     try:
-        f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        f.flush()
+        storage.append_text(
+            path, json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
     except OSError as e:  # a full disk is the checkpoint's error to report, not this log's
         logging.warning("metrics.jsonl: %s", e)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ssl_jax import parallel
+from ssl_jax import parallel, storage
 from ssl_jax.data import pipeline
 from ssl_jax.errors import UserError
 from ssl_jax.views import augment, ops
@@ -256,10 +256,10 @@ def cache_path(cache_dir: str, step: int, split: str, key: str) -> str:
 def load_cached(path: str, stages) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     """({stage: (N, D)}, labels (N,)) from `path`, or None when it is absent, or
     unreadable or incomplete (logged: the caller recomputes and overwrites it)."""
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with storage.path(path).open("rb") as raw, np.load(raw, allow_pickle=False) as f:
             labels = f["label"]
             feats = {s: f[f"feat/{s}"] for s in stages}
         if any(len(v) != len(labels) for v in feats.values()):
@@ -276,16 +276,17 @@ def save_cached(path: str, feats: dict[str, np.ndarray], labels: np.ndarray) -> 
     mid-write leaves no half file under `path`. Process 0 only."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    path = storage.path(path)  # local, or a bucket's gs://
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
             np.savez(f, label=labels, **{f"feat/{k}": v for k, v in feats.items()})
-        os.replace(tmp, path)
+        storage.replace(tmp, path)
     except OSError as e:  # a read-only or full disk costs the cache, not the evaluation
         logging.warning("Could not write the feature cache %s: %s", path, e)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def agree(hit: bool) -> bool:

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from ssl_jax import storage
 from ssl_jax.eval import knn
 
 TABLE_HEADER = ("| date | method | dataset | step | evaluator | stage | top-1 | top-5 |\n"
@@ -54,12 +55,12 @@ def show(name: str, r: dict, evaluator, dataset: str, test_split: str) -> None:
 
 def write(results_dir: str, config, name: str, r: dict, evaluator) -> None:
     """RESULTS/eval_<name>[_<pool>][_random_init].json and rows of RESULTS/results.md."""
-    os.makedirs(results_dir, exist_ok=True)
+    out = storage.path(results_dir)  # local, or a bucket's gs://
+    out.mkdir(parents=True, exist_ok=True)
     suffix = (("" if r["pool"] == "global" else f"_{r['pool']}")
               + ("_random_init" if r["random_init"] else ""))
-    with open(os.path.join(results_dir, f"eval_{name}{suffix}.json"), "w") as f:
-        json.dump(r, f, indent=2)
-    append_table(os.path.join(results_dir, "results.md"), config, name, r, evaluator.extra)
+    (out / f"eval_{name}{suffix}.json").write_text(json.dumps(r, indent=2))
+    append_table(out / "results.md", config, name, r, evaluator.extra)
 
 
 def append_table(path: str, config, name: str, record: dict,
@@ -68,18 +69,16 @@ def append_table(path: str, config, name: str, record: dict,
     (written with its header on first use): the file people read and paste.
     extra(stage record) -> {label: {"top1", "top5"}}: further rows of a stage,
     named "<name> <label>" (kNN's k=20)."""
-    new = not os.path.exists(path)
+    rows = [] if storage.path(path).exists() else [TABLE_HEADER]
     method = config.method + (" (random init)" if record["random_init"] else "")
-    with open(path, "a") as f:
-        if new:
-            f.write(TABLE_HEADER)
-        for stage, v in record["stages"].items():
-            more = [(f"{name} {k}", x) for k, x in extra(v).items()]
-            for what, w in [(name, v)] + more:
-                f.write(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
+    for stage, v in record["stages"].items():
+        more = [(f"{name} {k}", x) for k, x in extra(v).items()]
+        for what, w in [(name, v)] + more:
+            rows.append(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
                         f"{record['step']} | {what} (offline) | "
                         f"{label(stage, record.get('pool', 'global'))} | {w['top1']:.2f} | "
                         f"{w['top5']:.2f} |\n")
+    storage.append_text(path, "".join(rows))
 
 
 def plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
