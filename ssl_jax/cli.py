@@ -21,10 +21,12 @@ refuses, prints one line, `error: <message>`, on stderr and exits with status
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import NoReturn
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -118,12 +120,19 @@ def define_process_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for the "
                          "coordinator and the other processes before failing.",
                          flag_values=flag_values)
+    flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which the processes of a "
+                         "multi-process run give up on one that stopped answering (died, "
+                         "lost its network) and exit with an error.", flag_values=flag_values)
 
 
 def join_processes(flag_values=flags.FLAGS) -> None:
     """Joins the multi-process run the flags (or the environment) describe."""
     parallel.initialize(flag_values.coordinator, flag_values.num_processes,
-                        flag_values.process_id, timeout_s=flag_values.initialization_timeout)
+                        flag_values.process_id, timeout_s=flag_values.initialization_timeout,
+                        heartbeat_s=flag_values.heartbeat_timeout)
+
+
+EXIT_PEER_LOST = 3  # another process of a multi-process run died
 
 
 def _fail(e: Exception) -> NoReturn:
@@ -146,5 +155,17 @@ def run(main, config=None):
             return main(argv)
         except UserError as e:
             _fail(e)
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1 or not parallel.peer_lost(e):
+                raise
+            # Another process died (or its host left the network) and this one's
+            # collective failed. Say so in one line and leave at once: JAX's exit
+            # handler would wait for the dead process at a shutdown barrier, then abort.
+            print(f"error: process {jax.process_index()} of {jax.process_count()} lost "
+                  f"contact with the others ({str(e).strip().splitlines()[0]}). Another "
+                  "process died or lost its network: see its log. Restart every process with "
+                  "the same command to resume from the newest checkpoint.",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_PEER_LOST)
 
     app.run(main_or_fail, flags_parser=parse_or_fail)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -60,12 +63,42 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise UserError(f"--process_id {process_id} is not in [0, {num_processes}).")
         if num_processes == 1:
             return
+        if process_id == 0:
+            # If another process never comes, XLA's client aborts the process after
+            # timeout_s (a C++ fatal error Python cannot catch): this line says why.
+            print(f"Process 0 of {num_processes}: serving the coordinator on port {port}, "
+                  f"waiting up to {timeout_s} s for the other processes to join.",
+                  file=sys.stderr, flush=True)
+        else:
+            _wait_for_coordinator(host, int(port), timeout_s, process_id, num_processes)
         _join(dict(coordinator_address=coordinator, num_processes=num_processes,
                    process_id=process_id, **timeouts),
               f"as process {process_id} of {num_processes} with coordinator {coordinator}")
     elif (env.get("SSL_JAX_DISTRIBUTED") == "auto"
           or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")) or 1) > 1):
         _join(timeouts, "with the coordinator jax.distributed detected (SLURM / Cloud TPU)")
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float, process_id: int,
+                          num_processes: int) -> None:
+    """Waits until something listens at host:port, or raises a UserError. XLA's own
+    client would abort the process with a stack trace when it cannot connect in
+    time; a plain TCP connection tells the common mistakes (wrong address, a
+    firewall, process 0 not started) apart first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), port), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"Could not join the multi-process run as process {process_id} of "
+                    f"{num_processes}: nothing answered at the coordinator {host}:{port} "
+                    f"within {timeout_s} s ({e}). Check that process 0 is running with the "
+                    "same --coordinator, and that its HOST:PORT is reachable from this host "
+                    "(firewall, proxy variables).") from e
+            time.sleep(0.5)
 
 
 def _join(kwargs: dict, what: str) -> None:
@@ -94,6 +127,18 @@ def agree(value: str, what: str) -> None:
             f"The processes were given different {what}: process(es) {differ} differ from "
             "process 0. Start every process with the same code, config file and --config "
             "flags (launch/ does).")
+
+
+# What a collective says when the process at its other end is gone: Gloo's TCP
+# pair (CPU), NCCL (GPU), or the coordination service's heartbeat.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "heartbeat timeout",
+              "NCCL", "Gloo", "coordination service", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def peer_lost(e: Exception) -> bool:
+    """Whether `e`, raised by a computation of a multi-process run, says that another
+    process went away (rather than that this process's program is wrong)."""
+    return any(s in str(e) for s in _PEER_LOST)
 
 
 def sync(name: str) -> None:

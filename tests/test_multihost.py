@@ -1,0 +1,280 @@
+"""Multi-process runs for real: two `python -m ssl_jax.train` processes on 127.0.0.1
+joined by jax.distributed (CPU collectives: gloo), as launch/ starts them on a pod.
+
+What is pinned: a two-process run equals a one-process run with the same global
+batch and the same total device count, state leaf for state leaf and bit for bit
+(the data order does not depend on the process count: pipeline.py); both
+processes killed and restarted resume bitwise; a process that dies makes the other
+stop with an error within a bounded time; an unreachable coordinator and
+mismatched configs fail before anything is written; evaluate on two processes
+prints the one-process numbers.
+
+Every subprocess has a timeout: a hang is a failure here, never a stuck CI.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240  # per run; a tiny run takes ~20-60 s here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(method, workdir, data_dir, steps, *extra):
+    """A tiny run of `method` on the tiny_squares fixture through the real command line."""
+    args = ["--config", f"configs/{method}.py:dataset=fashion_mnist,runlocal",
+            "--workdir", workdir, "--config.dataset=tiny_squares",
+            f"--config.data_dir={data_dir}", "--config.batch_size=32",
+            "--config.model.widths=(4,8,8,16)", f"--config.total_steps={steps}",
+            "--config.log_every_steps=1", "--config.eval.batch_size=64"]
+    if method != "pirl":  # PIRL's heads are sized by its own runlocal preset
+        args += ["--config.head.hidden=16", "--config.head.dim=8"]
+    if method == "moco":
+        args += ["--config.moco.queue_size=64", "--config.moco.bn_groups=8"]
+    return args + list(extra)
+
+
+_STARTED = []  # every Group, so that a failed test leaves no process behind
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+    yield
+    while _STARTED:
+        _STARTED.pop().kill()
+
+
+class Group:
+    """`processes` copies of `python -m ssl_jax.<command>`, each seeing `devices` CPU
+    devices, joined through a coordinator on 127.0.0.1 (one plain process if 1)."""
+
+    def __init__(self, command, args, processes, devices, cache, extra_env=None,
+                 per_process=None):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_THREEFRY_PARTITIONABLE="0",  # conftest.fast_prng: 10x faster compiles
+                   **(extra_env or {}))
+        coordinator = f"127.0.0.1:{_free_port()}"
+        self.procs = []
+        _STARTED.append(self)
+        for i in range(processes):
+            flags = ([] if processes == 1 else
+                     ["--coordinator", coordinator, "--num_processes", str(processes),
+                      "--process_id", str(i), "--initialization_timeout", "60"])
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", f"ssl_jax.{command}", *args, *flags,
+                 *(per_process or {}).get(i, [])], cwd=ROOT,
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+    def wait(self, timeout=TIMEOUT_S):
+        """-> [(return code, output)] of every process; kills them all on timeout."""
+        deadline, results = time.time() + timeout, []
+        try:
+            for p in self.procs:
+                out, _ = p.communicate(timeout=max(1, deadline - time.time()))
+                results.append((p.returncode, out))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("a process did not exit in time:\n"
+                                 + "\n".join(p.communicate()[0][-3000:] for p in self.procs))
+        return results
+
+    def until(self, text, timeout=TIMEOUT_S, path=None):
+        """Blocks until process 0 prints a line containing `text` (and `path` exists,
+        checked at each line it prints); -> what it printed."""
+        deadline, out = time.time() + timeout, []
+        for line in self.procs[0].stdout:
+            out.append(line)
+            if text in "".join(out) and (path is None or os.path.exists(path)):
+                return "".join(out)
+            if time.time() > deadline:
+                break
+        self.kill()
+        raise AssertionError(f"never printed {text!r}:\n" + "".join(out)[-3000:])
+
+    def kill(self, sig=signal.SIGKILL):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+
+def _ok(results):
+    for rc, out in results:
+        assert rc == 0, out[-4000:]
+    return results[0][1]
+
+
+def _state(workdir, step=None) -> dict:
+    """{leaf path: numpy array} of the whole saved train state (params, optimizer
+    moments, BN statistics, queues, banks, step) at `step` (default: the newest)."""
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step() if step is None else step
+    path = os.path.join(manager.directory, str(step), "state")
+    manager.close()
+    tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+
+
+def _assert_same_state(a, b, exact=True):
+    """exact=False: to float32 rounding (rtol 1e-5), for runs whose cross-device sums
+    are ordered differently (see the sharded-state test); integer leaves stay exact."""
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    if exact:
+        assert not differ, f"{len(differ)} of {len(a)} state leaves differ, e.g. {differ[:4]}"
+    for k in a:
+        if a[k].dtype.kind in "iub":
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    print(f"{len(differ)} of {len(a)} state leaves differ in their last bits: {differ[:8]}")
+
+
+def _losses(out):
+    return [line.split("loss ")[1].split()[0] for line in out.splitlines()
+            if line.startswith("step ") and "loss " in line]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+# ------------------------------------------------- equal to one process, and resume
+
+def test_simclr_two_processes_equal_one_and_resume_after_sigterm(tiny_data, tmp_path, cache):
+    """2 processes x 1 device == 1 process x 2 devices; SIGTERM to both (a pod's
+    preemption) makes both save the same step and exit 75; the same command resumes
+    and ends bitwise equal; evaluate on 2 processes prints the 1-process numbers."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    steps = 16  # enough steps after the signal for the processes to agree on one
+    # The reference runs beside the two-process group: compiling is single-threaded.
+    ref = Group("train", _train_args("simclr", one, tiny_data, steps), 1, 2, cache)
+    group = Group("train", _train_args("simclr", two, tiny_data, steps), 2, 1, cache)
+    group.until("step 2/")
+    group.kill(signal.SIGTERM)
+    stopped = group.wait()
+    for rc, out in stopped:
+        assert rc == 75, out[-4000:]  # EX_TEMPFAIL: launch/slurm.sbatch requeues on it
+    assert "Preempted (SIGTERM) at step" in stopped[0][1]
+    at = int(stopped[0][1].split("Preempted (SIGTERM) at step ")[1].split("/")[0])
+    assert 2 <= at < steps
+    resumed = _ok(Group("train", _train_args("simclr", two, tiny_data, steps), 2, 1,
+                        cache).wait())
+    assert f"Resumed from step {at}" in resumed and f"Done: {steps} steps" in resumed
+    reference = _ok(ref.wait())
+    assert _losses(stopped[0][1])[:at] + _losses(resumed) == _losses(reference)
+    _assert_same_state(_state(two), _state(one))
+    # Only process 0 writes the run's files; both wrote their data-iterator state.
+    def files(workdir):  # less absl's log files, one per start of process 0
+        return sorted(f for f in os.listdir(workdir) if not f.startswith("train."))
+    assert files(two) == files(one)
+    assert len(os.listdir(two)) == len(files(two)) + 2  # two starts, process 0 only
+
+    evals = ["evaluate", "--eval", "knn", "--config.eval.knn.k=5"]
+    ev_one = Group(evals[0], [*evals[1:], "--workdir", one], 1, 2, cache)
+    ev_two = Group(evals[0], [*evals[1:], "--workdir", two], 2, 1, cache)
+    line = [next(l for l in _ok(g.wait()).splitlines() if "knn" in l and "%" in l)
+            for g in (ev_one, ev_two)]
+    assert line[0] == line[1]
+
+
+@pytest.mark.parametrize("method", ["moco", "pirl"])
+def test_sharded_state_methods_two_processes_equal_one_killed_and_restarted(
+        method, tiny_data, tmp_path, cache):
+    """MoCo (queue, key encoder, shuffle-BN across processes) and PIRL (its memory
+    bank sharded over all 8 devices of both processes): 2 processes x 4 devices ==
+    1 process x 8 devices. MoCo's processes are both SIGKILLed after a checkpoint
+    (a lost slice) and restarted: the resumed run still ends bitwise equal."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    steps, extra = 4, ["--config.ckpt_every_steps=2", "--config.keep_ckpts=4"]
+    ref = Group("train", _train_args(method, one, tiny_data, steps, *extra), 1, 8, cache)
+    if method == "moco":
+        group = Group("train", _train_args(method, two, tiny_data, 400, *extra), 2, 4, cache)
+        # Both killed once the step-2 checkpoint is complete (orbax renames its
+        # folder to "2" when every process's part is written).
+        group.until("step 3/", path=os.path.join(two, "checkpoints", "2"))
+        group.kill()
+        group.wait()
+        manager = ocp.CheckpointManager(os.path.join(two, "checkpoints"))
+        assert manager.latest_step() >= 2
+        manager.close()
+        # Resume a run of the same length as the reference's: drop the later steps.
+        for s in os.listdir(os.path.join(two, "checkpoints")):
+            if s.isdigit() and int(s) > 2:
+                shutil.rmtree(os.path.join(two, "checkpoints", s))
+        os.remove(os.path.join(two, "config.json"))  # the same run, only shorter
+    out = _ok(Group("train", _train_args(method, two, tiny_data, steps, *extra), 2, 4,
+                    cache).wait())
+    if method == "moco":
+        assert "Resumed from step 2" in out
+    reference = _ok(ref.wait())
+    assert _losses(out) == _losses(reference)[-len(_losses(out)):]
+    # Not bitwise: with 4 devices a process, an all-reduce sums each process's 4
+    # devices first and then the 2 processes (Gloo), a different order from one
+    # process's 8-way sum, so float32 sums may differ in their last bit.
+    _assert_same_state(_state(two), _state(one), exact=False)
+
+
+# ----------------------------------------------------------------- failures
+
+def test_a_dead_process_stops_the_other_at_once_with_one_line(tiny_data, tmp_path, cache):
+    group = Group("train", _train_args("simclr", str(tmp_path / "w"), tiny_data, 400,
+                                       "--heartbeat_timeout", "20"), 2, 1, cache)
+    group.until("step 2/")
+    group.procs[1].kill()
+    t0 = time.time()
+    rc, out = group.wait(timeout=60)[0]
+    # Gloo sees the closed connection at the next collective; were it missed, the
+    # coordination service's heartbeat (20 s here) would end the process.
+    assert time.time() - t0 < 45
+    assert rc == 3, out[-3000:]
+    assert "error: process 0 of 2 lost contact with the others" in out
+
+
+def test_unreachable_coordinator_fails_after_the_timeout_writing_nothing(tiny_data, tmp_path,
+                                                                         cache):
+    workdir = tmp_path / "w"
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "ssl_jax.train",
+         *_train_args("simclr", str(workdir), tiny_data, 4),
+         "--coordinator", f"127.0.0.1:{_free_port()}", "--num_processes", "2",
+         "--process_id", "1", "--initialization_timeout", "5"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "error: Could not join the multi-process run as process 1 of 2" in p.stderr
+    assert time.time() - t0 < 60
+    assert not workdir.exists()
+
+
+def test_processes_with_different_configs_refuse_to_start(tiny_data, tmp_path, cache):
+    workdir = tmp_path / "w"
+    # Process 1 has another learning rate, as a host with a stale flag would.
+    group = Group("train", _train_args("simclr", str(workdir), tiny_data, 4), 2, 1, cache,
+                  per_process={1: ["--config.optimizer.lr=0.5"]})
+    for rc, out in group.wait(timeout=120):
+        assert rc == 2, out[-3000:]
+        assert "The processes were given different configs: process(es) [1]" in out
+    assert not workdir.exists()
