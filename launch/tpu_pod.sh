@@ -95,12 +95,13 @@ target=(--zone "$zone" --project "$project" --worker=all)
 # The three remote steps. Each runs on every worker; `set -e` so that a failed
 # step stops there instead of training with half an installation.
 unpack="set -euo pipefail; rm -rf ~/ssl_jax; mkdir -p ~/ssl_jax; tar -xzf ~/ssl_jax.tar.gz -C ~/ssl_jax"
-# The marker file makes a re-run (after a preemption) skip the installation.
+# gcsfs: etils.epath's gs:// backend (workdir files); google-cloud-storage:
+# tensorboardX's. The marker file makes a re-run (after a preemption) skip the installation.
 install="set -euo pipefail; cd ~/ssl_jax; \
 [ -x ~/ssl_jax_venv/bin/python ] || $(quote "$REMOTE_PYTHON") -m venv ~/ssl_jax_venv; \
 if ! cmp -s requirements.txt ~/ssl_jax_venv/.installed-requirements; then \
 ~/ssl_jax_venv/bin/pip install -q --upgrade pip; \
-~/ssl_jax_venv/bin/pip install -q -r requirements.txt $(quote "jax[tpu]==$jax_version"); \
+~/ssl_jax_venv/bin/pip install -q -r requirements.txt $(quote "jax[tpu]==$jax_version") gcsfs google-cloud-storage; \
 cp requirements.txt ~/ssl_jax_venv/.installed-requirements; fi; \
 ~/ssl_jax_venv/bin/pip install -q --no-deps -e ."
 train="cd ~/ssl_jax && SSL_JAX_DISTRIBUTED=auto ~/ssl_jax_venv/bin/python -m ssl_jax.train $(quote "$@")"

@@ -104,7 +104,7 @@ def test_tpu_pod_dry_run_copies_installs_and_trains_on_every_worker():
     assert "tar -xzf ~/ssl_jax.tar.gz -C ~/ssl_jax" in unpack
     assert "pip install -q -r requirements.txt" in install
     assert shlex.split(install.split("-r requirements.txt ", 1)[1].split(";")[0]) == [
-        f"jax[tpu]=={JAX_VERSION}"]
+        f"jax[tpu]=={JAX_VERSION}", "gcsfs", "google-cloud-storage"]  # gs:// backends
     words = shlex.split(train)
     assert words[:6] == ["cd", "~/ssl_jax", "&&", "SSL_JAX_DISTRIBUTED=auto",
                          "~/ssl_jax_venv/bin/python", "-m"], train
