@@ -3,7 +3,8 @@
 Preemption. TPU VMs and SLURM send SIGTERM some seconds before killing a job.
 `Preemption` turns it into a flag the loop polls once per step: the loop then
 finishes the step it is in, writes a checkpoint of it (state + data iterator),
-waits for the write to complete and exits 0. Further SIGTERMs only set the flag
+waits for the write to complete, and train exits 75 (EX_TEMPFAIL: schedulers
+requeue on it). Further SIGTERMs only set the flag
 again, so they cannot interrupt the save. With several processes each host may
 see the signal at a different step; they agree on one through JAX's coordination
 service (`multihost_utils.reached_preemption_sync_point`, whose notifier
