@@ -136,7 +136,9 @@ def _state(workdir, step=None) -> dict:
 
 
 def _assert_same_state(a, b, exact=True):
-    """exact=False: to float32 rounding (rtol 1e-5), for runs whose cross-device sums
+    """exact=False: to float32 rounding grown over a few steps (rtol 1e-4, atol 1e-5;
+    Adam divides near-zero gradients by their own size, so a last-bit difference
+    there moves a parameter by up to ~1e-6 a step), for runs whose cross-device sums
     are ordered differently (see the sharded-state test); integer leaves stay exact."""
     assert a.keys() == b.keys()
     differ = [k for k in a if not np.array_equal(a[k], b[k])]
@@ -146,7 +148,7 @@ def _assert_same_state(a, b, exact=True):
         if a[k].dtype.kind in "iub":
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         else:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
     print(f"{len(differ)} of {len(a)} state leaves differ in their last bits: {differ[:8]}")
 
 
@@ -189,7 +191,7 @@ def test_simclr_two_processes_equal_one_and_resume_after_sigterm(tiny_data, tmp_
     def files(workdir):  # less absl's log files, one per start of process 0
         return sorted(f for f in os.listdir(workdir) if not f.startswith("train."))
     assert files(two) == files(one)
-    assert len(os.listdir(two)) == len(files(two)) + 2  # two starts, process 0 only
+    assert len([f for f in os.listdir(two) if ".log.INFO." in f]) == 2  # process 0, twice
 
     evals = ["evaluate", "--eval", "knn", "--config.eval.knn.k=5"]
     ev_one = Group(evals[0], [*evals[1:], "--workdir", one], 1, 2, cache)
