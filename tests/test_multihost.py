@@ -41,7 +41,10 @@ def _train_args(method, workdir, data_dir, steps, *extra):
     args = ["--config", f"configs/{method}.py:dataset=fashion_mnist,runlocal",
             "--workdir", workdir, "--config.dataset=tiny_squares",
             f"--config.data_dir={data_dir}", "--config.batch_size=32",
-            "--config.model.widths=(4,8,8,16)", f"--config.total_steps={steps}",
+            # Two tiny blocks and XLA's own convolution: each process compiles its
+            # programs (~20 s), which is most of a run's time here.
+            "--config.model.widths=(4,8)", "--config.model.conv=xla",
+            f"--config.total_steps={steps}",
             "--config.log_every_steps=1", "--config.eval.batch_size=64"]
     if method != "pirl":  # PIRL's heads are sized by its own runlocal preset
         args += ["--config.head.hidden=16", "--config.head.dim=8"]
@@ -201,41 +204,43 @@ def test_simclr_two_processes_equal_one_and_resume_after_sigterm(tiny_data, tmp_
     assert line[0] == line[1]
 
 
-@pytest.mark.parametrize("method", ["moco", "pirl"])
-def test_sharded_state_methods_two_processes_equal_one_killed_and_restarted(
-        method, tiny_data, tmp_path, cache):
-    """MoCo (queue, key encoder, shuffle-BN across processes) and PIRL (its memory
-    bank sharded over all 8 devices of both processes): 2 processes x 4 devices ==
-    1 process x 8 devices. MoCo's processes are both SIGKILLed after a checkpoint
-    (a lost slice) and restarted: the resumed run still ends bitwise equal."""
+def test_moco_two_processes_of_four_devices_equal_one_of_eight_after_both_are_killed(
+        tiny_data, tmp_path, cache):
+    """MoCo (queue, key encoder, shuffle-BN across processes): 2 processes x 4
+    devices == 1 process x 8 devices, after both processes were SIGKILLed once the
+    step-2 checkpoint was complete (a lost slice) and the same command restarted."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    steps, extra = 4, ["--config.ckpt_every_steps=2", "--config.keep_ckpts=4"]
-    ref = Group("train", _train_args(method, one, tiny_data, steps, *extra), 1, 8, cache)
-    if method == "moco":
-        group = Group("train", _train_args(method, two, tiny_data, 400, *extra), 2, 4, cache)
-        # Both killed once the step-2 checkpoint is complete (orbax renames its
-        # folder to "2" when every process's part is written).
-        group.until("step 3/", path=os.path.join(two, "checkpoints", "2"))
-        group.kill()
-        group.wait()
-        manager = ocp.CheckpointManager(os.path.join(two, "checkpoints"))
-        assert manager.latest_step() >= 2
-        manager.close()
-        # Resume a run of the same length as the reference's: drop the later steps.
-        for s in os.listdir(os.path.join(two, "checkpoints")):
-            if s.isdigit() and int(s) > 2:
-                shutil.rmtree(os.path.join(two, "checkpoints", s))
-        os.remove(os.path.join(two, "config.json"))  # the same run, only shorter
-    out = _ok(Group("train", _train_args(method, two, tiny_data, steps, *extra), 2, 4,
-                    cache).wait())
-    if method == "moco":
-        assert "Resumed from step 2" in out
+    args = lambda w: _train_args("moco", w, tiny_data, 8, "--config.ckpt_every_steps=2",  # noqa: E731
+                                 "--config.keep_ckpts=8")
+    ref = Group("train", args(one), 1, 8, cache)
+    group = Group("train", args(two), 2, 4, cache)
+    # orbax renames a checkpoint's folder to "2" once every process's part is written.
+    group.until("step 3/", path=os.path.join(two, "checkpoints", "2"))
+    group.kill()
+    group.wait()
+    # Restart from step 2 whatever the kill caught: later checkpoints go, as if
+    # the processes had died right after step 2's.
+    for s in os.listdir(os.path.join(two, "checkpoints")):
+        if s.isdigit() and int(s) > 2:
+            shutil.rmtree(os.path.join(two, "checkpoints", s))
+    out = _ok(Group("train", args(two), 2, 4, cache).wait())
+    assert "Resumed from step 2" in out
     reference = _ok(ref.wait())
-    assert _losses(out) == _losses(reference)[-len(_losses(out)):]
+    assert _losses(out) == _losses(reference)[2:]
     # Not bitwise: with 4 devices a process, an all-reduce sums each process's 4
     # devices first and then the 2 processes (Gloo), a different order from one
     # process's 8-way sum, so float32 sums may differ in their last bit.
     _assert_same_state(_state(two), _state(one), exact=False)
+
+
+def test_pirl_bank_sharded_over_two_processes_equals_one_process(tiny_data, tmp_path, cache):
+    """PIRL's memory bank sharded over the devices of two processes (rows written
+    and looked up across them): 2 x 1 device == 1 x 2 devices, bit for bit."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ref = Group("train", _train_args("pirl", one, tiny_data, 4), 1, 2, cache)
+    out = _ok(Group("train", _train_args("pirl", two, tiny_data, 4), 2, 1, cache).wait())
+    assert _losses(out) == _losses(_ok(ref.wait()))
+    _assert_same_state(_state(two), _state(one))
 
 
 # ----------------------------------------------------------------- failures
