@@ -147,7 +147,7 @@ def _sweep_cmd(root, data_dir, *more):
     return [sys.executable, "launch/sweep.py", "--config", CONFIG,
             "--sweep", "config.keep_ckpts=2,3", "--root", root, *more, "--",
             "--config.dataset=tiny_squares", f"--config.data_dir={data_dir}",
-            "--config.batch_size=32", "--config.model.widths=(4,8,8,16)",
+            "--config.batch_size=32", "--config.model.widths=(4,8)", "--config.model.conv=xla",
             "--config.head.hidden=16", "--config.head.dim=8", "--config.total_steps=80",
             "--config.ckpt_every_steps=10", "--config.log_every_steps=10",
             "--config.eval.knn.k=20", "--config.eval.train_examples=0"]
@@ -158,7 +158,8 @@ def test_real_sweep_interrupted_then_resumed(tiny_data, tmp_path):
     # the compilation cache, which is most of a tiny run's time.
     root = str(tmp_path / "sweep")
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_THREEFRY_PARTITIONABLE="0")  # conftest.fast_prng: faster compiles
     first = os.path.join(root, "keep_ckpts=2")
     p = subprocess.Popen(_sweep_cmd(root, tiny_data, "--eval", "knn"), cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
