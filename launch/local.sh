@@ -70,17 +70,9 @@ if [ -n "$devices" ]; then
                 "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices")
 fi
 
-readable() {  # the arguments as one line a shell reads back the same; legible
-  local word words=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      words+=("$word")
-    else
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# readable ARGS...: the arguments as one line a shell reads back the same.
+# shellcheck source=/dev/null
+source "$ROOT/launch/quoting.sh"
 
 if [ "$processes" -eq 1 ]; then
   cmd=(env "${environment[@]}" "$PYTHON" -m "ssl_jax.$command" "$@")

@@ -55,17 +55,9 @@ sbatch=(sbatch --nodes="$nodes" --ntasks-per-node=1 --time="$time_limit")
 sbatch+=(--export="ALL,SSL_JAX_ROOT=$ROOT,SSL_JAX_GPUS_PER_NODE=$gpus"
          "$ROOT/launch/slurm.sbatch" "$@")
 
-readable() {  # the arguments as one line a shell reads back the same; legible
-  local word words=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      words+=("$word")
-    else
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# readable ARGS...: the arguments as one line a shell reads back the same.
+# shellcheck source=/dev/null
+source "$ROOT/launch/quoting.sh"
 
 if [ "$dry_run" = 1 ]; then
   readable "${sbatch[@]}"

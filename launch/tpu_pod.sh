@@ -69,17 +69,9 @@ quote() {  # the arguments as one shell-quoted line
   echo "${line% }"
 }
 
-readable() {  # the arguments as one line a shell reads back the same; legible
-  local word words=()
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      words+=("$word")
-    else
-      words+=("'${word//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# readable ARGS...: the arguments as one line a shell reads back the same.
+# shellcheck source=/dev/null
+source "$ROOT/launch/quoting.sh"
 
 run() {  # runs a command, or only prints it with --dry_run
   if [ "$dry_run" = 1 ]; then
