@@ -141,6 +141,14 @@ def peer_lost(e: Exception) -> bool:
     return any(s in str(e) for s in _PEER_LOST)
 
 
+def every_process(flag: bool) -> bool:
+    """True only if `flag` is true on every process (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).min())
+
+
 def sync(name: str) -> None:
     """Waits until every process reaches this point (no-op with one process)."""
     if jax.process_count() > 1:

@@ -182,7 +182,8 @@ def split_features(fn, variables, source, split: str, limit: int, *, batch_size:
     if key is not None:
         path = cache_path(cache_dir, step, split, cache_key(split=split, max_examples=limit, **key))
         got = load_cached(path, stages)
-        if not agree(got is not None):
+        # Extraction is collective: either every process extracts or none does.
+        if not parallel.every_process(got is not None):
             got = None
     what = split if transform is None else f"{split}, augmented view seed {seed}"
     if got is not None:
@@ -256,10 +257,11 @@ def cache_path(cache_dir: str, step: int, split: str, key: str) -> str:
 def load_cached(path: str, stages) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     """({stage: (N, D)}, labels (N,)) from `path`, or None when it is absent, or
     unreadable or incomplete (logged: the caller recomputes and overwrites it)."""
-    if not storage.path(path).exists():
+    path = storage.path(path)  # local, or a bucket's gs://
+    if not path.exists():
         return None
     try:
-        with storage.path(path).open("rb") as raw, np.load(raw, allow_pickle=False) as f:
+        with path.open("rb") as raw, np.load(raw, allow_pickle=False) as f:
             labels = f["label"]
             feats = {s: f[f"feat/{s}"] for s in stages}
         if any(len(v) != len(labels) for v in feats.values()):
@@ -287,12 +289,3 @@ def save_cached(path: str, feats: dict[str, np.ndarray], labels: np.ndarray) -> 
         logging.warning("Could not write the feature cache %s: %s", path, e)
         if tmp.exists():
             tmp.unlink()
-
-
-def agree(hit: bool) -> bool:
-    """True only if every process found the cache: extraction is collective, so
-    either all processes extract or none does."""
-    if jax.process_count() == 1:
-        return hit
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.process_allgather(np.int32(hit)).min())
