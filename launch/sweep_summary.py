@@ -38,15 +38,10 @@ def write_point(workdir: str, state: dict) -> None:
 
 
 def latest_step(workdir: str) -> int | None:
-    """The newest complete checkpoint's step: orbax renames a step's folder to
-    its number only once written (a partial one is *.orbax-checkpoint-tmp*)."""
-    try:
-        names = os.listdir(os.path.join(workdir, "checkpoints"))
-    except OSError:
-        return None
-    steps = [int(n) for n in names if n.isdigit()
-             and os.path.isdir(os.path.join(workdir, "checkpoints", n))]
-    return max(steps) if steps else None
+    """The newest complete checkpoint's step, or None (ssl_jax/checkpoint.py)."""
+    from ssl_jax import checkpoint  # jax and orbax: only once a workdir is looked at
+    steps = checkpoint.complete_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def total_steps(config) -> int | None:

@@ -69,7 +69,7 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # noqa: BLE001 -- orbax re-raises background errors as-is
-            complete = sorted(int(d.name) for d in self.dir.iterdir() if d.name.isdigit())
+            complete = complete_steps(self.dir.parent)
             kept = (f"the newest complete checkpoint is step {complete[-1]} in {self.dir}"
                     if complete else f"no complete checkpoint is in {self.dir}")
             raise CheckpointSaveError(
@@ -159,6 +159,16 @@ class Checkpointer:
         with self._failures(self._saving):
             self.manager.wait_until_finished()
         self.manager.close()
+
+
+def complete_steps(workdir) -> list[int]:
+    """The steps of WORKDIR's complete checkpoints, ascending, without opening orbax:
+    orbax renames a step's folder to its number only once every part is written
+    (a partial one is `N.orbax-checkpoint-tmp-*`). [] when there is none."""
+    ckpts = storage.path(workdir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit() and d.is_dir())
 
 
 def abstract(tree, sharding) -> object:
