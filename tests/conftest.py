@@ -1,13 +1,56 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the test session's JAX settings."""
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
+import shutil
 import struct
+import tempfile
 
 import numpy as np
 import pytest
+
+# ------------------------------------------------------------- the session
+
+# Compiling, not running, is most of a tiny test's time (the suite is ~40 CPU-minutes
+# of XLA:CPU compiles on 2 cores). Two session-wide settings, made before any test
+# module imports jax and inherited by every subprocess (xdist workers, `python -m
+# ssl_jax.train` runs):
+# - one persistent compilation cache for the whole run, so a program compiled by one
+#   test (a resume, a second process, the same tiny probe) is loaded by the next;
+# - the non-partitionable threefry (see fast_prng), which compiles random draws ~10x
+#   faster. Tests that pin the default mode ask for it (default_prng).
+# The runner's own JAX_* variables win.
+_MADE_CACHE = None
+
+
+def pytest_configure(config):
+    global _MADE_CACHE
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller set them
+        return
+    os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _MADE_CACHE = tempfile.mkdtemp(prefix="ssl_jax_tests_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _MADE_CACHE
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    if _MADE_CACHE is not None:
+        shutil.rmtree(_MADE_CACHE, ignore_errors=True)
+
+
+# Longest first, so that two workers (run.sh: pytest -n 2 --dist loadfile) do not
+# end with one of them alone on a long module. Seconds on 2 cores, measured.
+_HEAVY_MODULES = ("test_multihost", "test_accumulate", "test_train", "test_faults",
+                  "test_sweep", "test_methods", "test_rotnet", "test_jigsaw", "test_pirl")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return _HEAVY_MODULES.index(name) if name in _HEAVY_MODULES else len(_HEAVY_MODULES)
+    items.sort(key=rank)  # stable: tests keep their order inside a module
 
 # ---------------------------------------------------------------------- data
 
@@ -101,6 +144,16 @@ def tiny_data(tmp_path_factory):
 # ---------------------------------------------------------------------- jit
 
 
+@pytest.fixture
+def default_prng():
+    """JAX's default (partitionable) threefry for one test: the mode users run in,
+    which the session otherwise replaces with the faster-compiling one."""
+    import jax
+
+    with jax.threefry_partitionable(True):
+        yield
+
+
 @pytest.fixture(scope="module")
 def fast_prng():
     """Non-partitionable threefry for a test module. This JAX's default
@@ -114,36 +167,19 @@ def fast_prng():
         yield
 
 
-@contextlib.contextmanager
-def _compilation_cache_at(path):
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = [getattr(jax.config, n) for n in names]
-    cc.reset_cache()
-    jax.config.update(names[0], str(path))
-    jax.config.update(names[1], 0.0)
-    try:
-        yield str(path)
-    finally:
-        cc.reset_cache()
-        for n, v in zip(names, old):
-            jax.config.update(n, v)
-
-
 @pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent compilation cache for one test: repeated train() calls
-    (train, crash, resume) compile the same programs, and compiling dominates
-    a tiny run's time. reset_cache: JAX memoises whether a cache is in use."""
-    with _compilation_cache_at(tmp_path / "xla_cache") as path:
-        yield path
+def compilation_cache():
+    """The session's persistent compilation cache folder (see pytest_configure):
+    repeated train() calls (train, crash, resume) load the programs compiled
+    first; subprocesses are pointed at it too."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir
 
 
 @pytest.fixture(scope="module")
-def module_compilation_cache(tmp_path_factory):
-    """compilation_cache shared by a module's tests (they train the same tiny
-    programs); its folder also serves the module's training subprocesses."""
-    with _compilation_cache_at(tmp_path_factory.mktemp("xla_cache")) as path:
-        yield path
+def module_compilation_cache():
+    """compilation_cache, for module-scoped fixtures."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir

@@ -13,7 +13,7 @@ def rgb(seed=0, shape=(12, 12, 3)):
     return jax.random.uniform(jax.random.key(seed), shape)
 
 
-def test_batch_views_shapes_dtype_determinism_and_keys():
+def test_batch_views_shapes_dtype_determinism_and_keys(default_prng):
     images = jax.random.randint(KEY, (6, 28, 28, 1), 0, 256).astype(jnp.uint8)
     cfg = augment.simclr_view_config(crop_size=(20, 20), mean=(0.5,), std=(0.25,), blur_p=0.5)
     f = jax.jit(lambda r, x: augment.batch_views(r, x, cfg))

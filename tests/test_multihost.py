@@ -161,8 +161,8 @@ def _losses(out):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("xla_cache"))
+def cache(module_compilation_cache):
+    return module_compilation_cache
 
 
 # ------------------------------------------------- equal to one process, and resume
