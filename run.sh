@@ -38,7 +38,7 @@ case "${1:-}" in
     setup
     # Two workers, a test module each (module fixtures compile once): the suite is
     # compile-bound and XLA compiles on one thread. SSL_JAX_TEST_WORKERS=0: in-process.
-    $PY -m pytest -q -n "${SSL_JAX_TEST_WORKERS:-2}" --dist loadfile tests "${@:2}"
+    $PY -m pytest -q -n "${SSL_JAX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "${@:2}"
     ;;
   *)
     echo "usage: ./run.sh demo [--config.field=value ...] | ./run.sh test [pytest args]" >&2

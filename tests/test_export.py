@@ -33,13 +33,13 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     workdir, out = str(tmp_path / "w"), str(tmp_path / "exported")
     final = jax.device_get(train.train(c, workdir))
     meta = export.export(workdir, out)
-    assert meta["source"]["step"] == c.total_steps and meta["stages"][-1] == "block4"
+    assert meta["source"]["step"] == c.total_steps and meta["stages"][-1] == "block2"
     assert meta["preprocessing"]["input_shape"] == [28, 28, 1]
     assert meta["data"] == {"dataset": "tiny_squares", "data_dir": tiny_data,
                             "train_split": "train", "num_classes": 10}
     assert meta["eval"]["knn"]["k"] == 20 and meta["eval"]["seed"] == c.seed
     with open(os.path.join(out, "export.json")) as f:
-        assert json.load(f)["model"]["widths"] == [4, 8, 8, 16]
+        assert json.load(f)["model"]["widths"] == [4, 8]
 
     # Features straight from the training checkpoint, in this process.
     mesh = parallel.make_mesh()
@@ -73,9 +73,9 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     monkeypatch.setattr(features, "extract",
                         lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     first = evaluation.evaluate(workdir, ("knn",))["knn"]
-    assert list(first["stages"]["block4"]["also"]) == ["k=5"]  # kNN at a further k
+    assert list(first["stages"]["block2"]["also"]) == ["k=5"]  # kNN at a further k
     with open(os.path.join(workdir, "results.md")) as f:
-        assert "| knn k=5 (offline) | block4 |" in f.read()
+        assert "| knn k=5 (offline) | block2 |" in f.read()
     assert len(calls) == 2 and capsys.readouterr().out.count("features: extracted") == 2
     cached = sorted(os.listdir(os.path.join(workdir, "features")))
     assert len(cached) == 2 and all(f.startswith(f"step{c.total_steps}_") for f in cached)
@@ -103,15 +103,15 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     with open(os.path.join(results, "eval_knn.json")) as f:
         assert json.load(f)["top1"] == first["top1"]
     with open(os.path.join(results, "results.md")) as f:
-        assert "| simclr | tiny_squares | 6 | knn (offline) | block4 |" in f.read()
+        assert "| simclr | tiny_squares | 6 | knn (offline) | block2 |" in f.read()
     assert len(os.listdir(os.path.join(results, "features"))) == 2
     # VISSL's grid pooling: 2 x 2 x 16 features, named in the record and the table.
     grid = evaluation.evaluate(exported=out, evals=("knn",), pool="avg2x2")["knn"]
-    assert grid["pool"] == "avg2x2" and "block4 (avg2x2) 64-d" in capsys.readouterr().out
+    assert grid["pool"] == "avg2x2" and "block2 (avg2x2) 32-d" in capsys.readouterr().out
     with open(os.path.join(out, "eval_knn_avg2x2.json")) as f:
         assert json.load(f)["pool"] == "avg2x2"
     with open(os.path.join(out, "results.md")) as f:
-        assert "| knn (offline) | block4 (avg2x2) |" in f.read()
+        assert "| knn (offline) | block2 (avg2x2) |" in f.read()
 
     # A newer format version is refused with a clear error.
     meta["format_version"] = encoders.FORMAT_VERSION + 1

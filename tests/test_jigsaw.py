@@ -151,7 +151,7 @@ def test_batch_jigsaw_shuffles_by_the_drawn_permutation():
 
 def tiny(c):
     """Shrinks a jigsaw config to seconds: 54 px grid crops, 16 px tiles, P=8."""
-    c.model.widths = (4, 8, 8, 16)
+    c.model.widths, c.model.conv = (4, 8), "xla"  # compiles in half the time
     c.head.hidden, c.head.dim = 16, 8
     c.jigsaw.num_perms = 8
     c.jigsaw.tiles.update(crop_size=(54, 54), tile_side=16)

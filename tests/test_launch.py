@@ -282,7 +282,7 @@ def test_local_two_processes_train_for_real(tiny_data, tmp_path):
                 "--config", "configs/simclr.py:dataset=fashion_mnist,runlocal",
                 "--workdir", workdir, "--config.dataset=tiny_squares",
                 f"--config.data_dir={tiny_data}", "--config.batch_size=16",
-                "--config.model.widths=(4,8,8,16)", "--config.head.hidden=16",
+                "--config.model.widths=(4,8)", "--config.model.conv=xla", "--config.head.hidden=16",
                 "--config.head.dim=8", "--config.total_steps=2", "--config.log_every_steps=1",
                 env=dict(SSL_JAX_PYTHON=sys.executable, JAX_THREEFRY_PARTITIONABLE="false"), timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

@@ -18,7 +18,7 @@ out["devices"] = len(jax.devices())
 images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1)), jnp.uint8)
 for name in ("simclr", "moco"):
     c = load_file(f"configs/{name}.py:runlocal")
-    c.model.widths = (4, 8, 8, 16)
+    c.model.widths, c.model.conv = (4, 8), "xla"  # compiles in half the time
     c.head.hidden, c.head.dim = 16, 8
     if name == "moco":
         c.moco.queue_size, c.moco.bn_groups = 64, 4

@@ -190,18 +190,18 @@ def test_loss_gradients_and_bn_state_equal_on_one_and_eight_devices(tmp_path):
 def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache, fast_prng):
     # compilation_cache (conftest.py): the three runs load one another's compiled steps.
     # The Fashion-MNIST config's encoder, tiny (NIN's multi-device test covers NIN).
-    c = _config(name="convnet", widths=(4, 8, 8, 16), dtype="float32", conv="im2col_wgrad")
+    c = _config(name="convnet", widths=(4, 8), dtype="float32", conv="xla")
     c.dataset, c.data_dir = "tiny_squares", tiny_data
     c.batch_size, c.total_steps, c.ckpt_every_steps, c.log_every_steps = 16, 6, 3, 3
     c.optimizer.decay_steps = (4,)  # the decay falls after the resume point
     c.eval.batch_size, c.eval.linear.epochs, c.eval.knn.k, c.eval.mlp.epochs = 64, 5, 20, 2
     _, resumed, workdir = train_crash_resume(c, tmp_path)
     assert sorted(resumed["params"]) == ["encoder", "head"]
-    assert resumed["params"]["head"]["Dense_0"]["kernel"].shape == (16, 4)
+    assert resumed["params"]["head"]["Dense_0"]["kernel"].shape == (8, 4)
 
     # RotNet's evaluation: linear and the paper's non-linear probe on every block.
     results = evaluation.evaluate(workdir, ("linear", "knn", "mlp"), stages="all")
     for name in ("linear", "knn", "mlp"):
         r = results[name]
         assert 0.0 <= r["top1"] <= r["top5"] <= 100.0 and r["step"] == 6
-        assert sorted(r["stages"]) == ["block1", "block2", "block3", "block4"]
+        assert sorted(r["stages"]) == ["block1", "block2"]
