@@ -23,7 +23,7 @@ import jax
 from ssl_jax import config as cfg_lib
 from ssl_jax import encoders, models, parallel, storage
 from ssl_jax import eval as eval_lib
-from ssl_jax.data import sources
+from ssl_jax.data import decode, sources
 from ssl_jax.errors import UserError
 from ssl_jax.eval import evaluators, features
 from ssl_jax.eval import results as results_lib
@@ -136,8 +136,9 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
         step = meta["source"]["step"]
         origin = {"step": int(step), "source": meta["source"]}
     results_dir = results_dir or workdir or exported
-    data = {split: sources.open_source(config.dataset, split, config.data_dir)
-               for split in (config.train_split, config.eval.test_split)}  # each decoded once
+    data = {split: sources.open_source(config.dataset, split, config.data_dir,
+                                       decode=decode.for_eval(config))
+            for split in (config.train_split, config.eval.test_split)}  # each decoded once
     # The variables features are extracted with, a zero-argument function called only
     # when some features must be extracted: a random init's BN statistics are then
     # measured, once; not at all when every split's features are cached.

@@ -47,25 +47,43 @@ import optax
 
 from ssl_jax import checkpoint, errors, faults, methods, optim, parallel
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import sources
+from ssl_jax.data import decode, sources
 from ssl_jax.dataspec import DataSpec
 from ssl_jax.eval import features, online
 from ssl_jax.methods import network
-from ssl_jax.views import augment
+from ssl_jax.views import augment, canvas
 
 
 def data_spec(config) -> DataSpec:
     """The train split's facts from the prepared dataset's metadata, without
-    decoding it (a sliced split, e.g. "train[:10%]", or images of varying size
-    read one record). Raises sources.DatasetNotFoundError when it is not prepared."""
+    decoding it (a sliced split, e.g. "train[:10%]", is opened to count it).
+    Images of varying size are decoded onto config.data.canvas-sized canvases.
+    Raises sources.DatasetNotFoundError when it is not prepared."""
     info = sources.dataset_info(config.dataset, config.data_dir)
-    n, shape = info["num_examples"].get(config.train_split), info["image_shape"]
-    if n is None or None in shape:
-        source = sources.open_source(config.dataset, config.train_split, config.data_dir,
-                                      memory_limit=0)
-        n, shape = len(source), source[0]["image"].shape
-    return DataSpec(num_examples=int(n), image_shape=tuple(shape),
-                    num_classes=info["num_classes"], class_names=tuple(info["class_names"]))
+    n, shape = info["num_examples"].get(config.train_split), tuple(info["image_shape"])
+    varying = None in shape[:2]
+    if varying:
+        size = canvas_size(config)
+        shape = (size, size, shape[-1] or 3)
+    if n is None:
+        n = len(sources.open_source(config.dataset, config.train_split, config.data_dir,
+                                    memory_limit=0, decode=decode.for_training(config)))
+    return DataSpec(num_examples=int(n), image_shape=shape, num_classes=info["num_classes"],
+                    class_names=tuple(info["class_names"]), varying_size=varying)
+
+
+def canvas_size(config) -> int:
+    """config.data.canvas, checked: the side of the canvas images of varying size
+    are decoded onto (views are cropped from them on device)."""
+    size = config.data.get("canvas", 512)  # a stored config from before the field
+    crop = max(config.aug.crop_size)
+    if isinstance(size, bool) or not isinstance(size, int) or size < crop:
+        raise errors.UserError(
+            f"config.data.canvas={size!r}: {config.dataset}'s images vary in size and are "
+            f"decoded onto a square canvas whose side must be an integer >= the crop "
+            f"({crop}); e.g. --config.data.canvas={max(512, 2 * crop)} (an image that does not "
+            "fit is shrunk to fit, so crops of it come from fewer pixels).")
+    return size
 
 
 def check_images(config, image_shape) -> None:
@@ -168,8 +186,13 @@ class Experiment:
             raise errors.UserError(f"config.nonfinite={config.nonfinite!r} unknown; valid: "
                                    f"{list(faults.POLICIES)}.")
         self.batch_sharding = parallel.batch_sharding(mesh)
-        self.sample = jax.ShapeDtypeStruct((config.batch_size,) + tuple(spec.image_shape),
-                                           jnp.uint8, sharding=self.batch_sharding)
+        # What a method's views get: a batch of images, or of canvases (varying sizes).
+        b, shard = config.batch_size, self.batch_sharding
+        self.sample = jax.ShapeDtypeStruct((b,) + tuple(spec.image_shape), jnp.uint8,
+                                           sharding=shard)
+        if spec.varying_size:
+            self.sample = canvas.Canvas(self.sample, jax.ShapeDtypeStruct((b, 2), jnp.int32,
+                                                                          sharding=shard))
         # Tracing the initialiser (no compilation) finds the model's and the views'
         # config mistakes (an unknown encoder, tiles too small for it, ...) here too.
         self.shapes = jax.eval_shape(self.init_state, self.sample)
@@ -177,7 +200,8 @@ class Experiment:
     # ------------------------------------------------------------ the state
 
     def init_state(self, images):
-        """images (B, H, W, C) uint8 -> the train state at step 0 (see the module docstring)."""
+        """images (B, H, W, C) uint8 (a canvas.Canvas for images of varying size) ->
+        the train state at step 0 (see the module docstring)."""
         params, method_state = init_model(self.config, self.spec, images)
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "opt_state": self.tx.init(params), "method_state": method_state}
@@ -197,8 +221,11 @@ class Experiment:
 
     def initial_state(self):
         with jax.set_mesh(self.mesh):
-            return jax.jit(self.init_state, out_shardings=self.state_sharding)(
-                jnp.zeros(self.sample.shape, jnp.uint8, device=self.batch_sharding))
+            images = jnp.zeros(self.sample.shape, jnp.uint8, device=self.batch_sharding)
+            if self.spec.varying_size:  # whole canvases: no empty crops
+                images = canvas.Canvas(images, jnp.full(
+                    (images.shape[0], 2), images.shape[1], jnp.int32, device=self.batch_sharding))
+            return jax.jit(self.init_state, out_shardings=self.state_sharding)(images)
 
     def restore(self, ckpt: checkpoint.Checkpointer, data_iter=None):
         """-> (state, step) of the newest readable checkpoint, data_iter restored in
@@ -254,8 +281,9 @@ class Experiment:
     def train_step(self):
         """-> jitted (state, batch) -> (state, metrics); the state is donated.
 
-        batch: {"image": (B, H, W, C) uint8, "index": (B,) int32, "label": (B,) int32}
-        sharded over the mesh's data axis; views are made on device inside the step.
+        batch: {"image": (B, H, W, C) uint8, "index": (B,) int32, "label": (B,) int32,
+        and "image_hw" (B, 2) int32 for canvases} sharded over the mesh's data axis;
+        views are made on device inside the step.
         The method sees batch["label"] only if it declares uses_labels.
         """
         config, method, tx, hook = self.config, self.method, self.tx, self.online
@@ -267,7 +295,8 @@ class Experiment:
                            in_shardings=(self.state_sharding, self.batch_sharding))
         def train_step(state, batch):
             r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
-            views = method.views(r_views, batch["image"], config)
+            images = canvas.images_of(batch)
+            views = method.views(r_views, images, config)
             facts = {"index": batch["index"]}
             if method.uses_labels:
                 facts["label"] = batch["label"]
@@ -283,8 +312,7 @@ class Experiment:
             new = {"params": params, "opt_state": opt_state, "method_state": method_state}
             if "online" in state:  # sees the encoder, never trains it
                 new["online"], online_metrics = hook.update(
-                    state["online"], encoder_variables(state), batch["image"],
-                    batch["label"])
+                    state["online"], encoder_variables(state), images, batch["label"])
                 metrics.update(online_metrics)
             old = {k: state[k] for k in new}
             new, flags = faults.guarded_update(loss, grads, new, old)

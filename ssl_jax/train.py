@@ -21,7 +21,7 @@ from absl import flags, logging
 
 from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import pipeline, sources
+from ssl_jax.data import decode, pipeline, sources
 from ssl_jax.progress import Progress
 
 FLAGS = flags.FLAGS
@@ -57,8 +57,14 @@ def run(config, workdir: str):
             logging.get_absl_handler().use_absl_log_file("train", workdir)
 
     # --------------------------------------------------------------- input
+    skip = config.data.get("skip_corrupt", False)
     source = sources.open_source(config.dataset, config.train_split, config.data_dir,
-                                  skip_corrupt=config.data.get("skip_corrupt", False))
+                                  skip_corrupt=skip, decode=decode.for_training(config))
+    # What the frozen-feature consumers (a memory bank's warm start, the online kNN)
+    # read: the same split, and for images of varying size the eval centre crop.
+    eval_source = source if not exp.spec.varying_size else sources.open_source(
+        config.dataset, config.train_split, config.data_dir, skip_corrupt=skip,
+        decode=decode.for_eval(config))
     data_iter = pipeline.train_iterator(
         source, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -70,7 +76,7 @@ def run(config, workdir: str):
     if state is None:
         state, start = exp.initial_state(), 0
         t0 = time.time()  # once, at step 0: a resume keeps its state
-        state = exp.warm_start(state, source)
+        state = exp.warm_start(state, eval_source)
         if is_main and exp.method.warm_start is not None:
             logging.info("%s warm start: %.1f s", config.method, time.time() - t0)
     elif is_main:
@@ -119,7 +125,7 @@ def run(config, workdir: str):
                     # online_knn (+ online_linear) on the test split; every process
                     # extracts its share of the features, the main one reports.
                     scalars = hook.evaluate(experiment.encoder_variables(state), state.get("online"),
-                                            source, mesh)
+                                            eval_source, mesh)
                     if is_main:
                         print("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
                               + f" at step {step}", flush=True)

@@ -297,15 +297,23 @@ def test_eval_batches_single_process_in_memory(tiny_dataset):
 
 # ------------------------------------------------- sizes and channels
 
-def test_image_size_resizes_and_keeps_channels(tiny_dataset):
-    data_dir, _ = tiny_dataset
+def test_decode_policies_keep_channels_and_one_size_datasets_ignore_them(tiny_dataset):
+    from ssl_jax.data import decode
+
+    data_dir, data = tiny_dataset
     for limit in (0, sources.MEMORY_LIMIT):
-        src = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=limit)
-        it = pipeline.train_iterator(src, global_batch_size=8, seed=0, image_size=4)
-        assert next(it)["image"].shape == (8, 4, 4, 3)
-    gray = sources.ArraySource(np.full((4, 10, 20, 1), 7, np.uint8), np.zeros(4, np.int32))
-    batch = sources.read_batch(gray, [0, 3], image_size=5)
-    assert batch["image"].shape == (2, 5, 5, 1) and (batch["image"] == 7).all()
+        src = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=limit,
+                                  decode=decode.ToCanvas(64))
+        batch = next(pipeline.train_iterator(src, global_batch_size=8, seed=0))
+        assert batch["image"].shape == (8, 6, 6, 3) and "image_hw" not in batch
+    png = arrays.encode_png(np.full((10, 20, 1), 7, np.uint8))
+    pixels, hw = decode.ToCanvas(24)(png, 1)
+    assert pixels.shape == (24, 24, 1) and hw == (10, 20)
+    assert (pixels[:10, :20] == 7).all() and not pixels[10:].any()
+    crop, _ = decode.CenterCrop(5)(png, 1)
+    assert crop.shape == (5, 5, 1) and (crop == 7).all()
+    rgb, _ = decode.CenterCrop(5)(png, 3)  # a grey image read as RGB: 3 equal channels
+    assert rgb.shape == (5, 5, 3) and (rgb == 7).all()
 
 
 def test_build_from_arrays_round_trips_grayscale(tmp_path):

@@ -27,10 +27,9 @@ from ssl_jax.errors import UserError
 class _Reader:
     """indices -> batch; a picklable class so pipelines can go to worker processes."""
     src: object
-    image_size: int | None = None
 
     def __call__(self, ix: np.ndarray) -> dict:
-        return read_batch(self.src, ix, self.image_size)
+        return read_batch(self.src, ix)
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -73,8 +72,7 @@ class _ShuffledBatches:
 
 def train_iterator(source, *, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   worker_count: int = 0, image_size: int | None = None
-                   ) -> grain.DatasetIterator:
+                   worker_count: int = 0) -> grain.DatasetIterator:
     """An endless, shuffled, checkpointable iterator over this process's batches.
 
     Every epoch is a new permutation of the split, seeded by (seed, epoch) and
@@ -84,8 +82,9 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     therefore the same for any process count.
 
     Yields {"image": (b, H, W, C) uint8, "label": (b,) int32, "index": (b,)
-    int32} with b = global_batch_size // process_count; `index` is the
-    example's index in the split. The iterator has get_state()/set_state()
+    int32} (and "image_hw" (b, 2) for canvas images, sources.read_batch) with
+    b = global_batch_size // process_count; `index` is the example's index in
+    the split. The iterator has get_state()/set_state()
     and works with grain.checkpoint.CheckpointSave/CheckpointRestore.
     worker_count > 0 reads in that many worker processes (spawned: a script
     needs an `if __name__ == "__main__":` guard).
@@ -102,7 +101,7 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     ds = (grain.MapDataset.range(n // global_batch_size)
           .repeat()
           .map_with_index(_ShuffledBatches(seed, process_index, process_count, n, b))
-          .map(_Reader(source, image_size)))
+          .map(_Reader(source)))
     # One reader thread overlaps reading with the training step; more threads
     # fight over the GIL (decoding is mostly Python) and slow reading down.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -116,8 +115,8 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
 
 
 def eval_batches(source, batch_size: int, process_index: int = 0,
-                 process_count: int = 1, *, num_examples: int | None = None,
-                 image_size: int | None = None) -> Iterator[dict]:
+                 process_count: int = 1, *, num_examples: int | None = None
+                 ) -> Iterator[dict]:
     """The first num_examples (default: all) of the split once, in order, in fixed-shape batches.
 
     batch_size is global, like train_iterator's. Global batch s holds
@@ -125,22 +124,25 @@ def eval_batches(source, batch_size: int, process_index: int = 0,
     b = batch_size // process_count rows, so the global batches, rows in
     process order, run through the split in order; every process gets the
     same number of batches (hosts stay in step). Yields {"image": (b, H, W,
-    C) uint8, "label": (b,) int32, "index": (b,) int32, "mask": (b,) bool};
-    padding rows have mask False, zero image and label, and index -1.
+    C) uint8, "label": (b,) int32, "index": (b,) int32, "mask": (b,) bool}
+    (and "image_hw" for canvas images); padding rows have mask False, zero
+    image and label, and index -1.
     """
     b = _local_batch(batch_size, process_count)
     n = len(source) if num_examples is None else min(num_examples, len(source))
     # Shapes for batches with no real rows, read once from a real record.
-    like = {k: v[:0] for k, v in read_batch(source, [0], image_size).items()} if n else {}
+    like = {k: v[:0] for k, v in read_batch(source, [0]).items()} if n else {}
 
     def batch(step: int) -> dict:
         first = step * batch_size + process_index * b
         ix = np.arange(first, min(n, first + b))
-        out = read_batch(source, ix, image_size) if len(ix) else dict(like)
+        out = read_batch(source, ix) if len(ix) else dict(like)
         pad = b - len(ix)
         out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
                for k, v in out.items()}
         out["index"][len(ix):] = -1
+        if "image_hw" in out:  # a padding row's canvas is all valid: no empty crops
+            out["image_hw"][len(ix):] = out["image"].shape[1:3]
         out["mask"] = np.arange(b) < len(ix)
         return out
 

@@ -1,52 +1,113 @@
 r"""Prepares a dataset on disk, offline, as TFDS array_record files.
 
-    python -m ssl_jax.data.prepare --dataset fashion_mnist --data_dir ~/tensorflow_datasets
+    python -m ssl_jax.data.prepare --dataset fashion_mnist [--data_dir ~/tensorflow_datasets]
+    python -m ssl_jax.data.prepare --dataset imagenet2012 --manual_dir DIR [--skip_bad_images]
+    python -m ssl_jax.data.prepare --dataset image_folder --manual_dir DIR --name NAME
 
-Running it again on a prepared dataset does nothing. Datasets that TFDS
-itself downloads (cifar10, imagenet2012, ...) are prepared in the same format
-by TFDS's own tool: `tfds build cifar10 --file_format=array_record`.
+- fashion_mnist: from Debian's IDX files (`apt-get install dataset-fashion-mnist`),
+  or --manual_dir (alias --source_dir) holding them (fashion_mnist.py).
+- imagenet2012: TFDS's imagenet2012, from ILSVRC2012_img_train.tar and
+  ILSVRC2012_img_val.tar downloaded from https://image-net.org/download-images
+  into --manual_dir (default <data_dir>/downloads/manual, as TFDS) (imagenet.py).
+- image_folder: a folder of one's own images, DIR/train/<class>/*.jpg (and
+  val/, test/) or DIR/<class>/*.jpg, as the dataset NAME (image_folder.py).
+
+Every image is decoded once; a bad one stops preparation with its name, or is
+left out with --skip_bad_images (counted at the end). A failed preparation
+leaves nothing that reads as prepared. Running it again on a prepared dataset
+does nothing: delete its folder (printed) to prepare it anew. Other datasets
+that TFDS itself downloads (cifar10, ...) are prepared in the same format by
+TFDS's own tool: `tfds build cifar10 --file_format=array_record`.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 from absl import app, flags
 
-from ssl_jax.data import fashion_mnist, sources
+from ssl_jax.data import fashion_mnist, image_folder, imagenet, sources
 from ssl_jax.errors import UserError
 
-# dataset name -> builder class taking data_dir= and source_dir= (None: its default).
+# dataset -> builder class (or factory) taking data_dir= and the options of OPTIONS.
 BUILDERS = {
     "fashion_mnist": fashion_mnist.FashionMnist,
+    "imagenet2012": imagenet.Imagenet2012,
+    "image_folder": image_folder.ImageFolder,
+}
+# The options each builder takes, beyond data_dir.
+OPTIONS = {
+    "fashion_mnist": ("source_dir",),
+    "imagenet2012": ("manual_dir", "skip_bad_images"),
+    "image_folder": ("manual_dir", "name", "skip_bad_images"),
 }
 
 
-def prepare(dataset: str, data_dir: str | None = None,
-            source_dir: str | None = None) -> tuple[str, bool]:
-    """Builds `dataset` under data_dir unless it is there already.
-
-    Returns (the dataset's directory, whether it was built now).
-    """
+def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | None = None, *,
+                 manual_dir: str | None = None, name: str | None = None,
+                 skip_bad_images: bool = False):
+    """The builder of `dataset`; source_dir and manual_dir are one option, two names."""
     if dataset not in BUILDERS:
         raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
-    builder = BUILDERS[dataset](data_dir=data_dir or sources.default_data_dir(),
-                                source_dir=source_dir)
+    if source_dir and manual_dir and source_dir != manual_dir:
+        raise UserError("--source_dir and --manual_dir name one folder: give one of them.")
+    folder = manual_dir or source_dir
+    given = {"source_dir": folder, "manual_dir": folder, "name": name,
+             "skip_bad_images": skip_bad_images}
+    if dataset == "image_folder":
+        if not name:
+            raise UserError("--dataset image_folder needs --name NAME, the dataset's name "
+                            "(lowercase letters, digits, underscores).")
+        if not folder:
+            raise UserError("--dataset image_folder needs --manual_dir, the folder of images.")
+    for option in ("name", "skip_bad_images"):
+        if given[option] and option not in OPTIONS[dataset]:
+            raise UserError(f"--{option} is for "
+                            f"{' and '.join(d for d, o in OPTIONS.items() if option in o)}, "
+                            f"not {dataset}.")
+    kwargs = {o: given[o] for o in OPTIONS[dataset]}
+    return BUILDERS[dataset](data_dir=data_dir or sources.default_data_dir(), **kwargs)
+
+
+def build(builder) -> tuple[str, bool]:
+    """Prepares the builder's dataset unless it is there -> (its folder, whether built now)."""
     if builder.is_prepared():
         return str(builder.data_path), False
     builder.download_and_prepare()
     return str(builder.data_path), True
 
 
+def prepare(dataset: str, data_dir: str | None = None, source_dir: str | None = None,
+            **options) -> tuple[str, bool]:
+    """Builds `dataset` under data_dir unless it is there already.
+
+    options: manual_dir, name, skip_bad_images (see make_builder).
+    Returns (the dataset's directory, whether it was built now).
+    """
+    return build(make_builder(dataset, data_dir, source_dir, **options))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    name, t = flags.FLAGS.dataset, time.perf_counter()
-    path, built = prepare(name, flags.FLAGS.data_dir, flags.FLAGS.source_dir)
-    if built:
-        print(f"Prepared {name} in {path} in {time.perf_counter() - t:.1f} s.")
-    else:
+    f, t = flags.FLAGS, time.perf_counter()
+    try:
+        builder = make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
+                               name=f.name, skip_bad_images=f.skip_bad_images)
+        path, built = build(builder)
+    except (UserError, fashion_mnist.IdxError) as e:  # the user can fix it: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    name = builder.name
+    if not built:
         print(f"{name} is already prepared in {path}; nothing to do "
-              f"({time.perf_counter() - t:.1f} s).")
+              f"({time.perf_counter() - t:.1f} s). Delete that folder to prepare it anew.")
+        return
+    counts = ", ".join(f"{s}: {v.num_examples}" for s, v in builder.info.splits.items())
+    print(f"Prepared {name} in {path} in {time.perf_counter() - t:.1f} s ({counts}).")
+    bad = getattr(builder, "bad_images", [])
+    if bad:
+        print(f"Left out {len(bad)} bad image(s) (--skip_bad_images):\n  " + "\n  ".join(bad))
 
 
 if __name__ == "__main__":
@@ -54,6 +115,14 @@ if __name__ == "__main__":
     flags.DEFINE_enum("dataset", None, list(BUILDERS), "Dataset to prepare.")
     flags.DEFINE_string("data_dir", None,
                         "TFDS data directory; default $TFDS_DATA_DIR or ~/tensorflow_datasets.")
-    flags.DEFINE_string("source_dir", None, "Directory of the raw files; default: the builder's.")
+    flags.DEFINE_string("manual_dir", None,
+                        "Folder of the files downloaded by hand (imagenet2012: the ILSVRC2012 "
+                        "tars; image_folder: the images; fashion_mnist: the IDX files). "
+                        "Default: the builder's.")
+    flags.DEFINE_string("source_dir", None, "Alias of --manual_dir (fashion_mnist's name).")
+    flags.DEFINE_string("name", None, "image_folder: the dataset's name (e.g. my_images).")
+    flags.DEFINE_bool("skip_bad_images", False,
+                      "Leave out images that are empty or do not decode (each is logged, the "
+                      "count printed at the end) instead of stopping at the first.")
     flags.mark_flag_as_required("dataset")
     app.run(main)

@@ -7,7 +7,10 @@ Nothing here knows a particular dataset: any TFDS dataset with `image` and
 `label` features prepared with file_format="array_record" (fashion_mnist,
 cifar10, imagenet2012, ...) reads the same way. A small split is decoded into
 memory once (`ArraySource`); a large one is read lazily, record by record
-(`CheckedSource`, which names an unreadable record or skips it).
+(`CheckedSource`, which names an unreadable record or skips it). Images of
+varying size (imagenet2012, image folders) are read as their encoded bytes and
+decoded by a policy of data/decode.py (`DecodedSource`): whole onto a canvas for
+training (batches then carry "image_hw"), or the eval centre crop.
 
 Records are read a batch of indices at a time: array_record's `__getitems__`
 on a list costs several times less per record than `__getitem__`.
@@ -22,7 +25,6 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import Image
 
 from ssl_jax.errors import UserError
 
@@ -90,17 +92,23 @@ class ArraySource:
     """A split decoded into memory; a grain random-access source.
 
     image: (N, H, W, C) uint8; label: (N,) int32; row i is record i of the split,
-    or record index[i] when `index` is given (corrupt records were skipped).
+    or record index[i] when `index` is given (corrupt records were skipped);
+    hw: (N, 2) int32, the valid size of each canvas image (DecodedSource with
+    ToCanvas), or None.
     """
     image: np.ndarray
     label: np.ndarray
     index: np.ndarray | None = None
+    hw: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.image[i], "label": self.label[i]}
+        out = {"image": self.image[i], "label": self.label[i]}
+        if self.hw is not None:
+            out["image_hw"] = self.hw[i]
+        return out
 
     def __getitems__(self, ix: Sequence[int]) -> list[dict]:
         return [self[i] for i in ix]
@@ -136,6 +144,37 @@ class CheckedSource:
         return self.src.dataset_info
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecodedSource:
+    """Records whose "image" is encoded bytes, decoded by `decode` (a data/decode.py
+    policy) into `channels` channels; with a canvas policy each record gains
+    "image_hw" (2,) int32. A decoding error raises (CheckedSource, around it,
+    names the record)."""
+    src: object
+    decode: object
+    channels: int
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, ix: Sequence[int]) -> list[dict]:
+        out = []
+        for r in self.src.__getitems__(list(ix)):
+            image, hw = self.decode(r["image"], self.channels)
+            r = dict(r, image=image)
+            if hw is not None:
+                r["image_hw"] = np.asarray(hw, np.int32)
+            out.append(r)
+        return out
+
+    @property
+    def dataset_info(self):
+        return self.src.dataset_info
+
+
 def read_records(src, ix: list[int], name: str, skip: bool) -> tuple[list[dict], list[int]]:
     """Reads records ix of a random-access source -> (records, the indices read).
 
@@ -165,21 +204,33 @@ def read_records(src, ix: list[int], name: str, skip: bool) -> tuple[list[dict],
 
 
 def open_source(dataset: str, split: str, data_dir: str | None = None, *,
-                memory_limit: int = MEMORY_LIMIT, skip_corrupt: bool = False):
+                memory_limit: int = MEMORY_LIMIT, skip_corrupt: bool = False, decode=None):
     """A grain random-access source over one split of a prepared TFDS dataset.
 
     A split whose decoded images take at most `memory_limit` bytes is decoded
-    once into an ArraySource; a bigger one, or one whose image sizes vary, is
-    read lazily from array_record (memory_limit=0: always lazily). `split`
-    takes TFDS's slicing syntax too ("train[:10%]").
+    once into an ArraySource; a bigger one is read lazily from array_record
+    (memory_limit=0: always lazily). `split` takes TFDS's slicing syntax too
+    ("train[:10%]"). decode: how images of varying size are decoded (a
+    data/decode.py policy: ToCanvas for training, CenterCrop for evaluation);
+    required for such a dataset, ignored for one whose images are all one size.
     Raises DatasetNotFoundError (a ValueError) naming the command that prepares it,
     and CorruptRecordError naming an unreadable record (skip_corrupt: skip it).
     """
     _, data_dir = _prepared_builder(dataset, data_dir)
-    src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     name = f"{dataset} {split} in {data_dir}"
+    src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
     shape = src.dataset_info.features["image"].shape
-    if None in shape or len(src) * int(np.prod(shape)) > memory_limit:
+    if None in shape[:2]:
+        if decode is None:
+            raise ValueError(f"The images of {dataset} vary in size: open_source needs a "
+                             "decode policy (data/decode.py).")
+        channels = shape[-1] or 3
+        raw = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False,
+                               decoders={"image": tfds.decode.SkipDecoding()})
+        src, per_image = DecodedSource(raw, decode, channels), decode.decoded_bytes(channels)
+    else:
+        per_image = int(np.prod(shape))
+    if len(src) * per_image > memory_limit:
         return CheckedSource(src, name, skip_corrupt)
     t = time.perf_counter()
     mem = load_into_memory(src, name, skip_corrupt)
@@ -205,7 +256,9 @@ def load_into_memory(src, name: str = "the source", skip_corrupt: bool = False) 
         raise CorruptRecordError(f"No record of {name} can be read: re-prepare the dataset.")
     return ArraySource(image=np.concatenate([p["image"] for p in parts]),
                        label=np.concatenate([p["label"] for p in parts]),
-                       index=None if len(kept) == len(src) else np.asarray(kept, np.int32))
+                       index=None if len(kept) == len(src) else np.asarray(kept, np.int32),
+                       hw=(np.concatenate([p["image_hw"] for p in parts])
+                           if "image_hw" in parts[0] else None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,43 +273,32 @@ class _Records:
         return [self.records[i] for i in ix]
 
 
-def _fit(image: np.ndarray, size: int) -> np.ndarray:
-    """(h, w, C) -> (size, size, C): shorter side resized to `size`, centre crop."""
-    h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return image
-    nh, nw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    out = np.asarray(pil.resize((nw, nh), Image.BILINEAR)).reshape(nh, nw, -1)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return out[top:top + size, left:left + size]
-
-
-def read_batch(src, ix, image_size: int | None = None) -> dict:
+def read_batch(src, ix) -> dict:
     """Reads records ix (b,) of a random-access source.
 
     Returns {"image": (b, H, W, C) uint8, "label": (b,) int32, "index": (b,)
-    int32}. With image_size, every image is resized (shorter side) and
-    centre-cropped to (image_size, image_size): for datasets whose sizes vary.
+    int32}, and "image_hw": (b, 2) int32 for canvas images (DecodedSource with
+    ToCanvas).
     """
     ix = np.asarray(ix, np.int64)
+    out = {}
     if isinstance(src, ArraySource):
         images, labels = src.image[ix], src.label[ix]
+        if src.hw is not None:
+            out["image_hw"] = src.hw[ix]
         if src.index is not None:
             ix = src.index[ix]
-        if image_size is not None and images.shape[1:3] != (image_size, image_size):
-            images = np.stack([_fit(im, image_size) for im in images])
     else:
         records = src.__getitems__(ix.tolist())
         # The channel axis stays even for features stored without one.
         images = [r["image"].reshape(r["image"].shape[:2] + (-1,)) for r in records]
-        if image_size is not None:
-            images = [_fit(im, image_size) for im in images]
         if len({im.shape for im in images}) > 1:
-            raise ValueError("Images of different sizes in one batch: pass image_size "
-                             "to bring them to one size.")
+            raise ValueError("Images of different sizes in one batch: open the source "
+                             "with a decode policy (data/decode.py).")
         images = np.stack(images)
         labels = np.array([r["label"] for r in records])
+        if records and "image_hw" in records[0]:
+            out["image_hw"] = np.stack([r["image_hw"] for r in records]).astype(np.int32)
     return {"image": images.astype(np.uint8, copy=False),
             "label": labels.astype(np.int32, copy=False),
-            "index": ix.astype(np.int32)}
+            "index": ix.astype(np.int32), **out}

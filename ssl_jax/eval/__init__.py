@@ -17,6 +17,9 @@ def defaults(test_split: str = "test") -> ml_collections.ConfigDict:
         test_split=test_split, batch_size=512, train_examples=0,
         # The eval view's size; None = the training crop (aug.crop_size).
         crop_size=config_dict.placeholder(tuple),
+        # Images of varying size: the centre crop keeps this fraction of the shorter
+        # side (the papers' resize to 256, crop 224).
+        crop_fraction=0.875,
         # batch 256 / lr 0.3: within 0.2% of the L-BFGS optimum of the probe's objective
         # on the demo's features (batch 1024 / lr 0.1 stopped 5% above it); the weight
         # decay is chosen per stage on a held-out 10% of train. augment.views > 0: fit

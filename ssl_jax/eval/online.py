@@ -29,7 +29,7 @@ import optax
 
 from ssl_jax import errors
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import sources
+from ssl_jax.data import decode, sources
 from ssl_jax.eval import features, knn
 
 
@@ -106,7 +106,8 @@ class OnlineProbes:
         every process extracts its share of the features; all get the numbers."""
         c = self.config
         if self._test_source is None:
-            self._test_source = sources.open_source(c.dataset, c.eval.test_split, c.data_dir)
+            self._test_source = sources.open_source(c.dataset, c.eval.test_split, c.data_dir,
+                                                    decode=decode.for_eval(c))
         kw = dict(batch_size=c.eval.batch_size, mesh=mesh)
         xtr, ytr = features.extract(self.features_fn, variables, train_source,
                                     max_examples=c.online.knn_train_examples, **kw)

@@ -21,6 +21,7 @@ import ml_collections
 
 from ssl_jax.config import nearest_keys
 from ssl_jax.errors import UserError
+from ssl_jax.views import canvas
 from ssl_jax.views.colour import color_jitter, random_grayscale
 from ssl_jax.views.ops import (center_crop_resize, gaussian_blur, normalize,
                                random_crop_with_padding, random_flip,
@@ -102,11 +103,13 @@ def _fields(cfg) -> dict:
 def view(rng, image, cfg):
     """One augmented view of one example.
 
-    image: (H, W, C) or (H, W) uint8 (or float in [0, 1]) -> (h, w, C) float32,
-    normalised with cfg.mean / cfg.std. cfg: a view config (ConfigDict or dict);
-    missing fields take DEFAULTS.
+    image: (H, W, C) or (H, W) uint8 (or float in [0, 1]), or a canvas.Canvas
+    (pixels (S, S, C), hw (2,): an image of varying size, cropped from its valid
+    region) -> (h, w, C) float32, normalised with cfg.mean / cfg.std. cfg: a view
+    config (ConfigDict or dict); missing fields take DEFAULTS.
     """
     c = _fields(cfg)
+    image, hw = canvas.split(image)
     x = image.astype(jnp.float32)
     if image.dtype == jnp.uint8:
         x = x / 255.0
@@ -117,12 +120,16 @@ def view(rng, image, cfg):
     k_crop, k_flip, k_jit, k_gray, k_blur, k_sol = jax.random.split(rng, 6)
     out_size = tuple(c["crop_size"])
     if c["crop"] == "resized":
-        x = random_resized_crop(k_crop, x, out_size, c["crop_scale"], c["crop_ratio"])
+        x = random_resized_crop(k_crop, x, out_size, c["crop_scale"], c["crop_ratio"], hw)
     elif c["crop"] == "padded":
+        if hw is not None:
+            raise UserError("crop='padded' (the CIFAR crop) keeps the input's size, and this "
+                            "dataset's images vary in size: use crop='resized' (set "
+                            "--config.aug.crop=resized and crop_scale).")
         x = random_crop_with_padding(k_crop, x, c["crop_pad"]) if c["crop_pad"] else x
     elif c["crop"] == "center":
-        if c["crop_frac"] != 1.0 or out_size != x.shape[:2]:
-            x = center_crop_resize(x, out_size, c["crop_frac"])
+        if hw is not None or c["crop_frac"] != 1.0 or out_size != x.shape[:2]:
+            x = center_crop_resize(x, out_size, c["crop_frac"], hw)
     else:
         raise UserError(f"crop must be 'resized', 'padded' or 'center', got {c['crop']!r}")
     if c["flip_p"] > 0:
@@ -136,7 +143,8 @@ def view(rng, image, cfg):
 
 
 def batch_views(rng, images, cfg):
-    """One view per example: images (B, H, W, C) or (B, H, W) uint8 ->
-    (B, h, w, C) float32, each example with its own key from split(rng, B)."""
+    """One view per example: images (B, H, W, C) or (B, H, W) uint8, or a
+    canvas.Canvas of B images -> (B, h, w, C) float32, each example with its own
+    key from split(rng, B)."""
     keys = jax.random.split(rng, images.shape[0])
     return jax.vmap(lambda k, x: view(k, x, cfg))(keys, images)

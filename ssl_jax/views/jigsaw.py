@@ -37,7 +37,7 @@ import numpy as np
 
 from ssl_jax.config import nearest_keys
 from ssl_jax.errors import UserError
-from ssl_jax.views import augment, ops
+from ssl_jax.views import augment, canvas, ops
 
 GRID = 3
 NUM_TILES = GRID * GRID
@@ -167,12 +167,14 @@ def tile_geometry(cfg) -> tuple[tuple[int, int], int, int]:
 def tiles(rng, image, cfg):
     """The 9 tiles of one image, in reading order (row-major over the 3x3 grid).
 
-    image: (H, W, C) or (H, W) uint8 (or float in [0, 1]); cfg: tile_view_config.
+    image: (H, W, C) or (H, W) uint8 (or float in [0, 1]), or a canvas.Canvas
+    (the crop then comes from its valid region); cfg: tile_view_config.
     Returns (9, t, t, C) float32, t = cfg.tile_size or cfg.tile_side.
     """
     # Missing fields take the defaults; unknown ones raise.
     cfg = tile_view_config(**(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)).to_dict()
     (cell_h, cell_w), side, size = tile_geometry(cfg)
+    image, hw = canvas.split(image)
     x = image.astype(jnp.float32)
     if image.dtype == jnp.uint8:
         x = x / 255.0
@@ -181,9 +183,10 @@ def tiles(rng, image, cfg):
     k_crop, k_offset, k_aug = jax.random.split(rng, 3)
     crop_size = tuple(cfg["crop_size"])
     if cfg["crop"] == "resized":
-        crop = ops.random_resized_crop(k_crop, x, crop_size, cfg["crop_scale"], cfg["crop_ratio"])
+        crop = ops.random_resized_crop(k_crop, x, crop_size, cfg["crop_scale"], cfg["crop_ratio"],
+                                       hw)
     else:
-        crop = ops.center_crop_resize(x, crop_size, cfg["crop_frac"])
+        crop = ops.center_crop_resize(x, crop_size, cfg["crop_frac"], hw)
 
     # Integer offsets inside the cells; pixels past 3 * cell (crop side not a
     # multiple of 3) are never used.
@@ -214,7 +217,8 @@ def tiles(rng, image, cfg):
 def batch_jigsaw(rng, images, cfg, perms):
     """Shuffled tiles of a batch and the index of each example's permutation.
 
-    images: (B, H, W, C) or (B, H, W) uint8; cfg: tile_view_config; perms: (P, 9)
+    images: (B, H, W, C) or (B, H, W) uint8, or a canvas.Canvas of B images;
+    cfg: tile_view_config; perms: (P, 9)
     int (a constant, e.g. `permutations(P)`). Returns tiles (B, 9, t, t, C)
     float32 and perm_index (B,) int32, with tiles[b, j] the original tile
     perms[perm_index[b], j] of example b (tile j of the puzzle shows grid cell

@@ -56,20 +56,28 @@ def crop_resize(image, box, out_size: tuple[int, int]):
     return _resample(image, my, mx)
 
 
-def center_crop_resize(image, out_size: tuple[int, int], crop_frac: float = 1.0):
+def center_crop_resize(image, out_size: tuple[int, int], crop_frac: float = 1.0, hw=None):
     """Deterministic eval view: central crop of crop_frac of each side, resized.
 
-    With crop_frac=1 and out_size == (H, W) it is the identity.
+    With crop_frac=1 and out_size == (H, W) it is the identity. hw: the valid
+    (h, w) of a canvas image (views/canvas.py), traced; the crop is then the
+    central square of side crop_frac * min(h, w) of the valid region (resize the
+    shorter side, centre crop: aspect ratio kept).
     """
+    if hw is not None:
+        side = jnp.maximum(1.0, jnp.round(jnp.minimum(*hw) * crop_frac))
+        box = ((hw[0] - side) // 2, (hw[1] - side) // 2, side, side)
+        return crop_resize(image, box, out_size)
     H, W, _ = image.shape
     h, w = max(1, round(H * crop_frac)), max(1, round(W * crop_frac))
     return crop_resize(image, ((H - h) // 2, (W - w) // 2, h, w), out_size)
 
 
-def _sample_box(rng, H: int, W: int, scale, ratio, tries: int = 10):
+def _sample_box(rng, H, W, scale, ratio, tries: int = 10):
     """torchvision RandomResizedCrop.get_params, vectorised over `tries` draws.
 
-    Returns (y0, x0, h, w), float32 scalars holding integers.
+    H, W: the image's size, Python ints or traced scalars (a canvas image's
+    valid size). Returns (y0, x0, h, w), float32 scalars holding integers.
     """
     # One draw for everything: each threefry call is a large graph, and many
     # small ones dominated both compile time and run time.
@@ -83,12 +91,8 @@ def _sample_box(rng, H: int, W: int, scale, ratio, tries: int = 10):
     first = jnp.argmax(ok)
     # Fallback as torchvision: the whole image, clamped to the allowed ratios.
     in_ratio = W / H
-    if in_ratio < ratio[0]:
-        fw, fh = W, round(W / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(H * ratio[1]), H
-    else:
-        fw, fh = W, H
+    fw = jnp.where(in_ratio > ratio[1], jnp.round(H * ratio[1]), W)
+    fh = jnp.where(in_ratio < ratio[0], jnp.round(W / ratio[0]), H)
     w = jnp.where(ok.any(), ws[first], fw)
     h = jnp.where(ok.any(), hs[first], fh)
     y0 = jnp.floor(u[0, tries] * (H - h + 1))
@@ -99,14 +103,16 @@ def _sample_box(rng, H: int, W: int, scale, ratio, tries: int = 10):
 
 
 def random_resized_crop(rng, image, out_size: tuple[int, int],
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hw=None):
     """Inception-style crop: area fraction ~ U(scale), aspect ratio log-uniform in
     ratio, integer box inside the image (10 tries, then torchvision's fallback),
-    resized (antialiased bilinear) to out_size.
+    resized (antialiased bilinear) to out_size. hw: the valid (h, w) of a canvas
+    image (views/canvas.py), traced: the box is drawn inside it, as from the
+    whole decoded image.
 
     image: (H, W, C) float32 -> (out_h, out_w, C) float32.
     """
-    H, W, _ = image.shape
+    H, W = image.shape[:2] if hw is None else hw
     return crop_resize(image, _sample_box(rng, H, W, scale, ratio), out_size)
 
 

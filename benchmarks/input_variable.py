@@ -1,0 +1,166 @@
+r"""Host input throughput for ImageNet-sized JPEGs: our path against the PyTorch way.
+
+    python benchmarks/input_variable.py [--images 400] [--seconds 6]
+
+Writes --images JPEGs of ImageNet's typical sizes (500x375 and 375x500, quality
+90, natural-looking content) and measures, per core:
+- `decode`: PIL decoding alone, the floor of any path;
+- `ours`: what training asks of the host (data/decode.py ToCanvas(512): the whole
+  image decoded onto the canvas; both views' crops are then drawn on device);
+- `torch_way`: the PyTorch recipe on the same files, PIL decode of the whole image
+  + two torchvision-style RandomResizedCrop(224) views (torchvision's
+  `F.resized_crop` on a PIL image is `img.crop(box).resize(size, BILINEAR)`:
+  written so, without installing torch);
+- `ours_eval`: the eval centre crop (CenterCrop(224): resize to 256, crop 224);
+- the real pipeline, `pipeline.train_iterator` over a prepared dataset of these
+  JPEGs (image_folder), with 0, 1 and 2 grain worker processes.
+Prints a table and writes benchmarks/results/input_variable.json.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from ssl_jax.data import decode, pipeline, prepare, sources
+
+_IMAGES = flags.DEFINE_integer("images", 400, "JPEGs to generate.")
+_SECONDS = flags.DEFINE_float("seconds", 6.0, "Measuring time per setting.")
+_OUT = flags.DEFINE_string(
+    "out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        "input_variable.json"), "Results file.")
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """n JPEGs of 500x375 or 375x500 at quality 90, with texture at every scale
+    (smooth shapes + fine noise), so they compress like photographs (~100-150 KB)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = (500, 375) if i % 2 == 0 else (375, 500)
+        y, x = np.mgrid[0:h, 0:w] / 100.0
+        base = np.stack([np.sin(x * rng.uniform(0.5, 3) + rng.uniform(0, 6))
+                         * np.cos(y * rng.uniform(0.5, 3)) for _ in range(3)], -1)
+        img = (base * 70 + 128 + rng.normal(0, 18, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _rrc_box(rng: random.Random, W: int, H: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop.get_params -> (left, top, right, bottom)."""
+    for _ in range(10):
+        area = W * H * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+            return left, top, left + w, top + h
+    s = min(W, H)
+    return (W - s) // 2, (H - s) // 2, (W + s) // 2, (H + s) // 2
+
+
+def torch_way(data: bytes, rng: random.Random) -> list[np.ndarray]:
+    """PIL decode of the whole image, then two RandomResizedCrop(224) views."""
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    return [np.asarray(im.crop(_rrc_box(rng, *im.size)).resize((224, 224), Image.BILINEAR))
+            for _ in range(2)]
+
+
+def only_decode(data: bytes, rng) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def ours(data: bytes, rng) -> np.ndarray:
+    return decode.ToCanvas(512)(data, 3)[0]
+
+
+def ours_eval(data: bytes, rng) -> np.ndarray:
+    return decode.CenterCrop(224)(data, 3)[0]
+
+
+FUNCS = {"decode": only_decode, "ours": ours, "torch_way": torch_way, "ours_eval": ours_eval}
+
+
+def _loop(args) -> float:
+    """images/s of FUNCS[name] over the JPEGs, for `seconds`, in this process."""
+    name, jpegs, seconds = args
+    fn, rng, n, t0 = FUNCS[name], random.Random(0), 0, time.perf_counter()
+    while (dt := time.perf_counter() - t0) < seconds:
+        fn(jpegs[n % len(jpegs)], rng)
+        n += 1
+    return n / dt
+
+
+def per_core(name: str, jpegs, seconds: float, processes: int) -> float:
+    """Total images/s with `processes` worker processes (DataLoader workers' way)."""
+    if processes == 1:
+        return _loop((name, jpegs, seconds))
+    with mp.get_context("spawn").Pool(processes) as pool:
+        return sum(pool.map(_loop, [(name, jpegs, seconds)] * processes))
+
+
+def pipeline_rate(source, workers: int, seconds: float, batch: int = 32) -> float:
+    it = pipeline.train_iterator(source, global_batch_size=batch, seed=0, worker_count=workers)
+    for _ in range(3):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while (dt := time.perf_counter() - t0) < seconds or n < 4 * batch:
+        n += next(it)["image"].shape[0]
+    return n / dt
+
+
+def main(argv):
+    del argv
+    jpegs = make_jpegs(_IMAGES.value)
+    kb = np.mean([len(j) for j in jpegs]) / 1024
+    print(f"{len(jpegs)} JPEGs, 500x375 / 375x500, q90, {kb:.0f} KB on average")
+    rows = []
+    for name in FUNCS:
+        for procs in (1, 2):
+            r = per_core(name, jpegs, _SECONDS.value, procs)
+            rows.append({"path": name, "processes": procs, "images_per_s": round(r, 1)})
+            print(f"{name:10s} {procs} process(es): {r:7.1f} images/s", flush=True)
+    # The real pipeline: a prepared image_folder dataset of the same JPEGs.
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "photos", "train")
+        for i, data in enumerate(jpegs):
+            os.makedirs(os.path.join(root, f"class{i % 4}"), exist_ok=True)
+            with open(os.path.join(root, f"class{i % 4}", f"{i:05d}.jpg"), "wb") as f:
+                f.write(data)
+        data_dir = os.path.join(tmp, "tfds")
+        prepare.prepare("image_folder", data_dir, manual_dir=os.path.dirname(root),
+                        name="bench_photos")
+        source = sources.open_source("bench_photos", "train", data_dir, memory_limit=0,
+                                     decode=decode.ToCanvas(512))
+        for workers in (0, 1, 2):
+            r = pipeline_rate(source, workers, _SECONDS.value)
+            rows.append({"path": "pipeline_ours", "grain_workers": workers,
+                         "images_per_s": round(r, 1)})
+            print(f"train_iterator, ToCanvas(512), {workers} grain workers: {r:7.1f} images/s",
+                  flush=True)
+    rate = {(r["path"], r.get("processes")): r["images_per_s"] for r in rows}
+    summary = {"ours_over_torch_way_per_core": round(rate["ours", 1] / rate["torch_way", 1], 2),
+               "decode_share_of_ours": round(rate["ours", 1] / rate["decode", 1], 2)}
+    print(summary)
+    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+        json.dump({"rows": rows, "summary": summary, "mean_jpeg_kb": round(kb, 1),
+                   "cpus": os.cpu_count(), "machine": platform.machine(),
+                   "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

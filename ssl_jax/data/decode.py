@@ -1,0 +1,115 @@
+"""Host-side decoding of datasets whose images vary in size (ImageNet, a folder
+of photos): what the host does to each encoded image before batching.
+
+Two policies, both picklable (grain worker processes run them):
+
+- `ToCanvas(size)`, for training: the whole image, decoded into the top-left
+  corner of a (size, size) canvas, its valid (h, w) beside it. An image that does
+  not fit is shrunk to fit, aspect ratio kept, a JPEG by DCT scaling while it
+  decodes (`Image.draft`: 1/2, 1/4, 1/8) where that is enough. The device then
+  samples every view's crop from the valid region (views/canvas.py), so the crop
+  distribution is the papers' (area fraction of the original image, aspect
+  ratio) and decoding is the host's only per-image work. Pick `size` so that most
+  images fit (ImageNet: 512 holds the common 500x375 whole).
+- `CenterCrop(size, crop_fraction)`, for evaluation: the papers' protocol, the
+  shorter side resized to size / crop_fraction (256 for 224 at 0.875), then the
+  central (size, size) crop; done as one PIL resize of the crop box.
+
+    pixels, (h, w) = ToCanvas(512)(jpeg_bytes, channels=3)  # (512, 512, 3), h, w <= 512
+    crop, _ = CenterCrop(224)(jpeg_bytes, channels=3)        # (224, 224, 3)
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+
+_MODES = {1: "L", 3: "RGB"}
+
+
+def _open(data: bytes) -> Image.Image:
+    """Reads the header only: size and format, nothing decoded yet."""
+    return Image.open(io.BytesIO(data))
+
+
+def _decode(im: Image.Image, channels: int, at_least: tuple[int, int] | None) -> Image.Image:
+    """An opened image -> decoded in `channels`' mode (greyscale, CMYK, palette and
+    alpha images converted); a JPEG at the smallest DCT scale whose size stays >=
+    at_least (w, h), when given."""
+    if channels not in _MODES:
+        raise ValueError(f"images with {channels} channels cannot be decoded; use 1 or 3")
+    if at_least is not None and im.format == "JPEG":
+        im.draft(_MODES[channels], at_least)
+    if im.mode != _MODES[channels]:
+        im = im.convert(_MODES[channels])
+    return im
+
+
+def _array(im: Image.Image, channels: int) -> np.ndarray:
+    out = np.asarray(im, np.uint8)
+    return out.reshape(out.shape[:2] + (channels,))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToCanvas:
+    """Encoded image -> ((size, size, C) uint8, zero outside the image, (h, w))."""
+    size: int
+
+    def decoded_bytes(self, channels: int) -> int:
+        """Bytes per decoded image (pixels and valid size)."""
+        return self.size * self.size * channels + 8
+
+    def __call__(self, data: bytes, channels: int) -> tuple[np.ndarray, tuple[int, int]]:
+        im = _open(data)
+        w, h = im.size
+        scale = min(1.0, self.size / max(w, h))
+        fit = (min(self.size, max(1, round(w * scale))), min(self.size, max(1, round(h * scale))))
+        im = _decode(im, channels, fit if scale < 1.0 else None)
+        if im.size != fit:  # antialiased: PIL's bilinear widens its support when shrinking
+            im = im.resize(fit, Image.BILINEAR)
+        canvas = np.zeros((self.size, self.size, channels), np.uint8)
+        canvas[:fit[1], :fit[0]] = _array(im, channels)
+        return canvas, (fit[1], fit[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class CenterCrop:
+    """Encoded image -> ((size, size, C) uint8, None): the central square
+    of crop_fraction of the shorter side, resized to size (shorter side to
+    size / crop_fraction, then the central crop)."""
+    size: int
+    crop_fraction: float = 0.875
+
+    def decoded_bytes(self, channels: int) -> int:
+        return self.size * self.size * channels + 8
+
+    def __call__(self, data: bytes, channels: int) -> tuple[np.ndarray, None]:
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ValueError(f"crop_fraction={self.crop_fraction} must be in (0, 1]")
+        im = _open(data)
+        w, h = im.size
+        side = min(w, h) * self.crop_fraction  # the crop, in the original's pixels
+        shrink = side / self.size
+        # DCT scaling keeps at least `size` pixels across the crop.
+        at_least = (max(1, int(w / shrink)), max(1, int(h / shrink))) if shrink >= 2 else None
+        im = _decode(im, channels, at_least)
+        k = im.size[0] / w  # the draft's scale (1 without one)
+        left, top = (w - side) / 2 * k, (h - side) / 2 * k
+        box = (left, top, left + side * k, top + side * k)
+        im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
+        return _array(im, channels), None
+
+
+def for_training(config) -> ToCanvas:
+    """Training's policy: whole images onto config.data.canvas (checked by the
+    setup layer, experiment.canvas_size)."""
+    return ToCanvas(config.data.get("canvas", 512))
+
+
+def for_eval(config) -> CenterCrop:
+    """Evaluation's: the centre crop at the eval view's size (config.eval.crop_size,
+    default the training crop), config.eval.crop_fraction of the shorter side."""
+    crop = config.get("eval", {}).get("crop_size") or config.aug.crop_size
+    return CenterCrop(int(max(crop)), config.eval.get("crop_fraction", 0.875))
