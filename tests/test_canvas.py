@@ -87,8 +87,9 @@ def test_center_crop_of_a_canvas_keeps_the_aspect_ratio():
     np.testing.assert_allclose(out, 1.0, atol=1e-6)
 
 
-def _reference_boxes(rng, H, W, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params, in numpy: the definition."""
+def reference_boxes(rng, H, W, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, in numpy: the definition.
+    -> (n, 2) float64 (h, w). benchmarks/crop_distribution.py uses it too."""
     out = []
     for _ in range(n):
         for _ in range(10):
@@ -122,7 +123,7 @@ def test_crop_distribution_on_a_canvas_is_torchvisions(H, W):
     boxes = np.asarray(boxes, np.float64)
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= H).all()
     assert (boxes[:, 1] >= 0).all() and (boxes[:, 1] + boxes[:, 3] <= W).all()
-    ref = _reference_boxes(np.random.default_rng(0), H, W, n)
+    ref = reference_boxes(np.random.default_rng(0), H, W, n)
     ours = {"area": boxes[:, 2] * boxes[:, 3] / (H * W), "aspect": boxes[:, 3] / boxes[:, 2]}
     theirs = {"area": ref[:, 0] * ref[:, 1] / (H * W), "aspect": ref[:, 1] / ref[:, 0]}
     q = np.linspace(0.05, 0.95, 19)
@@ -276,3 +277,54 @@ def test_train_resume_evaluate_on_images_of_varying_size(photos, tmp_path):
     with pytest.raises(errors.UserError, match="config.data.canvas=16"):
         experiment.data_spec(_photos_config("simclr", photos, data=dict(
             worker_count=0, skip_corrupt=False, canvas=16)))
+
+
+def test_canvas_batches_from_worker_processes_equal_and_resume(photos):
+    """grain worker processes decode too (the policy pickles): the same batches as
+    in-process, and an iterator restored from its state continues exactly."""
+    from ssl_jax.data import pipeline, sources
+
+    src = sources.open_source("photos", "train", photos, memory_limit=0,
+                              decode=decode.ToCanvas(96))
+    def iterator(workers):
+        return pipeline.train_iterator(src, global_batch_size=8, seed=1, worker_count=workers)
+    it = iterator(0)
+    ref = [next(it) for _ in range(4)]
+    it = iterator(1)  # a worker process decodes: the policy pickles
+    got = [next(it) for _ in range(2)]
+    state = it.get_state()
+    got += [next(it) for _ in range(2)]
+    fresh = iterator(1)  # (a state restores into an iterator of the same worker count)
+    fresh.set_state(state)
+    rest = [next(fresh) for _ in range(2)]
+    for a, b in zip(ref, got):
+        for k in ("image", "image_hw", "index"):
+            np.testing.assert_array_equal(a[k], b[k])
+    for a, b in zip(ref[2:], rest):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_an_undecodable_image_names_its_record_or_is_skipped(photos):
+    """A record whose bytes no longer decode (disk damage after preparing): a
+    CorruptRecordError naming it, or with skip_corrupt a readable record instead."""
+    from ssl_jax.data import sources
+
+    class Damaged:  # the prepared split, record 3's JPEG cut short
+        def __init__(self, src):
+            self.src = src
+
+        def __len__(self):
+            return len(self.src)
+
+        def __getitems__(self, ix):
+            out = self.src.__getitems__(ix)
+            return [dict(r, image=r["image"][:200]) if i == 3 else r for i, r in zip(ix, out)]
+
+    raw = sources.open_source("photos", "train", photos, memory_limit=0,
+                              decode=decode.ToCanvas(96)).src.src
+    damaged = sources.DecodedSource(Damaged(raw), decode.ToCanvas(96), 3)
+    with pytest.raises(sources.CorruptRecordError, match="Record 3 of photos"):
+        sources.read_batch(sources.CheckedSource(damaged, "photos train"), [2, 3, 4])
+    batch = sources.read_batch(sources.CheckedSource(damaged, "photos train", skip=True),
+                               [2, 3, 4])
+    assert batch["image"].shape == (3, 96, 96, 3) and batch["image_hw"].shape == (3, 2)
