@@ -62,12 +62,12 @@ def load_run(workdir: str, mesh, random_init: bool = False):
                 "baseline.")
     spec = experiment.data_spec(config)
     init = _encoder_init(config, spec)
-    zeros = jnp.zeros((config.batch_size,) + spec.image_shape, jnp.uint8)
+    images = jax.ShapeDtypeStruct((config.batch_size,) + spec.image_shape, jnp.uint8)
     with jax.set_mesh(mesh):
         if random_init:
-            variables, step = jax.jit(init)(zeros), 0
+            variables, step = jax.jit(init)(jnp.zeros(images.shape, images.dtype)), 0
         else:
-            shapes = jax.eval_shape(init, zeros)
+            shapes = jax.eval_shape(init, images)  # shapes only: no batch is allocated
             part = {"params": {"encoder": shapes["params"]},
                     "method_state": {"batch_stats": {"encoder": shapes["batch_stats"]}}}
             got, step = ckpt.restore_state_only(

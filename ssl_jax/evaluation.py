@@ -136,8 +136,10 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
         step = meta["source"]["step"]
         origin = {"step": int(step), "source": meta["source"]}
     results_dir = results_dir or workdir or exported
-    data = {split: sources.open_source(config.dataset, split, config.data_dir,
-                                       decode=decode.for_eval(config))
+    # Images of varying size: the centre crop at the eval view's size (an export's own).
+    centre = decode.CenterCrop(int(max(view_cfg["crop_size"])),
+                               config.eval.get("crop_fraction", 0.875))
+    data = {split: sources.open_source(config.dataset, split, config.data_dir, decode=centre)
             for split in (config.train_split, config.eval.test_split)}  # each decoded once
     # The variables features are extracted with, a zero-argument function called only
     # when some features must be extracted: a random init's BN statistics are then
