@@ -35,7 +35,9 @@ from ssl_jax.dataspec import DataSpec
 from tests import multidevice
 
 B, STEPS = 64, 3
-RUNS = ((1, 16), (2, 8), (1, 32), (4, 8))  # (accumulate_steps, model.bn_groups)
+# (accumulate_steps, model.bn_groups): A = 4 against its whole-batch twin (1, 32), and
+# (1, 16) for the sensitivity check. Each pair is a compiled step on 1 and 8 devices.
+RUNS = ((1, 16), (1, 32), (4, 8))
 
 SNIPPET = f"""
 import jax, jax.numpy as jnp
@@ -146,7 +148,7 @@ def test_accumulated_step_equals_the_whole_batch_step_with_matching_bn_groups(
     # terms, not to the small sum. A mismatched BN grouping (below) differs by > 0.1.
     rtol = 1e-4
     for out in one_and_eight:
-        for a, g in ((2, 8), (4, 8)):
+        for a, g in ((4, 8),):
             acc, whole = f"{method}_{a}_{g}/", f"{method}_1_{g * a}/"
             np.testing.assert_allclose(out[acc + "loss"], out[whole + "loss"], rtol=rtol)
             assert int(out[acc + "step"]) == int(out[whole + "step"]) == STEPS
