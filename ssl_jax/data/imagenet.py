@@ -192,8 +192,10 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return splits_lib.SplitInfo(name=split, shard_lengths=lengths, num_bytes=total,
                                     filename_template=template)
 
-    def _generate_examples(self, **unused):  # the examples come from _split_generators
-        raise NotImplementedError
+    def _generate_examples(self, **unused):
+        """Required by TFDS's abstract base; never called: _split_generators above
+        writes every split itself (TFDS's writer needs TensorFlow past 1 GB)."""
+        raise AssertionError("StreamingBuilder writes its splits in _split_generators")
 
 
 # ------------------------------------------------------------ tars

@@ -216,11 +216,10 @@ def open_source(dataset: str, split: str, data_dir: str | None = None, *,
     Raises DatasetNotFoundError (a ValueError) naming the command that prepares it,
     and CorruptRecordError naming an unreadable record (skip_corrupt: skip it).
     """
-    _, data_dir = _prepared_builder(dataset, data_dir)
+    builder, data_dir = _prepared_builder(dataset, data_dir)
     name = f"{dataset} {split} in {data_dir}"
-    src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
-    shape = src.dataset_info.features["image"].shape
-    if None in shape[:2]:
+    shape = builder.info.features["image"].shape
+    if None in shape[:2]:  # read the encoded bytes; the policy decodes them
         if decode is None:
             raise ValueError(f"The images of {dataset} vary in size: open_source needs a "
                              "decode policy (data/decode.py).")
@@ -229,6 +228,7 @@ def open_source(dataset: str, split: str, data_dir: str | None = None, *,
                                decoders={"image": tfds.decode.SkipDecoding()})
         src, per_image = DecodedSource(raw, decode, channels), decode.decoded_bytes(channels)
     else:
+        src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
         per_image = int(np.prod(shape))
     if len(src) * per_image > memory_limit:
         return CheckedSource(src, name, skip_corrupt)
