@@ -158,7 +158,7 @@ class Checkpointer:
     def close(self) -> None:
         with self._failures(self._saving):
             self.manager.wait_until_finished()
-        self.manager.close()
+            self.manager.close()  # flushes orbax's metadata: fails on a full disk too
 
 
 def complete_steps(workdir) -> list[int]:

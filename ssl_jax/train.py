@@ -101,7 +101,7 @@ def run(config, workdir: str):
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
-    step = start
+    step, finished = start, False
     try:
         with jax.set_mesh(mesh):
             for step in range(start + 1, total_steps + 1):
@@ -136,17 +136,11 @@ def run(config, workdir: str):
                     ckpt.save(step, state, data_iter, force=True)
                 if stop:
                     break
+        finished = True
     finally:
         preemption.close()
         progress.close()
-        try:
-            ckpt.close()  # waits for the last save: a checkpoint is complete or absent
-        finally:
-            if writer is not None:
-                try:
-                    writer.close()
-                except OSError as e:  # a full disk must not hide the checkpoint's error
-                    logging.warning("TensorBoard writer: %s", e)
+        _close(ckpt, writer, failing=not finished)
     if is_main:
         if step < total_steps:
             print(f"Preempted (SIGTERM) at step {step}/{total_steps}: checkpoint saved in "
@@ -158,6 +152,29 @@ def run(config, workdir: str):
         print(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
               "in all (arrays are copied to host, then written in the background).", flush=True)
     return state, step < total_steps
+
+
+def _close(ckpt, writer, failing: bool) -> None:
+    """Waits for the last checkpoint (complete or absent), then closes TensorBoard.
+
+    failing: the loop is already raising (a failed save, a NaN, a dead peer). Then an
+    error while closing (orbax's metadata flush or TensorBoard's on the same full disk)
+    is logged, not raised: it would replace the error that names the cause and the
+    newest complete checkpoint.
+    """
+    try:
+        ckpt.close()
+    except Exception as e:  # noqa: BLE001 -- see failing
+        if not failing:
+            raise
+        logging.warning("Closing the checkpointer after the run failed: %s: %s",
+                        type(e).__name__, e)
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError as e:  # a full disk must not hide the checkpoint's error
+                logging.warning("TensorBoard writer: %s", e)
 
 
 def _log_line(path, step: int, scalars: dict) -> None:

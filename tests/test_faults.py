@@ -297,3 +297,32 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_pa
     _assert_same_params(_params(moved, kept), _params(full, kept))
     train.train(c, moved)
     _assert_same_params(_params(moved), _params(full))
+
+
+def test_an_error_while_closing_does_not_hide_the_failed_save(tiny_data, tmp_path, monkeypatch):
+    """What made the disk-full test flaky: after a save failed, closing orbax's manager
+    (its metadata flush, on the same full disk) raised an OSError of its own, and that
+    replaced the error naming the failed step. The cause must reach the user."""
+    from ssl_jax import checkpoint
+    c = tiny_config("simclr", tiny_data)
+    c.total_steps, c.ckpt_every_steps = 4, 1
+    save = checkpoint.Checkpointer.save
+
+    def failing_save(self, step, *args, **kwargs):
+        if step == 3:
+            with self._failures(step):
+                raise OSError(28, "No space left on device")
+        return save(self, step, *args, **kwargs)
+
+    def failing_close(self):
+        raise OSError(28, "No space left on device (metadata)")
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", failing_save)
+    monkeypatch.setattr(ocp.CheckpointManager, "close", failing_close)
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match=r"step 3 failed .*newest complete checkpoint is step [12] "):
+        train.train(c, str(tmp_path / "w"))
+    # Without a failure in the loop, a failing close is the run's error, named as one.
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    with pytest.raises(checkpoint.CheckpointSaveError, match=r"metadata"):
+        train.train(c, str(tmp_path / "w2"))
