@@ -86,8 +86,26 @@ def _flat(tree) -> dict[str, np.ndarray]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def write_export(workdir: str, out: str) -> dict:
-    """Writes the encoder of `workdir`'s newest checkpoint to `out`; -> export.json's contents."""
+def _check_out(out, overwrite: bool) -> None:
+    """An export goes into a new or empty folder, or replaces an earlier export whole
+    (overwrite): never beside another encoder's eval_*.json and results.md."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / "export.json").exists():
+        raise errors.UserError(f"--out {out} is a folder that holds files and no export: "
+                               "choose a new or empty folder for the export.")
+    if not overwrite:
+        raise errors.UserError(f"--out {out} holds an export already (with whatever was "
+                               "evaluated on it): pass --overwrite to replace it whole, or "
+                               "choose another --out.")
+
+
+def write_export(workdir: str, out: str, overwrite: bool = False) -> dict:
+    """Writes the encoder of `workdir`'s newest checkpoint to `out`; -> export.json's
+    contents. `out` must be new or empty, or an earlier export with overwrite: that is
+    then replaced whole (written beside it first, so a failure leaves the old one)."""
+    final = storage.path(out)
+    _check_out(final, overwrite)
     mesh = parallel.make_mesh()
     config, _, variables, step = load_run(workdir, mesh)
     variables = jax.device_get(variables)
@@ -105,14 +123,21 @@ def write_export(workdir: str, out: str) -> dict:
                  "train_split": config.train_split, "num_classes": info["num_classes"]},
         "eval": dict(config.eval.to_dict(), seed=config.seed),
     }
-    out = storage.path(out)  # local, or a bucket's gs://
-    out.mkdir(parents=True, exist_ok=True)
+    # Local, or a bucket's gs://. Written into a sibling first: the old export (if any)
+    # goes only once the new one is whole.
+    out = final.parent / f".{final.name}.writing"
+    if out.exists():  # an earlier, interrupted export
+        out.rmtree()
+    out.mkdir(parents=True)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(out / "encoder", variables, force=True)
     ckpt.wait_until_finished()
     with (out / "params.npz").open("wb") as f:
         np.savez(f, **_flat(variables))
     (out / "export.json").write_text(json.dumps(meta, indent=2, default=list))
+    if final.exists():
+        final.rmtree()
+    out.rename(final)
     return meta
 
 
@@ -164,4 +189,29 @@ def load_export(out: str, *, pool: str = "global", stages=None):
     encoder = network.make_encoder(model)
     variables = ocp.StandardCheckpointer().restore(storage.path(out) / "encoder")
     view = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["preprocessing"]["view"]))
-    return jax.jit(features.make_features_fn(encoder, view, pool, stages)), variables
+    fn = jax.jit(features.make_features_fn(encoder, view, pool, stages))
+    shape = tuple(meta["preprocessing"]["input_shape"])
+
+    def features_fn(variables, images):
+        check_images(images, shape)
+        return fn(variables, images)
+    return features_fn, variables
+
+
+def check_images(images, shape: tuple) -> None:
+    """An export's features_fn takes uint8 images (B, *shape) (None: any size); a
+    single image, float pixels or other channels would run silently or fail deep in
+    Flax: say what is expected instead."""
+    want = "(B, " + ", ".join("any" if d is None else str(d) for d in shape) + ")"
+    got = f"{getattr(images, 'dtype', type(images).__name__)} {tuple(np.shape(images))}"
+    if np.ndim(images) != len(shape) + 1:
+        fix = (": add a batch axis (images[None])" if np.ndim(images) == len(shape) else "")
+        raise errors.UserError(f"features_fn takes a batch of uint8 images {want} "
+                               f"(export.json's preprocessing); got {got}{fix}.")
+    if getattr(images, "dtype", None) != np.uint8:
+        raise errors.UserError(f"features_fn takes uint8 pixels in [0, 255] {want} (it "
+                               f"normalises them itself); got {got}: pass the raw images "
+                               "(e.g. np.uint8(x * 255) for floats in [0, 1]).")
+    if any(d is not None and d != g for d, g in zip(shape, np.shape(images)[1:])):
+        raise errors.UserError(f"features_fn takes uint8 images {want} (export.json's "
+                               f"preprocessing), got {got}.")

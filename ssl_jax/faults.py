@@ -5,7 +5,8 @@ Preemption. TPU VMs and SLURM send SIGTERM some seconds before killing a job.
 finishes the step it is in, writes a checkpoint of it (state + data iterator),
 waits for the write to complete, and train exits 75 (EX_TEMPFAIL: schedulers
 requeue on it). Further SIGTERMs only set the flag
-again, so they cannot interrupt the save. With several processes each host may
+again, so they cannot interrupt the save. Ctrl-C in a one-process run does the
+same and exits 130 (see Preemption). With several processes each host may
 see the signal at a different step; they agree on one through JAX's coordination
 service (`multihost_utils.reached_preemption_sync_point`, whose notifier
 jax.distributed installs for SIGTERM), so every host saves the same step.
@@ -32,30 +33,45 @@ POLICIES = ("raise", "skip")
 
 
 class Preemption:
-    """SIGTERM -> a flag; `requested(step)` is True at the step every process stops at."""
+    """SIGTERM (or, in a one-process run, Ctrl-C) -> a flag; `requested(step)` is True
+    at the step every process stops at, and `signal` names what stopped it.
+
+    Ctrl-C is a stop with a checkpoint too (train exits 130 after saving); a second
+    Ctrl-C while that step finishes is the usual KeyboardInterrupt, for a user who
+    will not wait (orbax's write-then-rename still keeps the previous checkpoint).
+    In a multi-process run SIGINT keeps its default: a launcher or scheduler stops
+    such runs with SIGTERM, which every process must agree on.
+    """
 
     def __init__(self):
-        self._flag = False
+        self.signal: str | None = None
         self._multi = jax.process_count() > 1
-        self._previous = None
-        if not self._multi:  # jax.distributed's own notifier handles SIGTERM there
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {}
+        # jax.distributed's own notifier handles SIGTERM with several processes.
+        for sig in () if self._multi else (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self._flag = True
+        del frame
+        if signum == signal.SIGINT:
+            if self.signal == "SIGINT":  # the second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            print("\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
+                  "(Ctrl-C again to stop at once).", flush=True)
+        self.signal = self.signal or signal.Signals(signum).name
 
     def requested(self, step: int) -> bool:
         if self._multi:
             from jax.experimental import multihost_utils
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self._flag
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = "SIGTERM"
+        return self.signal is not None
 
     def close(self) -> None:
-        """Restores the previous handler (tests train several runs in one process)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        """Restores the previous handlers (tests train several runs in one process)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def guarded_update(loss, grads, new_state, old_state):

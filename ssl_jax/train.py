@@ -34,7 +34,7 @@ def train(config, workdir: str):
 
 
 def run(config, workdir: str):
-    """train(), and whether it stopped early on SIGTERM: -> (state, preempted)."""
+    """train(), and what stopped it early: -> (state, None | "SIGTERM" | "SIGINT")."""
     # ------------------------------------------------------ mesh and checks
     # Everything that can refuse the run does so before the workdir is touched.
     # (A multi-process run has joined jax.distributed before this: cli.join_processes.)
@@ -138,12 +138,16 @@ def run(config, workdir: str):
                     break
         finished = True
     finally:
-        preemption.close()
         progress.close()
-        _close(ckpt, writer, failing=not finished)
+        try:
+            _close(ckpt, writer, failing=not finished)
+        finally:  # only now: a further SIGTERM must not kill the last save
+            preemption.close()
+    stopped_by = preemption.signal if step < total_steps else None
     if is_main:
-        if step < total_steps:
-            print(f"Preempted (SIGTERM) at step {step}/{total_steps}: checkpoint saved in "
+        if stopped_by:
+            what = "Stopped (Ctrl-C)" if stopped_by == "SIGINT" else "Preempted (SIGTERM)"
+            print(f"{what} at step {step}/{total_steps}: checkpoint saved in "
                   f"{ckpt.dir}. Re-run the same command to resume.", flush=True)
         else:
             n = nonfinite.skipped
@@ -151,7 +155,7 @@ def run(config, workdir: str):
             print(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}", flush=True)
         print(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
               "in all (arrays are copied to host, then written in the background).", flush=True)
-    return state, step < total_steps
+    return state, stopped_by
 
 
 def _close(ckpt, writer, failing: bool) -> None:
@@ -186,6 +190,7 @@ def _log_line(path, step: int, scalars: dict) -> None:
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM with a checkpoint; re-run to resume
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C: stopped with a checkpoint
 
 
 def main(argv):
@@ -194,8 +199,10 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir",
                           os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
     cli.join_processes()
-    _, preempted = run(FLAGS.config, FLAGS.workdir)  # --config: cli.run parsed it
-    if preempted:
+    _, stopped_by = run(FLAGS.config, FLAGS.workdir)  # --config: cli.run parsed it
+    if stopped_by == "SIGINT":
+        sys.exit(EXIT_INTERRUPTED)
+    if stopped_by:
         sys.exit(EXIT_PREEMPTED)  # launch/slurm.sbatch requeues the job on this status
 
 

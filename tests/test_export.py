@@ -113,6 +113,26 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     with open(os.path.join(out, "results.md")) as f:
         assert "| knn (offline) | block2 (avg2x2) |" in f.read()
 
+    # An export into a folder that holds one is refused; --overwrite replaces it whole,
+    # results evaluated on the old encoder included; a folder of other files never is.
+    with pytest.raises(ValueError, match=r"holds an export already .*pass --overwrite"):
+        export.export(workdir, out)
+    export.export(workdir, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["encoder", "export.json", "params.npz"]
+    with pytest.raises(ValueError, match=r"holds files and no export"):
+        export.export(workdir, results, overwrite=True)
+    assert "results.md" in os.listdir(results)
+
+    # features_fn says what it takes instead of running on the wrong input.
+    fn, variables = export.load(out)
+    np.testing.assert_array_equal(fn(variables, images)["block2"], want["block2"])
+    for bad, match in ((images[0], r"batch of uint8 images \(B, 28, 28, 1\).*got uint8 "
+                                   r"\(28, 28, 1\): add a batch axis"),
+                       (images / 255.0, r"uint8 pixels .*got float64 \(16, 28, 28, 1\)"),
+                       (np.repeat(images, 3, axis=-1), r"got uint8 \(16, 28, 28, 3\)")):
+        with pytest.raises(ValueError, match=match):
+            fn(variables, bad)
+
     # A newer format version is refused with a clear error.
     meta["format_version"] = encoders.FORMAT_VERSION + 1
     with open(os.path.join(out, "export.json"), "w") as f:

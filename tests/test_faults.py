@@ -117,6 +117,21 @@ def test_sigterm_checkpoints_the_current_step_exits_75_and_resumes_exactly(refer
     _assert_same_params(_params(workdir), ref)
 
 
+def test_ctrl_c_checkpoints_the_current_step_and_exits_130_without_a_traceback(
+        reference, tmp_path, _cache):
+    """Ctrl-C is a stop with a checkpoint, as SIGTERM is (whose test above shows the
+    resume is exact: both set the same flag); only the status and the words differ."""
+    _, data_dir = reference
+    workdir = str(tmp_path / "w")
+    rc, out = _run_until(_command(workdir, data_dir, 12, 100), _cache, 4, signal.SIGINT)
+    assert rc == 130, out
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in out, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    stopped = int(out.split("Stopped (Ctrl-C) at step ")[1].split("/")[0])
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [stopped] and 4 <= stopped < 12
+
+
 def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path, _cache):
     ref, data_dir = reference
     workdir = str(tmp_path / "w")
