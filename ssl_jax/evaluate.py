@@ -3,6 +3,7 @@ r"""Offline evaluation of a trained encoder, frozen.
   python -m ssl_jax.evaluate --workdir runs/simclr --eval linear,knn [--stages all]
   python -m ssl_jax.evaluate --exported exported/simclr --eval knn [--data_dir DIR]
   python -m ssl_jax.evaluate --workdir runs/simclr --eval linear --stages all --pool avg2x2
+  python -m ssl_jax.evaluate --workdir runs/simclr --eval invariance [--invariance occlusion]
 
 Reads the encoder, either the config and newest checkpoint of --workdir or an
 encoder written by `python -m ssl_jax.export` (--exported; its export.json
@@ -29,6 +30,8 @@ from absl import flags, logging
 
 from ssl_jax import cli
 from ssl_jax import eval as eval_lib
+from ssl_jax.errors import UserError
+from ssl_jax.eval import evaluators
 from ssl_jax.evaluation import EVALUATORS, evaluate
 
 
@@ -39,11 +42,19 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     cli.join_processes()  # every process extracts its share of the features
-    evaluate(f.workdir, tuple(f.eval), f.stages[0] if len(f.stages) == 1 else f.stages,
+    evals, overrides = tuple(f.eval), dict(f["config"].override_values)  # {"eval.a.b": value}
+    if f.invariance:  # which transformations (splits of the sets dataset) to score
+        if "invariance" not in evals:
+            if f["eval"].present:
+                raise UserError("--invariance picks the transformations that --eval "
+                                "invariance scores: add invariance to --eval.")
+            evals = ("invariance",)
+        overrides["eval.invariance.splits"] = tuple(f.invariance)
+    evaluate(f.workdir, evals, f.stages[0] if len(f.stages) == 1 else f.stages,
              f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
              results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
              train_split=f.train_split, test_split=f.test_split, plot=f.plot,
-             overrides=f["config"].override_values)  # {"eval.a.b": typed value}
+             overrides=overrides)
 
 
 if __name__ == "__main__":
@@ -61,7 +72,11 @@ if __name__ == "__main__":
     flags.DEFINE_string("data_dir", None, "With --exported: its data_dir (default: export.json's).")
     flags.DEFINE_string("train_split", None, "With --exported: the split probes fit on.")
     flags.DEFINE_string("test_split", None, "With --exported: the split probes are scored on.")
-    flags.DEFINE_list("eval", list(EVALUATORS), f"Evaluators to run: {', '.join(EVALUATORS)}.")
+    flags.DEFINE_list("eval", list(evaluators.DEFAULT), "Evaluators to run, of "
+                      f"{', '.join(EVALUATORS)}.")
+    flags.DEFINE_list("invariance", None, "With --eval invariance (implied when --eval is not "
+                      "given): the transformations to score, splits of the sets dataset, e.g. "
+                      "occlusion,viewpoint,illumination,instance (default: all of its splits).")
     flags.DEFINE_list("stages", ["final"], "Encoder stages to probe: final, all, or names "
                       "(e.g. block2,block4).")
     flags.DEFINE_bool("random_init", False, "Evaluate the run's encoder as initialised (BN "

@@ -19,6 +19,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from ssl_jax import config as cfg_lib
 from ssl_jax import encoders, models, parallel, storage
@@ -29,21 +30,23 @@ from ssl_jax.eval import evaluators, features
 from ssl_jax.eval import results as results_lib
 from ssl_jax.methods import network
 
-EVALUATORS = tuple(evaluators.REGISTRY)  # --eval's names, and the default: all of them
+EVALUATORS = tuple(evaluators.REGISTRY)  # --eval's names
 
 
 def _stages(config, stages) -> list[str]:
-    """'final' | 'all' | [names] -> stage names, shallow to deep; errors list the valid ones."""
+    """'final' | 'all' | [names, 'final' among them] -> stage names, shallow to deep;
+    errors list the valid ones."""
     valid = models.stages(config.model.name, **network.encoder_kwargs(config.model))
-    if stages in ("final", ["final"], ("final",)):
-        return [valid[-1]]
-    if stages in ("all", ["all"], ("all",)):
-        return valid
     names = [stages] if isinstance(stages, str) else list(stages)
+    if "all" in names:
+        return valid
+    # 'final' is a name of the deepest stage, alone or in a list (final,block2).
+    names = [valid[-1] if n == "final" else n for n in names]
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise UserError(f"--stages {unknown}: {config.model.name} has stages {valid} "
-                         "(or use 'final' / 'all').")
+        raise UserError(f"--stages: {', '.join(unknown)} is not a stage of this "
+                         f"{config.model.name}; its stages are {', '.join(valid)} (also "
+                         "'final', the deepest, alone or in a list, and 'all').")
     return [n for n in valid if n in names]
 
 
@@ -86,7 +89,7 @@ def _check_arguments(workdir, exported, evals, pool, random_init, data_args) -> 
                          "not the run's initialisation.")
 
 
-def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
+def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final",
              random_init: bool = False, *, exported: str | None = None, pool: str = "global",
              cache: bool = True, results_dir: str | None = None, dataset: str | None = None,
              data_dir: str | None = None, train_split: str | None = None,
@@ -122,7 +125,9 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
         meta = encoders.read_meta(exported)
         config = encoders.eval_config(exported, meta, **data_args)
     config = _settings(config, overrides)
-    num_classes = _num_classes(config, evals)  # before the slow loading
+    # Classification evaluators read the train and test splits; invariance reads sets.
+    on_splits = [e for e in evals if evaluators.REGISTRY[e].needs == "splits"]
+    num_classes = _num_classes(config, on_splits) if on_splits else 0  # before loading
     names = _stages(config, stages)
     if exported is None:
         # The same config.json as above: keep the one with the eval settings applied.
@@ -140,7 +145,8 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
     centre = decode.CenterCrop(int(max(view_cfg["crop_size"])),
                                config.eval.get("crop_fraction", 0.875))
     data = {split: sources.open_source(config.dataset, split, config.data_dir, decode=centre)
-            for split in (config.train_split, config.eval.test_split)}  # each decoded once
+            for split in ((config.train_split, config.eval.test_split) if on_splits
+                          else (config.train_split,))}  # each decoded once
     # The variables features are extracted with, a zero-argument function called only
     # when some features must be extracted: a random init's BN statistics are then
     # measured, once; not at all when every split's features are cached.
@@ -156,22 +162,20 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
                    model=config.model.to_dict(), view=dict(view_cfg), pool=pool, stages=names,
                    dataset=config.dataset,
                    data_dir=str(storage.path(config.data_dir or sources.default_data_dir())))
-    t0 = time.time()
     split_kw = dict(batch_size=config.eval.batch_size, mesh=mesh, stages=names, step=step,
                     cache_dir=os.path.join(results_dir, "features"))
-    splits = {split: features.split_features(fn, extraction_variables, data[split], split,
-                                             limit, key=key, **split_kw)
-              for split, limit in ((config.train_split, config.eval.train_examples),
-                                   (config.eval.test_split, 0))}
-    (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
-    dims = ", ".join(f"{results_lib.label(n, pool)} {ftr[n].shape[1]}-d" for n in names)
-    print(f"Features of {dims} at step {step}: {len(ytr)} train, {len(yte)} test "
-          f"({time.time() - t0:.1f}s)", flush=True)
+    (ftr, ytr), (fte, yte) = (_split_features(config, fn, extraction_variables, data, key,
+                                              split_kw, pool) if on_splits
+                              else (({}, np.zeros(0, np.int32)),) * 2)
     inputs = evaluators.Inputs(
-        train={n: ftr[n] for n in names}, train_y=ytr, test={n: fte[n] for n in names},
+        train={n: ftr[n] for n in ftr}, train_y=ytr, test={n: fte[n] for n in fte},
         test_y=yte, num_classes=num_classes, seed=config.seed,
         train_views=functools.partial(_augmented_views, config, fn, extraction_variables,
-                                      data[config.train_split], key, split_kw))
+                                      data[config.train_split], key, split_kw),
+        sets=functools.partial(set_features, fn, extraction_variables, centre, key, split_kw,
+                               config.dataset, config.data_dir),
+        set_splits=lambda dataset, data_dir: list(sets_dataset(
+            config.dataset, config.data_dir, dataset, data_dir)[2]["num_examples"]))
 
     # ------------------------------------------------------------- evaluators
     results = {}
@@ -179,18 +183,79 @@ def evaluate(workdir: str | None = None, evals=EVALUATORS, stages="final",
         evaluator, t0 = evaluators.REGISTRY[name], time.time()
         # Complete for the known evaluators: _settings filled in what a stored config lacks.
         per_stage = evaluator.run(inputs, dict(config.eval[name]) if name in config.eval else {})
+        counts = (dict(train_examples=len(ytr), test_examples=len(yte))
+                  if evaluator.needs == "splits" else {})
         r = results[name] = results_lib.record(
             per_stage, names[-1], pool=pool, step=step, random_init=random_init,
-            train_examples=len(ytr), test_examples=len(yte),
-            seconds=round(time.time() - t0, 1), exported=exported)
+            seconds=round(time.time() - t0, 1), exported=exported, **counts)
         results_lib.show(name, r, evaluator, config.dataset, config.eval.test_split)
         if jax.process_index() == 0:
             results_lib.write(results_dir, config, name, r, evaluator)
-    if plot and jax.process_index() == 0:
+    if plot and on_splits and jax.process_index() == 0:
         results_lib.plot(results_dir, data[config.train_split],
                          data[config.eval.test_split], ftr[names[-1]], ytr, fte[names[-1]],
                          yte, random_init)
     return results
+
+
+def _split_features(config, fn, variables, data, key, split_kw, pool):
+    """((train features, labels), (test features, labels)) of the run's splits."""
+    t0 = time.time()
+    splits = {split: features.split_features(fn, variables, data[split], split, limit,
+                                             key=key, **split_kw)
+              for split, limit in ((config.train_split, config.eval.train_examples),
+                                   (config.eval.test_split, 0))}
+    (ftr, ytr), (fte, yte) = splits[config.train_split], splits[config.eval.test_split]
+    dims = ", ".join(f"{results_lib.label(n, pool)} {v.shape[1]}-d" for n, v in ftr.items())
+    print(f"Features of {dims} at step {split_kw['step']}: {len(ytr)} train, {len(yte)} test "
+          f"({time.time() - t0:.1f}s)", flush=True)
+    return (ftr, ytr), (fte, yte)
+
+
+def sets_dataset(run_dataset: str, run_data_dir: str | None, dataset: str | None,
+                 data_dir: str | None) -> tuple[str, str | None, dict]:
+    """Which transformation-set dataset a run is scored on -> (dataset, data_dir, its
+    dataset_info). dataset None: the run's own images' sets, <run dataset>_invariance;
+    data_dir None: the run's."""
+    dataset, data_dir = dataset or f"{run_dataset}_invariance", data_dir or run_data_dir
+    try:
+        return dataset, data_dir, sources.dataset_info(dataset, data_dir)
+    except sources.DatasetNotFoundError:
+        where = data_dir or sources.default_data_dir()
+        raise UserError(
+            f"The transformation sets {dataset!r} are not prepared in {where}. Make them "
+            f"from the run's images with `python -m ssl_jax.data.prepare --dataset "
+            f"invariance_sets --source {run_dataset} --data_dir {where}`, or name other "
+            "prepared sets with --config.eval.invariance.dataset=NAME.") from None
+
+
+def set_features(fn, variables, centre, key, split_kw, run_dataset: str,
+                 run_data_dir: str | None, dataset: str | None, data_dir: str | None,
+                 split: str) -> evaluators.SetFeatures:
+    """Inputs.sets: the features of one split of a transformation-set dataset (records
+    with `set_id`; sets_dataset says which), through the same extraction and cache as
+    the run's own splits."""
+    dataset, data_dir, info = sets_dataset(run_dataset, run_data_dir, dataset, data_dir)
+    if split not in info["num_examples"]:
+        raise UserError(f"{dataset} has no split {split!r}; its splits: "
+                        f"{', '.join(info['num_examples'])}.")
+    want = sources.dataset_info(run_dataset, run_data_dir)["image_shape"][-1]
+    if info["image_shape"][-1] and want and info["image_shape"][-1] != want:
+        raise UserError(f"{dataset}'s images have {info['image_shape'][-1]} channel(s) and "
+                        f"the encoder takes {want} ({run_dataset}'s): score it on sets made "
+                        "from its own kind of images.")
+    try:
+        set_id = sources.column(dataset, split, data_dir, "set_id")
+    except UserError as e:
+        raise UserError(f"{e} Invariance is scored on transformation sets, whose images "
+                        "carry a set_id: python -m ssl_jax.data.prepare --dataset "
+                        "invariance_sets makes them.") from None
+    source = sources.open_source(dataset, split, data_dir, decode=centre)
+    key = key and dict(key, dataset=dataset, data_dir=str(storage.path(
+        data_dir or sources.default_data_dir())))
+    feats, labels = features.split_features(fn, variables, source, f"{dataset}.{split}", 0,
+                                            key=key, **split_kw)
+    return evaluators.SetFeatures(features=feats, label=labels, set_id=set_id, dataset=dataset)
 
 
 def _calibrated(encoder, view_cfg, variables, source, batch_size: int, mesh):

@@ -44,7 +44,7 @@ def _cases(tmp, tiny_data):
         "unknown evaluator": (
             ["ssl_jax.evaluate", "--workdir", str(norun), "--eval", "linear,lienar"],
             "flag --eval=['linear', 'lienar']: unknown evaluator; the evaluators are linear, "
-            "knn, mlp, lowshot.", None, {}),
+            "knn, mlp, lowshot, invariance.", None, {}),
         "a workdir without a run": (
             ["ssl_jax.export", "--workdir", str(norun), "--out", str(tmp / "out")],
             f"{norun}/config.json not found: {norun} is not a training workdir. Train first",

@@ -1,9 +1,11 @@
 """The evaluator registry (eval/evaluators.py) and result writing (eval/results.py) on
 hand-made features: one interface for every evaluator, records in the files people read."""
+import dataclasses
 import json
 import os
 
 import ml_collections
+import numpy as np
 
 from ssl_jax import eval as eval_lib
 from ssl_jax.eval import evaluators, results
@@ -30,6 +32,8 @@ def test_every_evaluator_gives_a_record_per_stage_and_only_linear_asks_for_views
     asked, s = [], settings()
     feats = inputs(asked)
     for name, evaluator in evaluators.REGISTRY.items():
+        if evaluator.needs != "splits":  # invariance: below
+            continue
         out = evaluator.run(feats, dict(s[name]))
         assert list(out) == ["block1", "block2"], name
         for record in out.values():
@@ -63,3 +67,39 @@ def test_records_are_printed_and_written_with_their_extra_rows(tmp_path, capsys)
     assert rows[0] == results.TABLE_HEADER.splitlines()[0] and len(rows) == 2 + 2 * 2 + 2
     assert "| simclr (random init) | tiny | 6 | knn k=3 (offline) | block1 (avg2x2) |" in rows[3]
     assert "| lowshot (offline) | block2 (avg2x2) |" in rows[-1]
+
+
+def test_invariance_scores_each_split_of_the_sets_and_each_stage():
+    """The invariance evaluator on hand-made sets: it asks Inputs.sets for each split
+    (those of the dataset in the known order when none are named) and scores each
+    stage's features with the metric, whose own tests pin its numbers."""
+    from ssl_jax.eval import invariance
+    rng = np.random.default_rng(0)
+    set_id, label = np.repeat(np.arange(12), 4), np.repeat(np.arange(12) % 3, 4)
+    # block2's features are constant within a set, block1's independent per image.
+    made = {split: evaluators.SetFeatures(
+        features={"block1": rng.normal(size=(48, 30)),
+                  "block2": np.repeat(rng.normal(size=(12, 30)), 4, axis=0)},
+        label=label, set_id=set_id, dataset="toy_invariance")
+        for split in ("illumination", "extra", "occlusion")}
+    asked = []
+    feats = dataclasses.replace(
+        inputs([]), set_splits=lambda dataset, data_dir: list(made),
+        sets=lambda dataset, data_dir, split: asked.append((dataset, data_dir, split))
+        or made[split])
+    out = invariance.evaluate(feats, {"dataset": "", "data_dir": "", "splits": (),
+                                      "top_k": (5, 10)})
+    assert asked == [(None, None, "occlusion"), (None, None, "illumination"),
+                     (None, None, "extra")]
+    for stage in ("block1", "block2"):
+        for split, sets in made.items():
+            want = invariance.invariance_scores(sets.features[stage], set_id, label, (5, 10))
+            assert out[stage]["scores"][split] == {"5": want[5], "10": want[10]}
+            assert out[stage]["sets"][split] == 12 and out[stage]["images"][split] == 48
+    assert out["block2"]["scores"]["occlusion"]["5"] > 1.5 * out["block1"]["scores"]["occlusion"]["5"]
+    assert invariance.summary(out["block2"]).startswith("K=5/10: occlusion ")
+    assert len(invariance.rows(out["block2"])) == 3 * 2
+    asked.clear()
+    invariance.evaluate(feats, {"dataset": "d", "data_dir": "/x", "splits": ("extra",),
+                                "top_k": (5,)})
+    assert asked == [("d", "/x", "extra")]

@@ -85,8 +85,13 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
         rows = f.read().splitlines()
     assert rows[0].startswith("| date | method |") and len(rows) == 2 + 2 * 2
     assert f"| {method} | tiny_squares | 6 | knn (offline) | block1 |" in rows[-2]
-    with pytest.raises(ValueError, match=r"has stages \['block1'"):
+    with pytest.raises(ValueError, match=r"block9 is not a stage of this convnet; its stages "
+                       r"are block1, block2 \(also 'final'"):
         evaluation.evaluate(workdir, ("knn",), stages=["block9"])
+    # 'final' names the deepest stage inside a list too (--stages final,block1).
+    both = evaluation.evaluate(workdir, ("knn",), stages=["final", "block1"])["knn"]
+    assert list(both["stages"]) == ["block1", "block2"]
+    assert both["stages"] == results["knn"]["stages"]
     if method == "simclr":  # the random-init baseline reads the same workdir, writes its own file
         base = evaluation.evaluate(workdir, ("knn",), random_init=True)["knn"]
         assert base["step"] == 0 and base["random_init"]

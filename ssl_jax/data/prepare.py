@@ -3,6 +3,7 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
     python -m ssl_jax.data.prepare --dataset fashion_mnist [--data_dir ~/tensorflow_datasets]
     python -m ssl_jax.data.prepare --dataset imagenet2012 --manual_dir DIR [--skip_bad_images]
     python -m ssl_jax.data.prepare --dataset image_folder --manual_dir DIR --name NAME
+    python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist
 
 - fashion_mnist: from Debian's IDX files (`apt-get install dataset-fashion-mnist`),
   or --manual_dir (alias --source_dir) holding them (fashion_mnist.py).
@@ -11,6 +12,9 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
   into --manual_dir (default <data_dir>/downloads/manual, as TFDS) (imagenet.py).
 - image_folder: a folder of one's own images, DIR/train/<class>/*.jpg (and
   val/, test/) or DIR/<class>/*.jpg, as the dataset NAME (image_folder.py).
+- invariance_sets: the occlusion, viewpoint, illumination and instance sets of
+  Purushwalkam & Gupta 2020, as the dataset <source>_invariance, made from the
+  prepared dataset --source in the same data_dir (invariance_sets.py).
 
 Every image is decoded once; a bad one stops preparation with its name, or is
 left out with --skip_bad_images (counted at the end). A failed preparation
@@ -26,7 +30,7 @@ import time
 
 from absl import app, flags
 
-from ssl_jax.data import fashion_mnist, image_folder, imagenet, sources
+from ssl_jax.data import fashion_mnist, image_folder, imagenet, invariance_sets, sources
 from ssl_jax.errors import UserError
 
 # dataset -> builder class (or factory) taking data_dir= and the options of OPTIONS.
@@ -34,34 +38,50 @@ BUILDERS = {
     "fashion_mnist": fashion_mnist.FashionMnist,
     "imagenet2012": imagenet.Imagenet2012,
     "image_folder": image_folder.ImageFolder,
+    "invariance_sets": invariance_sets.InvarianceSets,
 }
 # The options each builder takes, beyond data_dir.
 OPTIONS = {
     "fashion_mnist": ("source_dir",),
     "imagenet2012": ("manual_dir", "skip_bad_images"),
     "image_folder": ("manual_dir", "name", "skip_bad_images"),
+    "invariance_sets": ("source", "source_split", "sets_per_class", "set_size", "seed"),
 }
+_INVARIANCE_OPTIONS = OPTIONS["invariance_sets"]
+
+
+def _given(value) -> bool:
+    """Whether an option was given: None, False and "" are its defaults (0 is a value)."""
+    return value is not None and value is not False and value != ""
 
 
 def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | None = None, *,
                  manual_dir: str | None = None, name: str | None = None,
-                 skip_bad_images: bool = False):
-    """The builder of `dataset`; source_dir and manual_dir are one option, two names."""
+                 skip_bad_images: bool = False, source: str | None = None,
+                 source_split: str | None = None, sets_per_class: int | None = None,
+                 set_size: int | None = None, seed: int | None = None):
+    """The builder of `dataset`; source_dir and manual_dir are one option, two names.
+    source ... seed: invariance_sets' options (None: its defaults)."""
     if dataset not in BUILDERS:
         raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
     if source_dir and manual_dir and source_dir != manual_dir:
         raise UserError("--source_dir and --manual_dir name one folder: give one of them.")
     folder = manual_dir or source_dir
     given = {"source_dir": folder, "manual_dir": folder, "name": name,
-             "skip_bad_images": skip_bad_images}
+             "skip_bad_images": skip_bad_images, "source": source, "source_split": source_split,
+             "sets_per_class": sets_per_class, "set_size": set_size, "seed": seed}
     if dataset == "image_folder":
         if not name:
             raise UserError("--dataset image_folder needs --name NAME, the dataset's name "
                             "(lowercase letters, digits, underscores).")
         if not folder:
             raise UserError("--dataset image_folder needs --manual_dir, the folder of images.")
-    for option in ("name", "skip_bad_images"):
-        if given[option] and option not in OPTIONS[dataset]:
+    folders = ("source_dir", "manual_dir")
+    if folder and not set(folders) & set(OPTIONS[dataset]):
+        takers = " and ".join(d for d, o in OPTIONS.items() if set(folders) & set(o))
+        raise UserError(f"--manual_dir (--source_dir) is for {takers}, not {dataset}.")
+    for option in ("name", "skip_bad_images", *_INVARIANCE_OPTIONS):
+        if _given(given[option]) and option not in OPTIONS[dataset]:
             raise UserError(f"--{option} is for "
                             f"{' and '.join(d for d, o in OPTIONS.items() if option in o)}, "
                             f"not {dataset}.")
@@ -81,7 +101,8 @@ def prepare(dataset: str, data_dir: str | None = None, source_dir: str | None = 
             **options) -> tuple[str, bool]:
     """Builds `dataset` under data_dir unless it is there already.
 
-    options: manual_dir, name, skip_bad_images (see make_builder).
+    options: manual_dir, name, skip_bad_images, source, source_split, sets_per_class,
+    set_size, seed (see make_builder).
     Returns (the dataset's directory, whether it was built now).
     """
     return build(make_builder(dataset, data_dir, source_dir, **options))
@@ -93,7 +114,8 @@ def main(argv):
     f, t = flags.FLAGS, time.perf_counter()
     try:
         builder = make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
-                               name=f.name, skip_bad_images=f.skip_bad_images)
+                               name=f.name, skip_bad_images=f.skip_bad_images,
+                               **{o: f[o].value for o in _INVARIANCE_OPTIONS})
         path, built = build(builder)
     except (UserError, fashion_mnist.IdxError) as e:  # the user can fix it: one line
         print(f"error: {e}", file=sys.stderr)
@@ -124,5 +146,16 @@ if __name__ == "__main__":
     flags.DEFINE_bool("skip_bad_images", False,
                       "Leave out images that are empty or do not decode (each is logged, the "
                       "count printed at the end) instead of stopping at the first.")
+    flags.DEFINE_string("source", None, "invariance_sets: the prepared dataset (with labels) "
+                        "to make the sets from, in the same --data_dir, e.g. fashion_mnist.")
+    flags.DEFINE_string("source_split", None, "invariance_sets: the source's split to draw "
+                        "images from. Default: validation if it has one, else test.")
+    flags.DEFINE_integer("sets_per_class", None, "invariance_sets: sets per class and split "
+                         f"(default {invariance_sets.DEFAULTS['sets_per_class']}).")
+    flags.DEFINE_integer("set_size", None, "invariance_sets: images per set, at least "
+                         f"{invariance_sets.MIN_SET_SIZE} "
+                         f"(default {invariance_sets.DEFAULTS['set_size']}).")
+    flags.DEFINE_integer("seed", None, "invariance_sets: the seed of the image choice and "
+                         f"the transformations (default {invariance_sets.DEFAULTS['seed']}).")
     flags.mark_flag_as_required("dataset")
     app.run(main)

@@ -239,6 +239,19 @@ def open_source(dataset: str, split: str, data_dir: str | None = None, *,
     return mem
 
 
+def column(dataset: str, split: str, data_dir: str | None, feature: str) -> np.ndarray:
+    """(N,) the scalar `feature` of every record of a split, in record order, read
+    without decoding images (e.g. the set_id of transformation sets)."""
+    builder, data_dir = _prepared_builder(dataset, data_dir)
+    if feature not in builder.info.features:
+        raise UserError(f"{dataset} has no {feature!r} feature (it has "
+                        f"{', '.join(builder.info.features)}).")
+    src = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False,
+                           decoders={"image": tfds.decode.SkipDecoding()})
+    return np.array([r[feature] for i in range(0, len(src), _CHUNK)
+                     for r in src.__getitems__(list(range(i, min(i + _CHUNK, len(src)))))])
+
+
 def load_into_memory(src, name: str = "the source", skip_corrupt: bool = False) -> ArraySource:
     """Decodes every record of a random-access source, in order; unreadable
     records raise CorruptRecordError, or are left out with skip_corrupt (the

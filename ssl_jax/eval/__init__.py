@@ -1,6 +1,6 @@
 """Evaluation of encoders. Offline, on a frozen encoder after pretraining
 (ssl_jax/evaluate.py runs them): features (extraction, pooling, cache); the
-evaluators linear, knn, mlp, lowshot, in one registry with one interface
+evaluators linear, knn, mlp, lowshot, invariance, in one registry with one interface
 (evaluators), the probes trained by one core (probe); results (printed,
 eval_<name>.json, results.md); report and figures (tables and figures from their
 records). Online, during pretraining: online (online_linear / online_knn probes).
@@ -32,7 +32,11 @@ def defaults(test_split: str = "test") -> ml_collections.ConfigDict:
         # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units.
         mlp=dict(hidden=200, epochs=30, lr=0.1, weight_decay=5e-4, batch_size=256),
         # Goyal et al. 2019: k labelled images per class, mean +- std over seeds.
-        lowshot=dict(shots=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2, 3, 4), steps=300)))
+        lowshot=dict(shots=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2, 3, 4), steps=300),
+        # Purushwalkam & Gupta 2020's invariance of the top-K neurons, on the splits
+        # (transformations) of a dataset of transformation sets: "" = the run's own,
+        # <dataset>_invariance in its data_dir; splits () = all of them.
+        invariance=dict(dataset="", data_dir="", splits=(), top_k=(10, 25))))
 
 
 def with_defaults(stored) -> ml_collections.ConfigDict:

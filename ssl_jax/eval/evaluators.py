@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ssl_jax.eval import knn, linear, lowshot, mlp
+from ssl_jax.eval import invariance, knn, linear, lowshot, mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,23 @@ class Inputs:
     # arguments}) -> V augmented copies of `train`, [{stage: (N, D_stage)}]; [] when
     # V < 1. Extracted (or read from the feature cache) only when called.
     train_views: Callable[[dict], list[dict[str, np.ndarray]]]
+    # (dataset, data_dir, split) -> the features of a split of a prepared dataset whose
+    # records carry a `set_id` (transformation sets, eval/invariance.py), SetFeatures,
+    # extracted (or read from the cache) only when called; dataset, data_dir None: the
+    # run's own sets (<dataset>_invariance) in the run's data_dir.
+    sets: Callable[[str | None, str | None, str], "SetFeatures"] | None = None
+    # (dataset, data_dir) -> that transformation-set dataset's split names (None, None:
+    # the run's own sets, <dataset>_invariance).
+    set_splits: Callable[[str | None, str | None], list[str]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SetFeatures:
+    """Features of one split of a transformation-set dataset, rows in split order."""
+    features: dict[str, np.ndarray]  # {stage: (N, D_stage) float32}
+    label: np.ndarray  # (N,) int32, the class of each image
+    set_id: np.ndarray  # (N,) int64: images of one object under one transformation share it
+    dataset: str  # the sets' dataset, as read
 
 
 def _nothing(stage_record: dict) -> dict:
@@ -40,6 +57,13 @@ def _nothing(stage_record: dict) -> dict:
 
 def _no_lines(stage_record: dict) -> list[str]:
     return []
+
+
+def _accuracy(stage_record: dict) -> str:
+    return f"top-1 {stage_record['top1']:.2f}%  top-5 {stage_record['top5']:.2f}%"
+
+
+ACCURACY_COLUMNS = ("top-1", "top-5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +75,16 @@ class Evaluator:
     extra: Callable[[dict], dict[str, dict]] = _nothing
     # stage record -> further lines printed under it (low-shot's whole curve).
     details: Callable[[dict], list[str]] = _no_lines
+    # What the evaluator reads from Inputs: "splits" (train/test features and labels,
+    # the classification evaluators) or "sets" (Inputs.sets only: the train and test
+    # splits are then neither extracted nor required to have labels).
+    needs: str = "splits"
+    # stage record -> the line printed for it.
+    summary: Callable[[dict], str] = _accuracy
+    # results.md: the value columns of this evaluator's rows, and stage record ->
+    # [(what, cells)], one row each (default: top-1/top-5 of the record and of extra).
+    columns: tuple[str, ...] = ACCURACY_COLUMNS
+    rows: Callable[[dict], list[tuple[str, tuple[str, ...]]]] | None = None
 
 
 # name (--eval, config.eval.<name>, eval_<name>.json) -> evaluator; --eval's default
@@ -60,4 +94,10 @@ REGISTRY: dict[str, Evaluator] = {
     "knn": Evaluator(knn.evaluate, extra=knn.further_k),
     "mlp": Evaluator(mlp.evaluate),
     "lowshot": Evaluator(lowshot.evaluate, details=lowshot.curve),
+    "invariance": Evaluator(invariance.evaluate, details=invariance.details, needs="sets",
+                            summary=invariance.summary, columns=invariance.COLUMNS,
+                            rows=invariance.rows),
 }
+# --eval's default: the classification evaluators (invariance needs a dataset of
+# transformation sets prepared beside the run's: it runs when asked for).
+DEFAULT = ("linear", "knn", "mlp", "lowshot")

@@ -1,5 +1,6 @@
 """The figures of eval/report.py (matplotlib, imported only when drawing): accuracy
-per stage as grouped bars, the low-shot curve, and the retrieval grid of
+per stage as grouped bars, the low-shot curve, invariance per transformation as
+grouped bars (Purushwalkam & Gupta 2020's figures), and the retrieval grid of
 `python -m ssl_jax.evaluate --plot`. Rows are report.Row: a run or its random-init
 baseline, with its evaluation records.
 """
@@ -70,6 +71,43 @@ def plot_accuracy_per_stage(rows: Sequence, groups: dict[str, list[str]], path: 
     fig.suptitle(title or "Top-1 accuracy per encoder stage (frozen encoder, test split)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_invariance(rows: Sequence, path: str, stage: str | None = None,
+                    title: str = "Invariance of the top-K neurons") -> bool:
+    """Grouped bars, as the paper draws them: a panel per K, a group per transformation,
+    a bar per row with an invariance record, at `stage` (default: each record's final
+    stage). Random-init rows hatched. -> False, writing nothing, when no row has one."""
+    present = [r for r in rows if "invariance" in r.records]
+    if not present:
+        return False
+    plt = _pyplot()
+    picked = [r.records["invariance"]["stages"][stage or r.records["invariance"]["stage"]]
+              for r in present]
+    splits = list(dict.fromkeys(t for v in picked for t in v["scores"]))
+    ks = sorted({int(k) for v in picked for t in v["scores"].values() for k in t})
+    fig, axes = plt.subplots(len(ks), 1, figsize=(min(16.0, 3.0 + 0.5 * len(splits)
+                                                      * len(present)), 0.9 + 3.0 * len(ks)),
+                             squeeze=False, layout="constrained")
+    width = 0.8 / len(present)
+    for ax, k in zip(axes[:, 0], ks):
+        for i, (row, v) in enumerate(zip(present, picked)):
+            colour = _colour(plt, row)
+            xs = [j - 0.4 + width * (i + 0.5) for j, t in enumerate(splits) if t in v["scores"]]
+            ys = [v["scores"][t][str(k)] for t in splits if t in v["scores"]]
+            bars = ax.bar(xs, ys, width, label=row.label,
+                          facecolor=(*colour[:3], 0.35) if row.random_init else colour,
+                          edgecolor=colour, hatch="///" if row.random_init else None)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, rotation=90, padding=2)
+        ax.set_xticks(range(len(splits)), splits)
+        ax.set_ylabel(f"invariance, top-{k} neurons")
+        ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)
+    axes[0, 0].legend(fontsize=8, ncol=min(len(present), 4))
+    fig.suptitle(title + (f" ({stage})" if stage else ""))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_lowshot(rows: Sequence, path: str, stage: str | None = None,

@@ -13,6 +13,9 @@ Reads WORKDIR/eval_<name>.json (and eval_<name>_random_init.json), as
                           per evaluator
   lowshot.png             low-shot top-1 against labels per class k (log2 axis),
                           ± std over seeds, a line per run (if any has low-shot)
+  invariance.png          invariance per transformation, a bar per run, a panel per
+                          K (if any has invariance records); the table's invariance
+                          columns hold the same scores
 
 Nothing here runs a model: it only reads JSON, so it works on results copied off
 a cluster. `write_figures(workdir)` draws the same figures for one run into
@@ -29,11 +32,11 @@ import sys
 from typing import NamedTuple, Sequence
 
 # The figures are drawn in eval/figures.py.
-from ssl_jax.eval.figures import plot_accuracy_per_stage, plot_lowshot
+from ssl_jax.eval.figures import plot_accuracy_per_stage, plot_invariance, plot_lowshot
 
 # Display order of the evaluators evaluate.py knows; records of any other name
 # found in a workdir follow, sorted (a new evaluator shows up without an edit here).
-ORDER = ("linear", "knn", "mlp", "lowshot")
+ORDER = ("linear", "knn", "mlp", "lowshot", "invariance")
 LOWSHOT_K = (1, 8, 64)  # the table's low-shot columns; the figure shows every k
 MISSING = "–"
 RANDOM_SUFFIX = "_random_init"
@@ -138,14 +141,28 @@ def stages(rows: Sequence[Row], evaluator: str) -> list[str]:
 
 
 def _panels(rows: Sequence[Row]) -> dict[str, list[str]]:
-    """{evaluator: its stages} of `rows`, in display order: the bar chart's panels."""
-    return {e: stages(rows, e) for e in evaluators(rows)}
+    """{evaluator: its stages} of `rows`' accuracy evaluators, in display order: the
+    accuracy bar chart's panels (invariance has its own figure)."""
+    return {e: stages(rows, e) for e in evaluators(rows) if e != "invariance"}
 
 
-def _cell(record: dict | None, stage: str, k: int | None = None) -> str:
+def _invariance_columns(rows: Sequence[Row], stage: str) -> list[tuple[str, int]]:
+    """[(transformation, K)] any row's invariance record has at `stage`, in its order."""
+    seen = {}
+    for r in rows:
+        scores = r.records.get("invariance", {}).get("stages", {}).get(stage, {})
+        for t, per_k in scores.get("scores", {}).items():
+            seen.update({(t, int(k)): None for k in per_k})
+    return list(seen)
+
+
+def _cell(record: dict | None, stage: str, k=None) -> str:
     value = (record or {}).get("stages", {}).get(stage)
     if value is None:
         return MISSING
+    if isinstance(k, tuple):  # invariance: (transformation, K)
+        score = value.get("scores", {}).get(k[0], {}).get(str(k[1]))
+        return MISSING if score is None else f"{score:.2f}"
     if k is None:
         return f"{value['top1']:.2f}"
     shot = value.get("per_k", {}).get(k)
@@ -154,12 +171,16 @@ def _cell(record: dict | None, stage: str, k: int | None = None) -> str:
 
 def compare_table(rows: Sequence[Row], shots: Sequence[int] = LOWSHOT_K) -> str:
     """-> a Markdown table: a row per Row, a column per evaluator x stage (low-shot:
-    per stage x k in shots), top-1 % with two decimals, MISSING where a run lacks it."""
+    per stage x k in shots; invariance: per stage x transformation x K), top-1 % (an
+    invariance score) with two decimals, MISSING where a run lacks it."""
     columns = []  # (header, evaluator, stage, k or None)
     for e in evaluators(rows):
         for s in stages(rows, e):
             if e == "lowshot":
                 columns += [(f"lowshot {s} k={k}", e, s, k) for k in shots]
+            elif e == "invariance":
+                columns += [(f"invariance {s} {t} K={k}", e, s, (t, k))
+                            for t, k in _invariance_columns(rows, s)]
             else:
                 columns.append((f"{e} {s}", e, s, None))
     lines = ["| run | " + " | ".join(c[0] for c in columns) + " |",
@@ -184,19 +205,24 @@ def _sources(rows: Sequence[Row]) -> str:
 # ------------------------------------------------------------------- entry points
 
 def write_figures(workdir: str, random_init: bool = True, stage: str | None = None) -> list[str]:
-    """The per-stage bar chart and (if the run has low-shot records) the low-shot curve of
-    ONE workdir, next to its random-init baseline when evaluated, into WORKDIR/figures/.
+    """The per-stage bar chart and (if the run has such records) the low-shot curve and
+    the invariance bars of ONE workdir, next to its random-init baseline when evaluated, into WORKDIR/figures/.
     -> the paths written."""
     rows = load_rows([workdir], random_init=random_init)
     out = os.path.join(workdir, "figures")
     os.makedirs(out, exist_ok=True)
     name = rows[0].info["method"]
-    paths = [os.path.join(out, "accuracy_per_stage.png")]
-    plot_accuracy_per_stage(rows, _panels(rows), paths[0],
-                            title=f"{name}: top-1 accuracy per encoder stage")
+    paths = []
+    if _panels(rows):
+        paths.append(os.path.join(out, "accuracy_per_stage.png"))
+        plot_accuracy_per_stage(rows, _panels(rows), paths[0],
+                                title=f"{name}: top-1 accuracy per encoder stage")
     if plot_lowshot(rows, os.path.join(out, "lowshot.png"), stage,
                     title=f"{name}: low-shot linear probe"):
         paths.append(os.path.join(out, "lowshot.png"))
+    if plot_invariance(rows, os.path.join(out, "invariance.png"), stage,
+                       title=f"{name}: invariance of the top-K neurons"):
+        paths.append(os.path.join(out, "invariance.png"))
     return paths
 
 
@@ -211,10 +237,17 @@ def report(workdirs: Sequence[str], out: str, names: Sequence[str] | None = None
     with open(paths[0], "w") as f:
         f.write("Top-1 accuracy (%) of frozen encoders on the test split, per evaluator and "
                 f"encoder stage; low-shot: mean±std over seeds at k labelled images per class. "
-                f"{MISSING}: not evaluated.\n\n" + table + "\n" + _sources(rows))
-    plot_accuracy_per_stage(rows, _panels(rows), paths[1])
+                "Invariance: Purushwalkam & Gupta 2020's score of the top-K neurons per "
+                f"transformation (higher: more invariant). {MISSING}: not evaluated.\n\n"
+                + table + "\n" + _sources(rows))
+    if _panels(rows):
+        plot_accuracy_per_stage(rows, _panels(rows), paths[1])
+    else:  # invariance records only
+        paths.pop()
     if plot_lowshot(rows, os.path.join(out, "lowshot.png"), stage):
         paths.append(os.path.join(out, "lowshot.png"))
+    if plot_invariance(rows, os.path.join(out, "invariance.png"), stage):
+        paths.append(os.path.join(out, "invariance.png"))
     return {"table": table, "paths": paths}
 
 

@@ -14,8 +14,16 @@ import numpy as np
 from ssl_jax import storage
 from ssl_jax.eval import knn
 
-TABLE_HEADER = ("| date | method | dataset | step | evaluator | stage | top-1 | top-5 |\n"
-                "|---|---|---|---:|---|---|---:|---:|\n")
+TABLE_COLUMNS = ("date", "method", "dataset", "step", "evaluator", "stage")
+
+
+def table_header(columns=("top-1", "top-5")) -> str:
+    """The Markdown header of results.md rows whose value columns are `columns`."""
+    return ("| " + " | ".join(TABLE_COLUMNS + tuple(columns)) + " |\n"
+            "|---|---|---|---:|---|---|" + "---:|" * len(columns) + "\n")
+
+
+TABLE_HEADER = table_header()  # the classification evaluators' table
 
 
 def label(stage: str, pool: str) -> str:
@@ -24,15 +32,15 @@ def label(stage: str, pool: str) -> str:
 
 
 def record(per_stage: dict[str, dict], final: str, *, pool: str, step: int, random_init: bool,
-           train_examples: int, test_examples: int, seconds: float,
-           exported: str | None = None) -> dict:
+           seconds: float, exported: str | None = None, **counts: int) -> dict:
     """An evaluator's {stage: record} -> the record of eval_<name>.json: the `final`
-    (deepest requested) stage's "top1", "top5" and name, every stage's under "stages",
-    and where the numbers come from."""
-    r = {"top1": per_stage[final]["top1"], "top5": per_stage[final]["top5"], "stage": final,
-         "pool": pool, "stages": per_stage, "step": int(step), "random_init": random_init,
-         "train_examples": int(train_examples),
-         "test_examples": int(test_examples), "seconds": seconds}
+    (deepest requested) stage's "top1", "top5" (if it has them) and name, every
+    stage's under "stages", and where the numbers come from. counts: e.g.
+    train_examples=N, test_examples=M."""
+    head = {k: per_stage[final][k] for k in ("top1", "top5") if k in per_stage[final]}
+    r = {**head, "stage": final, "pool": pool, "stages": per_stage, "step": int(step),
+         "random_init": random_init, **{k: int(v) for k, v in counts.items()},
+         "seconds": seconds}
     if exported is not None:
         r["exported"] = os.path.abspath(exported)
     return r
@@ -45,8 +53,8 @@ def show(name: str, r: dict, evaluator, dataset: str, test_split: str) -> None:
     pool = r["pool"]
     for n, v in r["stages"].items():
         at = n if pool == "global" else f"{n}, {pool}"
-        print(f"{name} ({what} {at}): top-1 {v['top1']:.2f}%  "
-              f"top-5 {v['top5']:.2f}%  [{dataset} {test_split}]", flush=True)
+        print(f"{name} ({what} {at}): {evaluator.summary(v)}  [{dataset} {test_split}]",
+              flush=True)
         for extra, w in evaluator.extra(v).items():  # e.g. kNN at further k
             print(f"    {extra}: top-1 {w['top1']:.2f}%  top-5 {w['top5']:.2f}%", flush=True)
         for line in evaluator.details(v):  # e.g. the whole low-shot curve
@@ -60,25 +68,39 @@ def write(results_dir: str, config, name: str, r: dict, evaluator) -> None:
     suffix = (("" if r["pool"] == "global" else f"_{r['pool']}")
               + ("_random_init" if r["random_init"] else ""))
     (out / f"eval_{name}{suffix}.json").write_text(json.dumps(r, indent=2))
-    append_table(out / "results.md", config, name, r, evaluator.extra)
+    rows = evaluator.rows or (lambda v: accuracy_rows(name, v, evaluator.extra))
+    append_table(out / "results.md", config, r, rows, evaluator.columns)
 
 
-def append_table(path: str, config, name: str, record: dict,
-                 extra=lambda stage_record: {}) -> None:
-    """Appends one row per stage of an evaluator's record to a Markdown table
-    (written with its header on first use): the file people read and paste.
-    extra(stage record) -> {label: {"top1", "top5"}}: further rows of a stage,
-    named "<name> <label>" (kNN's k=20)."""
-    rows = [] if storage.path(path).exists() else [TABLE_HEADER]
+def accuracy_rows(name: str, stage_record: dict,
+                  extra=lambda stage_record: {}) -> list[tuple[str, tuple[str, ...]]]:
+    """A classification evaluator's rows of one stage: [(what, (top-1, top-5))], its
+    own and extra(stage record)'s ({label: {"top1", "top5"}}, named "<name> <label>":
+    kNN's k=20)."""
+    more = [(f"{name} {k}", x) for k, x in extra(stage_record).items()]
+    return [(what, (f"{w['top1']:.2f}", f"{w['top5']:.2f}"))
+            for what, w in [(name, stage_record)] + more]
+
+
+def append_table(path: str, config, record: dict, rows, columns=("top-1", "top-5")) -> None:
+    """Appends rows of an evaluator's record to the Markdown table results.md, the
+    file people read and paste: rows(stage record) -> [(what, cells)], one row each,
+    under a header of `columns` (written when the file starts, or when its last
+    table has other columns: invariance scores are not top-1/top-5)."""
+    path = storage.path(path)
+    header = table_header(columns)
+    text = path.read_text() if path.exists() else ""
+    tables = [line for line in text.splitlines() if line.startswith("| date |")]
+    out = [] if tables and tables[-1] + "\n" == header.splitlines(True)[0] else (
+        ["\n" if text else "", header])
     method = config.method + (" (random init)" if record["random_init"] else "")
     for stage, v in record["stages"].items():
-        more = [(f"{name} {k}", x) for k, x in extra(v).items()]
-        for what, w in [(name, v)] + more:
-            rows.append(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
-                        f"{record['step']} | {what} (offline) | "
-                        f"{label(stage, record.get('pool', 'global'))} | {w['top1']:.2f} | "
-                        f"{w['top5']:.2f} |\n")
-    storage.append_text(path, "".join(rows))
+        for what, cells in rows(v):
+            out.append(f"| {time.strftime('%Y-%m-%d %H:%M')} | {method} | {config.dataset} | "
+                       f"{record['step']} | {what} (offline) | "
+                       f"{label(stage, record.get('pool', 'global'))} | "
+                       + " | ".join(cells) + " |\n")
+    storage.append_text(path, "".join(out))
 
 
 def plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
