@@ -190,11 +190,13 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
             seconds=round(time.time() - t0, 1), exported=exported, **counts)
         results_lib.show(name, r, evaluator, config.dataset, config.eval.test_split)
         if jax.process_index() == 0:
-            results_lib.write(results_dir, config, name, r, evaluator)
+            results_lib.write(results_dir, config, name, r, evaluator,
+                              stage_order=_stages(config, "all"))
     if plot and on_splits and jax.process_index() == 0:
         results_lib.plot(results_dir, data[config.train_split],
                          data[config.eval.test_split], ftr[names[-1]], ytr, fte[names[-1]],
-                         yte, random_init)
+                         yte, random_init, method=config.method, class_names=sources.
+                         dataset_info(config.dataset, config.data_dir)["class_names"])
     return results
 
 

@@ -103,3 +103,20 @@ def test_invariance_scores_each_split_of_the_sets_and_each_stage():
     invariance.evaluate(feats, {"dataset": "d", "data_dir": "/x", "splits": ("extra",),
                                 "top_k": (5,)})
     assert asked == [("d", "/x", "extra")]
+
+
+def test_a_record_merges_with_the_same_steps_and_keeps_earlier_steps_aside():
+    def rec(step, **stages):
+        final = list(stages)[-1]
+        return {"step": step, "stage": final, **stages[final], "stages": stages}
+    a = rec(6, block1={"top1": 50.0, "top5": 90.0}, block2={"top1": 60.0, "top5": 95.0})
+    b = rec(6, block2={"top1": 61.0, "top5": 96.0})
+    got = results.merge(a, b, ["block1", "block2"])
+    assert got["stages"] == {"block1": a["stages"]["block1"], "block2": b["stages"]["block2"]}
+    assert (got["stage"], got["top1"], got["top5"]) == ("block2", 61.0, 96.0)
+    # Shallow to deep whatever came first: block1 evaluated after block2.
+    got = results.merge(b, rec(6, block1={"top1": 1.0, "top5": 2.0}), ["block1", "block2"])
+    assert list(got["stages"]) == ["block1", "block2"] and got["top1"] == 61.0
+    later = results.merge(a, rec(9, block2={"top1": 70.0, "top5": 97.0}), ["block1", "block2"])
+    assert list(later["stages"]) == ["block2"] and later["previous_steps"] == {"6": a["stages"]}
+    assert results.merge(None, b) is b

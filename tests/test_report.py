@@ -198,3 +198,25 @@ def test_retrieval_grid_greyscale(tmp_path):
                           rng.integers(0, 256, (3, 5, 28, 28, 1), dtype=np.uint8), str(path),
                           np.array([0, 1, 2]), rng.integers(0, 3, (3, 5)))
     check_png(path)
+
+
+def test_figures_of_one_run_name_it_and_draw_only_its_newest_step(tmp_path):
+    """An export evaluated in place is named by its run's method (export.json), not its
+    folder; an evaluator last run on an earlier checkpoint stays out of the figures;
+    a pooled record's panel is titled in words."""
+    out = write_run(tmp_path / "exported", "x", {
+        "linear": record({"block4": 86.0}),
+        "knn": dict(record({"block4": 80.0}), step=100),  # an earlier checkpoint's
+        "linear_avg2x2": record({"block4": 87.0})})
+    os.remove(os.path.join(out, "config.json"))
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump({"source": {"method": "moco", "dataset": "fashion_mnist", "step": 468}}, f)
+    info, trained, _ = report.load_records(out)
+    assert info["method"] == "moco" and set(trained) == {"linear", "knn", "linear_avg2x2"}
+    assert set(report.newest_step_only(trained)) == {"linear", "linear_avg2x2"}
+    assert figures.panel_title("linear_avg2x2") == "linear probe, avg2x2 pooling"
+    assert figures.panel_title("knn") == "kNN (cosine)"
+    assert figures.panel_title("invariance") == "invariance"
+    paths = report.write_figures(out)
+    assert [os.path.basename(p) for p in paths] == ["accuracy_per_stage.png"]
+    check_png(paths[0], min_size=(640, 200))  # one stage: wide enough for its title

@@ -92,6 +92,10 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
     both = evaluation.evaluate(workdir, ("knn",), stages=["final", "block1"])["knn"]
     assert list(both["stages"]) == ["block1", "block2"]
     assert both["stages"] == results["knn"]["stages"]
+    # A later evaluation of the final stage alone keeps the other stages' record.
+    assert list(evaluation.evaluate(workdir, ("knn",))["knn"]["stages"]) == ["block2"]
+    with open(os.path.join(workdir, "eval_knn.json")) as f:
+        assert json.load(f)["stages"] == results["knn"]["stages"]
     if method == "simclr":  # the random-init baseline reads the same workdir, writes its own file
         base = evaluation.evaluate(workdir, ("knn",), random_init=True)["knn"]
         assert base["step"] == 0 and base["random_init"]

@@ -14,6 +14,14 @@ TITLES = {"linear": "linear probe", "knn": "kNN (cosine)", "mlp": "MLP probe",
           "lowshot": "low-shot linear (largest k)"}
 
 
+def panel_title(name: str) -> str:
+    """A record's name (eval_<name>.json: evaluator, then _<pool>) -> its panel title:
+    "linear_avg2x2" -> "linear probe, avg2x2 pooling"."""
+    evaluator, _, pool = name.partition("_")
+    base = TITLES.get(evaluator, evaluator) if evaluator in TITLES or not pool else name
+    return base + (f", {pool} pooling" if pool and evaluator in TITLES else "")
+
+
 def _pyplot():
     """pyplot on the Agg backend: files only, no display needed (clusters, CI)."""
     import matplotlib
@@ -39,7 +47,9 @@ def plot_accuracy_per_stage(rows: Sequence, groups: dict[str, list[str]], path: 
     # Panels stacked, one per evaluator: the same stages line up, and the page stays
     # narrow enough to read however many evaluators there are.
     bars_per_panel = max(len(g) for g in groups.values()) * len(rows)
-    fig, axes = plt.subplots(len(evals), 1, figsize=(min(18.0, 3.0 + 0.32 * bars_per_panel),
+    # At least 6.4 inches: one stage's bars must not clip the title.
+    fig, axes = plt.subplots(len(evals), 1, figsize=(min(18.0, max(6.4, 3.0 + 0.32
+                                                                       * bars_per_panel)),
                                                      0.9 + 3.0 * len(evals)),
                              squeeze=False, layout="constrained")
     for ax, e in zip(axes[:, 0], evals):
@@ -61,7 +71,7 @@ def plot_accuracy_per_stage(rows: Sequence, groups: dict[str, list[str]], path: 
         ax.set_ylim(0, 112)
         ax.set_yticks(range(0, 101, 20))
         ax.grid(axis="y", alpha=0.3)
-        ax.set_title(TITLES.get(e, e))
+        ax.set_title(panel_title(e))
         ax.set_ylabel("top-1 accuracy (%)")
     axes[-1, 0].set_xlabel("encoder stage (shallow → deep)")
     handles = [Patch(facecolor=(*_colour(plt, r)[:3], 0.35) if r.random_init else _colour(plt, r),
@@ -153,12 +163,14 @@ def plot_lowshot(rows: Sequence, path: str, stage: str | None = None,
 
 
 def retrieval_grid(query_images, neighbour_images, path: str, query_labels=None,
-                   neighbour_labels=None, cell_inches: float = 1.0) -> None:
+                   neighbour_labels=None, cell_inches: float = 1.0, class_names=(),
+                   title: str = "Nearest neighbours") -> None:
     """query_images (Q, H, W, C) uint8, neighbour_images (Q, K, H, W, C) uint8 (C = 1
     or 3), query_labels (Q,), neighbour_labels (Q, K) -> a PNG at `path`: a row per
     query, the query first, then its K neighbours nearest first. With labels, each
     image is captioned with its label and a neighbour whose label differs from its
-    query's gets a red frame (the errors a kNN classifier's vote has to outweigh)."""
+    query's gets a red frame (the errors a kNN classifier's vote has to outweigh).
+    class_names: captions name the classes (else their numbers)."""
     queries, neighbours = np.asarray(query_images), np.asarray(neighbour_images)
     if (queries.ndim != 4 or neighbours.ndim != 5 or neighbours.shape[0] != queries.shape[0]
             or neighbours.shape[2:] != queries.shape[1:] or queries.shape[-1] not in (1, 3)):
@@ -194,11 +206,12 @@ def retrieval_grid(query_images, neighbour_images, path: str, query_labels=None,
                 spine.set_color("red")
                 spine.set_linewidth(3)
             if query_labels is not None:
-                label = query_labels[i] if j == 0 else neighbour_labels[i, j - 1]
-                ax.set_xlabel(str(label), fontsize=7, labelpad=4, color="red" if wrong else "black")
+                label = int(query_labels[i] if j == 0 else neighbour_labels[i, j - 1])
+                name = class_names[label] if label < len(class_names) else str(label)
+                ax.set_xlabel(name, fontsize=7, labelpad=4, color="red" if wrong else "black")
             if i == 0:
                 ax.set_title("query" if j == 0 else f"#{j}", fontsize=8)
-    fig.suptitle("Nearest neighbours" + (" (red: label differs from the query's)"
+    fig.suptitle(title + (" (red: label differs from the query's)"
                                          if query_labels is not None else ""), fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)

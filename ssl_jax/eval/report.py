@@ -82,12 +82,23 @@ def load_records(workdir: str) -> tuple[dict, dict, dict]:
         else:
             trained[name] = record
     info = {"method": os.path.basename(os.path.normpath(workdir)), "dataset": None}
-    config_path = os.path.join(workdir, "config.json")
+    config_path, export_path = (os.path.join(workdir, f) for f in ("config.json", "export.json"))
     if os.path.exists(config_path):
         with open(config_path) as f:
             config = json.load(f)
         info.update({k: config[k] for k in ("method", "dataset") if k in config})
+    elif os.path.exists(export_path):  # an export evaluated in place: its run's method
+        with open(export_path) as f:
+            source = json.load(f).get("source", {})
+        info.update({k: source[k] for k in ("method", "dataset") if k in source})
     return info, trained, random
+
+
+def newest_step_only(records: dict) -> dict:
+    """{evaluator: record} -> those of the newest step: one run's figures must not mix
+    an earlier checkpoint's numbers (an evaluator not rerun since) with the latest."""
+    steps = [r.get("step") for r in records.values() if r.get("step") is not None]
+    return {e: r for e, r in records.items() if r.get("step") in (None, max(steps, default=None))}
 
 
 def load_rows(workdirs: Sequence[str], names: Sequence[str] | None = None,
@@ -208,7 +219,8 @@ def write_figures(workdir: str, random_init: bool = True, stage: str | None = No
     """The per-stage bar chart and (if the run has such records) the low-shot curve and
     the invariance bars of ONE workdir, next to its random-init baseline when evaluated, into WORKDIR/figures/.
     -> the paths written."""
-    rows = load_rows([workdir], random_init=random_init)
+    rows = [row._replace(records=newest_step_only(row.records))
+            for row in load_rows([workdir], random_init=random_init)]
     out = os.path.join(workdir, "figures")
     os.makedirs(out, exist_ok=True)
     name = rows[0].info["method"]

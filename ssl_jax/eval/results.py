@@ -61,15 +61,47 @@ def show(name: str, r: dict, evaluator, dataset: str, test_split: str) -> None:
             print("    " + line, flush=True)
 
 
-def write(results_dir: str, config, name: str, r: dict, evaluator) -> None:
-    """RESULTS/eval_<name>[_<pool>][_random_init].json and rows of RESULTS/results.md."""
+def write(results_dir: str, config, name: str, r: dict, evaluator,
+          stage_order=None) -> None:
+    """RESULTS/eval_<name>[_<pool>][_random_init].json, merged with what it holds
+    (`merge`), and rows of RESULTS/results.md (this evaluation's alone)."""
     out = storage.path(results_dir)  # local, or a bucket's gs://
     out.mkdir(parents=True, exist_ok=True)
     suffix = (("" if r["pool"] == "global" else f"_{r['pool']}")
               + ("_random_init" if r["random_init"] else ""))
-    (out / f"eval_{name}{suffix}.json").write_text(json.dumps(r, indent=2))
+    path = out / f"eval_{name}{suffix}.json"
+    try:
+        old = json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:  # a half-written file: this evaluation replaces it
+        old = None
+    path.write_text(json.dumps(merge(old, r, stage_order), indent=2))
     rows = evaluator.rows or (lambda v: accuracy_rows(name, v, evaluator.extra))
     append_table(out / "results.md", config, r, rows, evaluator.columns)
+
+
+def merge(old: dict | None, new: dict, stage_order=None) -> dict:
+    """The record to keep when `new` is written where `old` was: a later evaluation of
+    some stages must not erase the others' numbers, which report and --plot read.
+
+    Same step (the same weights): old's stages updated with new's, ordered as
+    stage_order (the encoder's stages, shallow to deep) when given; the top level
+    names the deepest. Another step: new alone, with old's stages kept under
+    "previous_steps" {step: stages} (one evaluation's record per earlier step).
+    """
+    if old is None or "stages" not in old:
+        return new
+    if old.get("step") != new["step"]:
+        previous = dict(old.get("previous_steps", {}), **{str(old.get("step")): old["stages"]})
+        return dict(new, previous_steps=previous)
+    stages = {**old["stages"], **new["stages"]}
+    rank = {s: i for i, s in enumerate(stage_order or ())}
+    names = sorted(stages, key=lambda s: rank.get(s, len(rank)))  # stable: others keep order
+    final = names[-1]
+    head = {k: stages[final][k] for k in ("top1", "top5") if k in stages[final]}
+    out = dict(new, **head, stage=final, stages={s: stages[s] for s in names})
+    if "previous_steps" in old:
+        out["previous_steps"] = old["previous_steps"]
+    return out
 
 
 def accuracy_rows(name: str, stage_record: dict,
@@ -104,12 +136,13 @@ def append_table(path: str, config, record: dict, rows, columns=("top-1", "top-5
 
 
 def plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
-         queries: int = 8, k: int = 8) -> None:
+         queries: int = 8, k: int = 8, class_names=(), method: str = "") -> None:
     """--plot: RESULTS/figures/ gets the per-stage bars and low-shot curve of
     every record there (report.write_figures) and retrieval.png: the first
     `queries` test images and their k nearest train images by the deepest
     requested stage's features (cosine), wrong-label neighbours framed red.
-    train, test: the splits' sources; ftr (N, D), fte (M, D): their features."""
+    train, test: the splits' sources; ftr (N, D), fte (M, D): their features;
+    class_names caption the images, method (+ random init) titles the grid."""
     from ssl_jax.eval import figures, report  # matplotlib only when figures are asked for
     nn = knn.nearest(ftr, fte[:queries], k)  # rows of ftr are the train split in order
     paths = report.write_figures(results_dir)
@@ -117,5 +150,7 @@ def plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
     paths.append(os.path.join(results_dir, "figures", f"retrieval{suffix}.png"))
     figures.retrieval_grid(np.stack([test[i]["image"] for i in range(len(nn))]),
                            np.stack([[train[int(j)]["image"] for j in row] for row in nn]),
-                           paths[-1], yte[:len(nn)], ytr[nn])
+                           paths[-1], yte[:len(nn)], ytr[nn], class_names=class_names,
+                           title=f"{method}{' (random init)' if random_init else ''}: "
+                                 "nearest train images by the final stage's features")
     print("Figures: " + ", ".join(paths), flush=True)
