@@ -28,7 +28,7 @@ from typing import NoReturn
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ssl_jax import config as cfg_lib
@@ -151,6 +151,11 @@ def run(main, config=None):
             _fail(e)
 
     def main_or_fail(argv):
+        # The libraries' INFO (TFDS opening splits, the TPU backend missing on a CPU,
+        # orbax's ~50 lines per save) is not for the console; --verbosity=0 brings it
+        # back. What the commands say is printed (train: and kept in train.log).
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except UserError as e:

@@ -54,12 +54,15 @@ def load_run(workdir: str, mesh, random_init: bool = False):
         ckpt = checkpoint.Checkpointer(workdir, async_save=False)
         if ckpt.latest_step() is None:  # say so before reading data or tracing the model
             ckpt.close()
+            stored = storage.path(workdir) / "command.txt"  # written by the run's train
+            again = (f"`{stored.read_text().strip()}`, the run's own command, resumes it"
+                     if stored.exists() else
+                     f"`python -m ssl_jax.train --config configs/{config.method}.py --workdir "
+                     f"{workdir}`, with the config arguments it was started with, resumes it")
             raise errors.UserError(
                 f"No checkpoint in {ckpt.dir}: {workdir} has a config.json but no trained "
-                f"weights yet. Train first (`python -m ssl_jax.train --config "
-                f"configs/{config.method}.py --workdir {workdir}`, with the config arguments "
-                "it was started with, resumes it), or pass --random_init for the untrained "
-                "baseline.")
+                f"weights yet. Train first ({again}), or pass --random_init for the "
+                "untrained baseline.")
     spec = experiment.data_spec(config)
     init = _encoder_init(config, spec)
     images = jax.ShapeDtypeStruct((config.batch_size,) + spec.image_shape, jnp.uint8)

@@ -26,7 +26,7 @@ ssl_jax/evaluation.py's `evaluate`; this module is its command line.
 """
 from __future__ import annotations
 
-from absl import flags, logging
+from absl import flags
 
 from ssl_jax import cli
 from ssl_jax import eval as eval_lib
@@ -37,9 +37,6 @@ from ssl_jax.evaluation import EVALUATORS, evaluate
 
 def main(argv):
     del argv
-    # TFDS logs every split it opens at INFO; results are what this command prints.
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     cli.join_processes()  # every process extracts its share of the features
     evals, overrides = tuple(f.eval), dict(f["config"].override_values)  # {"eval.a.b": value}

@@ -1,12 +1,38 @@
-"""A progress line for long loops: step, loss, images/s, ETA.
+"""What a run tells people: a progress line for long loops (step, loss, images/s,
+ETA) and the run's own log.
 
-Rewrites one line on a terminal; prints one line per update in a log file
-(SLURM, CI), where carriage returns would make an unreadable log.
+Progress rewrites one line on a terminal; prints one line per update in a log
+file (SLURM, CI), where carriage returns would make an unreadable log.
+RunLog prints a line and appends it, timestamped, to WORKDIR/train.log: the
+run's story (command, start, resumes, progress, evaluations, end or error)
+without the libraries' INFO lines.
 """
 from __future__ import annotations
 
 import sys
 import time
+
+from absl import logging
+
+from ssl_jax import storage
+
+
+class RunLog:
+    """say(line): printed (unless log_only) and appended to `path` with the date;
+    path None (a process other than 0): printed only if enabled."""
+
+    def __init__(self, path=None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def say(self, line: str, log_only: bool = False) -> None:
+        if self.enabled and not log_only:
+            print(line, flush=True)
+        if self.path is not None:
+            try:
+                storage.append_text(self.path, f"{time.strftime('%Y-%m-%d %H:%M:%S')} "
+                                               f"{line.strip()}\n")
+            except OSError as e:  # a full disk is the checkpoint's error to report
+                logging.warning("%s: %s", self.path, e)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -16,13 +42,18 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+# The metrics on the progress line: the loss, a contrastive method's accuracy at
+# picking the positive, and the online linear probe's accuracy on its train batches.
+SHOWN = ("loss", "contrast_acc", "online_linear/train_top1")
+
+
 class Progress:
     """Call update(step, metrics) at log steps. The rate skips the first update
     after start, which pays for compilation."""
 
     def __init__(self, total: int, start: int, batch_size: int, enabled: bool = True,
-                 stream=None):
-        self.total, self.batch_size, self.enabled = total, batch_size, enabled
+                 stream=None, log: RunLog | None = None):
+        self.total, self.batch_size, self.enabled, self.log = total, batch_size, enabled, log
         self.stream = stream or sys.stdout
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0, self.step0 = time.time(), start
@@ -41,8 +72,7 @@ class Progress:
         eta = (self.total - step) / steps_per_s if steps_per_s else float("nan")
         frac = step / self.total
         bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
-        extra = "".join(f" {k} {float(metrics[k]):.3f}" for k in ("loss", "contrast_acc")
-                        if k in metrics)
+        extra = "".join(f" {k} {float(metrics[k]):.3f}" for k in SHOWN if k in metrics)
         rate = f"{self.rate:.0f}" if self.rate else "?"
         line = (f"[{bar}] step {step}/{self.total}{extra} | {rate} img/s | "
                 f"elapsed {_fmt_time(now - self.t0)} | ETA "
@@ -50,6 +80,8 @@ class Progress:
         if self.enabled:
             self.stream.write(("\r" + line) if self.tty else (line + "\n"))
             self.stream.flush()
+        if self.log is not None:
+            self.log.say(line, log_only=True)
         self.t_last, self.step_last = now, step
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -22,7 +23,7 @@ from absl import flags, logging
 from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import decode, pipeline, sources
-from ssl_jax.progress import Progress
+from ssl_jax.progress import Progress, RunLog
 
 FLAGS = flags.FLAGS
 
@@ -33,8 +34,10 @@ def train(config, workdir: str):
     return run(config, workdir)[0]
 
 
-def run(config, workdir: str):
-    """train(), and what stopped it early: -> (state, None | "SIGTERM" | "SIGINT")."""
+def run(config, workdir: str, command: str | None = None):
+    """train(), and what stopped it early: -> (state, None | "SIGTERM" | "SIGINT").
+    command: the command line that started it (saved in WORKDIR/command.txt: the
+    hints that say "re-run" print it)."""
     # ------------------------------------------------------ mesh and checks
     # Everything that can refuse the run does so before the workdir is touched.
     # (A multi-process run has joined jax.distributed before this: cli.join_processes.)
@@ -51,10 +54,15 @@ def run(config, workdir: str):
     # Local or a bucket (gs://: a pod's workers share it). Process 0 writes the
     # run's files; every process writes its part of each checkpoint.
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
+    # WORKDIR/train.log: the run's own lines (progress, evaluations, resumes, the end),
+    # appended across restarts; the libraries' INFO stays out of it and the console.
+    log = RunLog(storage.path(workdir) / "train.log" if is_main else None,
+                              enabled=is_main)
     if is_main:
         cfg_lib.save(config, workdir)
-        if storage.is_local(workdir):  # absl writes local files only; else stderr
-            logging.get_absl_handler().use_absl_log_file("train", workdir)
+        if command:
+            (storage.path(workdir) / "command.txt").write_text(command + "\n")
+            log.say(f"command: {command}", log_only=True)
 
     # --------------------------------------------------------------- input
     skip = config.data.get("skip_corrupt", False)
@@ -78,10 +86,9 @@ def run(config, workdir: str):
         t0 = time.time()  # once, at step 0: a resume keeps its state
         state = exp.warm_start(state, eval_source)
         if is_main and exp.method.warm_start is not None:
-            logging.info("%s warm start: %.1f s", config.method, time.time() - t0)
+            log.say(f"{config.method} warm start: {time.time() - t0:.1f} s", log_only=True)
     elif is_main:
-        print(f"Resumed from step {start} in {ckpt.dir}", flush=True)
-        logging.info("Resumed from step %d in %s", start, ckpt.dir)
+        log.say(f"Resumed from step {start} in {ckpt.dir}")
     train_step = exp.train_step()
     total_steps, hook = exp.total_steps, exp.online
 
@@ -94,10 +101,11 @@ def run(config, workdir: str):
         # scripts read, without parsing TensorBoard events. Appended on resume.
         metrics_log = storage.path(workdir) / "metrics.jsonl"
         n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-        print(f"{config.method}: {n_params / 1e6:.2f}M params, {total_steps} steps "
-              f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
-              f"{mesh.devices.size} device(s); workdir {workdir}", flush=True)
-    progress = Progress(total_steps, start, config.batch_size, enabled=is_main)
+        log.say(f"{config.method}: {n_params / 1e6:.2f}M params, {total_steps} steps "
+                f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
+                f"{mesh.devices.size} device(s); workdir {workdir}")
+    progress = Progress(total_steps, start, config.batch_size, enabled=is_main,
+                        log=log if is_main else None)
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
@@ -120,15 +128,14 @@ def run(config, workdir: str):
                         for k, v in scalars.items():
                             writer.add_scalar(f"train/{k}", float(v), step)
                         _log_line(metrics_log, step, {f"train/{k}": v for k, v in scalars.items()})
-                        logging.info("step %d %s", step, {k: float(v) for k, v in scalars.items()})
                 if hook is not None and hook.due(step, last):
                     # online_knn (+ online_linear) on the test split; every process
                     # extracts its share of the features, the main one reports.
                     scalars = hook.evaluate(experiment.encoder_variables(state), state.get("online"),
                                             eval_source, mesh)
                     if is_main:
-                        print("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
-                              + f" at step {step}", flush=True)
+                        log.say("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
+                                + f" at step {step}")
                         for k, v in scalars.items():
                             writer.add_scalar(k, v, step)
                         _log_line(metrics_log, step, scalars)
@@ -147,14 +154,14 @@ def run(config, workdir: str):
     if is_main:
         if stopped_by:
             what = "Stopped (Ctrl-C)" if stopped_by == "SIGINT" else "Preempted (SIGTERM)"
-            print(f"{what} at step {step}/{total_steps}: checkpoint saved in "
-                  f"{ckpt.dir}. Re-run the same command to resume.", flush=True)
+            log.say(f"{what} at step {step}/{total_steps}: checkpoint saved in "
+                    f"{ckpt.dir}. Re-run the same command to resume.")
         else:
             n = nonfinite.skipped
             skipped = f" ({n} non-finite steps skipped)" if n else ""
-            print(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}", flush=True)
-        print(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
-              "in all (arrays are copied to host, then written in the background).", flush=True)
+            log.say(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}")
+        log.say(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
+                "in all (arrays are copied to host, then written in the background).")
     return state, stopped_by
 
 
@@ -199,7 +206,8 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir",
                           os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
     cli.join_processes()
-    _, stopped_by = run(FLAGS.config, FLAGS.workdir)  # --config: cli.run parsed it
+    command = "python -m ssl_jax.train " + shlex.join(sys.argv[1:])
+    _, stopped_by = run(FLAGS.config, FLAGS.workdir, command)  # --config: cli.run parsed it
     if stopped_by == "SIGINT":
         sys.exit(EXIT_INTERRUPTED)
     if stopped_by:

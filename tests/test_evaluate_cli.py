@@ -77,6 +77,13 @@ def test_workdir_without_a_checkpoint_says_train_first(tiny_data, tmp_path):
                        r"config.json but no trained weights yet. Train first \(`python -m "
                        r"ssl_jax.train --config configs/simclr.py --workdir"):
         evaluation.evaluate(workdir, ("knn",))
+    # A run started by `python -m ssl_jax.train` left its command: the hint is that one.
+    command = "python -m ssl_jax.train --config configs/simclr.py:runlocal --workdir w"
+    with open(os.path.join(workdir, "command.txt"), "w") as f:
+        f.write(command + "\n")
+    with pytest.raises(errors.UserError, match=rf"Train first \(`{command}`, the run's own "
+                       r"command, resumes it\)"):
+        evaluation.evaluate(workdir, ("knn",))
 
 
 @pytest.mark.parametrize("label", [False, True], ids=["no label", "no class count"])

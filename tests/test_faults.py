@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -130,6 +131,18 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130_without_a_traceback(
     stopped = int(out.split("Stopped (Ctrl-C) at step ")[1].split("/")[0])
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps == [stopped] and 4 <= stopped < 12
+    # The console and WORKDIR/train.log hold the run's lines, not the libraries' INFO;
+    # the run's command is kept for the hints that say how to resume it.
+    assert "xla_bridge" not in out and "dataset_info.py" not in out, out
+    with open(os.path.join(workdir, "train.log")) as f:
+        log = f.read().splitlines()
+    assert log[0].endswith("command: python -m ssl_jax.train " + shlex.join(
+        _command(workdir, data_dir, 12, 100)[3:])), log[0]
+    assert any(f"step {stopped}/12 loss" in line for line in log), log
+    assert log[-2].endswith(f"Stopped (Ctrl-C) at step {stopped}/12: checkpoint saved in "
+                            f"{workdir}/checkpoints. Re-run the same command to resume.")
+    with open(os.path.join(workdir, "command.txt")) as f:
+        assert f.read().startswith("python -m ssl_jax.train --config configs/simclr.py")
 
 
 def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path, _cache):
