@@ -20,10 +20,21 @@ LOG_RECORD = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 def _cases(tmp, tiny_data):
     """name -> (argv after `python -m`, what the error line must say, the
     directory nothing may be written to, extra environment)."""
-    empty, norun = tmp / "empty", tmp / "norun"
+    empty, norun, old = tmp / "empty", tmp / "norun", tmp / "old_export"
     empty.mkdir()
     norun.mkdir()
+    old.mkdir()
+    (old / "export.json").write_text("{}")
     return {
+        "two units of one length": (
+            ["ssl_jax.train", "--config", SIMCLR, "--config.total_steps=40",
+             "--config.total_epochs=0.01", "--workdir", str(tmp / "w4")],
+            "--config.total_steps and --config.total_epochs both set config.total_*, in "
+            "different units: give one of them.", tmp / "w4", {}),
+        "an export over an export": (
+            ["ssl_jax.export", "--workdir", str(norun), "--out", str(old)],
+            f"--out {old} holds an export already (with whatever was evaluated on it): pass "
+            "--overwrite to replace it whole, or choose another --out.", None, {}),
         "unprepared dataset": (
             ["ssl_jax.train", "--config", "configs/simclr.py:dataset=cifar10",
              f"--config.data_dir={empty}", "--workdir", str(tmp / "w1")],
@@ -71,7 +82,8 @@ def runs(tmp_path_factory, tiny_data):
 
 @pytest.mark.parametrize("name", ["unprepared dataset", "unknown config key",
                                   "batch size for the devices", "unknown evaluator",
-                                  "a workdir without a run"])
+                                  "a workdir without a run", "two units of one length",
+                                  "an export over an export"])
 def test_a_mistake_is_one_line_and_exit_status_2_with_nothing_written(runs, name):
     (_, says, untouched, _), returncode, stdout, stderr = runs[name]
     assert "Traceback" not in stdout + stderr, stderr
