@@ -302,7 +302,30 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, small_disk):
+@pytest.fixture(params=["tmpfs", "injected"])
+def full_disk(request, tmp_path, monkeypatch):
+    """-> (folder, fill): a folder on which checkpoint saves run out of space part-way
+    through a run while fill(True) is in force. A 1 MiB tmpfs (really full: needs
+    root), or, unprivileged, an ordinary folder where every write of the data
+    iterator's state from step 6 on fails with ENOSPC, as on a full disk (so CI
+    without root covers the path too)."""
+    if request.param == "tmpfs":
+        return request.getfixturevalue("small_disk"), lambda on: None
+    import errno
+
+    import grain
+    real, full = grain.checkpoint.CheckpointHandler.save, [False]
+
+    def save(self, directory, *args, **kwargs):
+        step = int(re.match(r"\d+", os.path.basename(os.fspath(directory.parent)))[0])
+        if full[0] and step >= 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, directory, *args, **kwargs)
+    monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", save)
+    return str(tmp_path / "injected"), lambda on: full.__setitem__(0, on)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, full_disk):
     import shutil
 
     from ssl_jax import checkpoint
@@ -310,7 +333,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_pa
     c.total_steps, c.ckpt_every_steps, c.keep_ckpts = 12, 1, 100
     full = str(tmp_path / "full")
     train.train(c, full)
-    workdir = os.path.join(small_disk, "w")
+    disk, fill = full_disk
+    workdir = os.path.join(disk, "w")
+    fill(True)
     with pytest.raises(checkpoint.CheckpointSaveError,
                        match=r"Saving the checkpoint of step (\d+) failed .*No space left on "
                              r"device.*newest complete checkpoint is step (\d+) in .*re-run") as e:
@@ -320,6 +345,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data, tmp_pa
     assert 1 <= kept == failed - 1 < 11
     # The kept checkpoint is whole: moved to a disk with room, the run resumes from it
     # and ends where the uninterrupted run did.
+    fill(False)
     moved = str(tmp_path / "moved")
     shutil.copytree(workdir, moved)
     _assert_same_params(_params(moved, kept), _params(full, kept))
