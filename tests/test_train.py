@@ -40,8 +40,10 @@ def _leaves(state):
 def train_crash_resume(config, tmp_path, crash_after: int = 3):
     """Trains config to its end, then simulates a crash after the step-`crash_after`
     checkpoint (the later checkpoints removed) and re-runs the same command;
-    asserts both runs end with bitwise-equal parameters (same data order, same
-    RNG streams). Returns (full state, resumed state) as numpy, and the workdir."""
+    asserts both runs end with bitwise-equal states, every leaf of them: parameters,
+    optimizer moments, BN statistics, and the method's state (MoCo's queue and key
+    encoder, a memory bank) -- same data order, same RNG streams. Returns (full
+    state, resumed state) as numpy, and the workdir."""
     workdir = str(tmp_path / "w")
     full = jax.device_get(train.train(config, workdir))
     assert int(full["step"]) == config.total_steps
@@ -51,8 +53,12 @@ def train_crash_resume(config, tmp_path, crash_after: int = 3):
             shutil.rmtree(os.path.join(ckpts, step))
     resumed = jax.device_get(train.train(config, workdir))
     assert int(resumed["step"]) == config.total_steps
-    for a, b in zip(_leaves(full), _leaves(resumed)):
-        np.testing.assert_array_equal(a, b)
+    flat = [{jax.tree_util.keystr(p): np.asarray(x)
+             for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+            for state in (full, resumed)]
+    assert flat[0].keys() == flat[1].keys()
+    for k in flat[0]:
+        np.testing.assert_array_equal(flat[0][k], flat[1][k], err_msg=k)
     return full, resumed, workdir
 
 
@@ -96,6 +102,18 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
     assert list(evaluation.evaluate(workdir, ("knn",))["knn"]["stages"]) == ["block2"]
     with open(os.path.join(workdir, "eval_knn.json")) as f:
         assert json.load(f)["stages"] == results["knn"]["stages"]
+    if method == "moco":  # an export of a method with two encoders: the query encoder's
+        from ssl_jax import export
+        out = str(tmp_path / "exported")
+        export.export(workdir, out)
+        flat = np.load(os.path.join(out, "params.npz"))
+        want = {"params": resumed["params"]["encoder"],
+                "batch_stats": resumed["method_state"]["batch_stats"]["encoder"]}
+        want = {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+                for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+        assert sorted(flat.files) == sorted(want)
+        for k in want:  # every array, bitwise
+            np.testing.assert_array_equal(flat[k], want[k], err_msg=k)
     if method == "simclr":  # the random-init baseline reads the same workdir, writes its own file
         base = evaluation.evaluate(workdir, ("knn",), random_init=True)["knn"]
         assert base["step"] == 0 and base["random_init"]
