@@ -95,3 +95,12 @@ def test_a_mistake_is_one_line_and_exit_status_2_with_nothing_written(runs, name
     assert returncode == 2, stderr
     if untouched is not None:  # checks first: the workdir (or export) is not even made
         assert not os.path.exists(untouched) or not os.listdir(untouched), os.listdir(untouched)
+
+
+@pytest.mark.parametrize("args", [[], ["bogus"]])
+def test_run_sh_without_a_known_command_prints_its_usage_and_exits_2(args):
+    p = subprocess.run(["./run.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    assert p.stderr == ("usage: ./run.sh demo [--config.field=value ...] | "
+                        "./run.sh test [pytest args]\n")
