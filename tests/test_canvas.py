@@ -255,7 +255,8 @@ def test_every_method_views_canvases(photos):
         for v in jax.tree.leaves(views):
             assert np.isfinite(np.asarray(v, np.float32)).all(), name
     c = preset("rotnet")  # its CIFAR crop: a clear error, not a crash
-    with pytest.raises(Exception, match="crop='padded'"):
+    from ssl_jax.errors import UserError
+    with pytest.raises(UserError, match="crop='padded'"):
         methods.get("rotnet").views(KEY, images, c)
 
 

@@ -205,4 +205,6 @@ def test_train_resume_evaluate(tiny_data, tmp_path, monkeypatch, compilation_cac
     results = evaluation.evaluate(workdir, ("linear", "knn"))
     for name in ("linear", "knn"):
         assert 0.0 <= results[name]["top1"] <= results[name]["top5"] <= 100.0
-        assert results[name]["step"] == 6
+        # tiny_squares' 10 classes (chance 10%; a swapped split or labels scores ~10%):
+        # 6 steps of any of these methods keep its final stage far above chance.
+        assert results[name]["top1"] > 25.0 and results[name]["step"] == 6

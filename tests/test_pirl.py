@@ -257,4 +257,5 @@ def test_npid_train_resume_evaluate(tiny_data, tmp_path, compilation_cache):
     np.testing.assert_allclose(np.linalg.norm(bank_resumed, axis=1), 1.0, rtol=1e-5)
 
     results = evaluation.evaluate(workdir, ("knn",))
-    assert 0.0 <= results["knn"]["top1"] <= 100.0 and results["knn"]["step"] == 6
+    assert results["knn"]["step"] == 6
+    assert 25.0 < results["knn"]["top1"] <= 100.0  # chance 10%: a swapped split scores ~10%
