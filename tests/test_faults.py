@@ -380,3 +380,30 @@ def test_an_error_while_closing_does_not_hide_the_failed_save(tiny_data, tmp_pat
     monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
     with pytest.raises(checkpoint.CheckpointSaveError, match=r"metadata"):
         train.train(c, str(tmp_path / "w2"))
+
+
+def test_a_run_resumes_on_another_number_of_devices(reference, tmp_path, _cache):
+    """Checkpoints hold global arrays and the data position is independent of the
+    mesh, so a run stopped on 8 devices resumes on 1 (e.g. a smaller allocation after
+    a requeue): it ends where the 1-device run does, up to float summation order."""
+    ref, data_dir = reference
+    workdir = str(tmp_path / "w")
+    cmd = _command(workdir, data_dir, 12, 100)
+    env = dict(_env(_cache), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in p.stdout:  # stopped with a checkpoint at step >= 4, as SIGTERM does
+        out.append(line)
+        if "step 4/" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    out.append(p.stdout.read())
+    assert p.wait(timeout=120) == 75, "".join(out)
+    assert "on 8 device(s)" in "".join(out)
+    out = _run(cmd, _cache)
+    assert "on 1 device(s)" in out and "Resumed from step" in out and "Done: 12 steps" in out
+    got = _params(workdir)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
