@@ -19,9 +19,10 @@ value that does not parse as its field's type is `error: ...`, exit status 2,
 and nothing is created under --root.
 
 Each point trains in ROOT/<its values, e.g. optimizer.lr=0.03,moco.temperature=0.1>
-(logs: train.log, eval.log there). A point whose newest checkpoint is its last
-step is skipped; an interrupted one (train exited 75 on SIGTERM, or was killed)
-is resumed by running the same command again; --eval runs
+(the commands' output: train.out, eval.out there, beside train's own train.log).
+A point whose newest checkpoint is its last step is skipped; an interrupted one
+(train exited 75 on SIGTERM, or was killed) is resumed by running the same command
+again; --eval runs
 `python -m ssl_jax.evaluate` on each finished point, skipping evaluators whose
 eval_<name>.json is of the newest step. SIGTERM/SIGINT to the sweep is passed
 on to its runs (they checkpoint and stop). Then ROOT/summary.md and
@@ -119,16 +120,16 @@ class Runner:
         if p["total_steps"] is not None:
             state["total_steps"] = p["total_steps"]
         if not summary.is_finished(wd, state):
-            print(f"[{i + 1}/{n}] {name}: training (log {wd}/train.log)", flush=True)
+            print(f"[{i + 1}/{n}] {name}: training (output {wd}/train.out)", flush=True)
             t0 = time.time()
-            rc = self._run(self.command(p), os.path.join(wd, "train.log"),
+            rc = self._run(self.command(p), os.path.join(wd, "train.out"),
                            record=lambda pid: summary.write_point(wd, dict(state, pid=pid)))
             if rc is None:
                 return
             state.update(train_rc=rc, train_seconds=round(time.time() - t0, 1))
             state["train_seconds_total"] = round(state.get("train_seconds_total", 0)
                                                  + state["train_seconds"], 1)
-            done = re.findall(r"Done: (\d+) steps", _tail(os.path.join(wd, "train.log")))
+            done = re.findall(r"Done: (\d+) steps", _tail(os.path.join(wd, "train.out")))
             if rc == 0 and done:
                 state["total_steps"] = int(done[-1])
             summary.write_point(wd, state)
@@ -142,10 +143,10 @@ class Runner:
             print(f"[{i + 1}/{n}] {name}: finished before, skipped", flush=True)
         todo = summary.evals_to_do(wd, self.args.eval)
         if todo and not self.stopping:
-            print(f"[{i + 1}/{n}] {name}: evaluating {','.join(todo)} (log {wd}/eval.log)",
+            print(f"[{i + 1}/{n}] {name}: evaluating {','.join(todo)} (output {wd}/eval.out)",
                   flush=True)
             t0 = time.time()
-            rc = self._run(self.eval_command(p, todo), os.path.join(wd, "eval.log"))
+            rc = self._run(self.eval_command(p, todo), os.path.join(wd, "eval.out"))
             if rc is not None and not (self.stopping and rc != 0):  # stopped: not a failure
                 state.update(eval_rc=rc, eval_seconds=round(time.time() - t0, 1))
                 summary.write_point(wd, state)

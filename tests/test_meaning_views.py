@@ -75,13 +75,17 @@ def test_jitter_fires_at_its_probability_and_changes_pixels():
 
 def test_blur_fires_at_its_probability_and_lowers_high_frequencies():
     # sigma >= 1: a sigma of 0.1 is (numerically) no blur at all on a 3-tap kernel.
-    v, x = _views(_image(1), blur_p=0.3, blur_sigma=(1.0, 2.0))
+    # A transpose-symmetric image: an isotropic blur (both axes) keeps it symmetric.
+    image = _image(1)
+    image = ((image.astype(np.int32) + image.transpose(1, 0, 2)) // 2).astype(np.uint8)
+    v, x = _views(image, blur_p=0.3, blur_sigma=(1.0, 2.0))
     energy = lambda a: (np.sum(np.diff(a, axis=-3) ** 2, axis=(-3, -2, -1))
                         + np.sum(np.diff(a, axis=-2) ** 2, axis=(-3, -2, -1)))
     blurred = ~_is(v, x)
     _freq(blurred, 0.3)
     assert np.all(energy(v[blurred]) < 0.6 * energy(x))  # the neighbour differences shrink
     np.testing.assert_allclose(v[blurred].mean(axis=(1, 2, 3)), x.mean(), atol=0.03)
+    np.testing.assert_allclose(v[blurred], v[blurred].transpose(0, 2, 1, 3), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", [simclr, moco], ids=["simclr", "moco"])
