@@ -108,8 +108,15 @@ def for_training(config) -> ToCanvas:
     return ToCanvas(config.data.get("canvas", 512))
 
 
+def eval_crop_size(config) -> tuple[int, ...]:
+    """The eval view's (H, W): config.eval.crop_size, default the training crop
+    (config.aug.crop_size). The one statement of that rule: the eval view
+    (eval/features.py) and the eval decode policy both read it here."""
+    return tuple(config.get("eval", {}).get("crop_size") or config.aug.crop_size)
+
+
 def for_eval(config) -> CenterCrop:
-    """Evaluation's: the centre crop at the eval view's size (config.eval.crop_size,
-    default the training crop), config.eval.crop_fraction of the shorter side."""
-    crop = config.get("eval", {}).get("crop_size") or config.aug.crop_size
-    return CenterCrop(int(max(crop)), config.eval.get("crop_fraction", 0.875))
+    """Evaluation's: the centre crop at the eval view's size (eval_crop_size),
+    config.eval.crop_fraction of the shorter side."""
+    return CenterCrop(int(max(eval_crop_size(config))),
+                      config.eval.get("crop_fraction", 0.875))

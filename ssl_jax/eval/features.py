@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from ssl_jax import parallel, storage
-from ssl_jax.data import pipeline
+from ssl_jax.data import decode, pipeline
 from ssl_jax.errors import UserError
 from ssl_jax.views import augment, ops
 
@@ -38,9 +38,8 @@ def eval_view_config(config):
     aug = config.aug
     # A larger eval size than the training crop is FixRes's point: random-resized
     # crops show objects larger than a full-image view at the same size does.
-    crop = config.get("eval", {}).get("crop_size") or aug.crop_size
-    return augment.eval_view_config(crop_size=tuple(crop), mean=tuple(aug.mean),
-                                    std=tuple(aug.std))
+    return augment.eval_view_config(crop_size=decode.eval_crop_size(config),
+                                    mean=tuple(aug.mean), std=tuple(aug.std))
 
 
 def pool_grid(pool: str) -> int | None:
