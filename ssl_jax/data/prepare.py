@@ -4,6 +4,7 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
     python -m ssl_jax.data.prepare --dataset imagenet2012 --manual_dir DIR [--skip_bad_images]
     python -m ssl_jax.data.prepare --dataset image_folder --manual_dir DIR --name NAME
     python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist
+    python -m ssl_jax.data.prepare --dataset aloi_invariance --manual_dir DIR [--aloi_objects N]
 
 - fashion_mnist: from Debian's IDX files (`apt-get install dataset-fashion-mnist`),
   or --manual_dir (alias --source_dir) holding them (fashion_mnist.py).
@@ -15,6 +16,10 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
 - invariance_sets: the occlusion, viewpoint, illumination and instance sets of
   Purushwalkam & Gupta 2020, as the dataset <source>_invariance, made from the
   prepared dataset --source in the same data_dir (invariance_sets.py).
+- aloi_invariance, got10k_occlusion, pascal3d_instance: the paper's real
+  benchmarks (ALOI viewpoint and illumination, GOT-10k occlusion, PASCAL3D+
+  instance) as transformation sets, from their downloads in --manual_dir
+  (--frames_per_set, --aloi_objects, --max_tracks) (invariance_real.py).
 
 Every image is decoded once; a bad one stops preparation with its name, or is
 left out with --skip_bad_images (counted at the end). A failed preparation
@@ -30,7 +35,8 @@ import time
 
 from absl import app, flags
 
-from ssl_jax.data import fashion_mnist, image_folder, imagenet, invariance_sets, sources
+from ssl_jax.data import (fashion_mnist, image_folder, imagenet, invariance_real,
+                          invariance_sets, sources)
 from ssl_jax.errors import UserError
 
 # dataset -> builder class (or factory) taking data_dir= and the options of OPTIONS.
@@ -39,6 +45,9 @@ BUILDERS = {
     "imagenet2012": imagenet.Imagenet2012,
     "image_folder": image_folder.ImageFolder,
     "invariance_sets": invariance_sets.InvarianceSets,
+    "aloi_invariance": invariance_real.AloiInvariance,
+    "got10k_occlusion": invariance_real.Got10kOcclusion,
+    "pascal3d_instance": invariance_real.Pascal3dInstance,
 }
 # The options each builder takes, beyond data_dir.
 OPTIONS = {
@@ -46,8 +55,12 @@ OPTIONS = {
     "imagenet2012": ("manual_dir", "skip_bad_images"),
     "image_folder": ("manual_dir", "name", "skip_bad_images"),
     "invariance_sets": ("source", "source_split", "sets_per_class", "set_size", "seed"),
+    "aloi_invariance": ("manual_dir", "skip_bad_images", "aloi_objects", "frames_per_set"),
+    "got10k_occlusion": ("manual_dir", "skip_bad_images", "frames_per_set", "max_tracks"),
+    "pascal3d_instance": ("manual_dir", "skip_bad_images", "frames_per_set"),
 }
 _INVARIANCE_OPTIONS = OPTIONS["invariance_sets"]
+_REAL_OPTIONS = ("aloi_objects", "frames_per_set", "max_tracks")  # invariance_real's
 
 
 def _given(value) -> bool:
@@ -59,9 +72,12 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
                  manual_dir: str | None = None, name: str | None = None,
                  skip_bad_images: bool = False, source: str | None = None,
                  source_split: str | None = None, sets_per_class: int | None = None,
-                 set_size: int | None = None, seed: int | None = None):
+                 set_size: int | None = None, seed: int | None = None,
+                 aloi_objects: int | None = None, frames_per_set: int | None = None,
+                 max_tracks: int | None = None):
     """The builder of `dataset`; source_dir and manual_dir are one option, two names.
-    source ... seed: invariance_sets' options (None: its defaults)."""
+    source ... seed: invariance_sets' options; aloi_objects, frames_per_set, max_tracks:
+    invariance_real's (None: the defaults)."""
     if dataset not in BUILDERS:
         raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
     if source_dir and manual_dir and source_dir != manual_dir:
@@ -69,7 +85,9 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
     folder = manual_dir or source_dir
     given = {"source_dir": folder, "manual_dir": folder, "name": name,
              "skip_bad_images": skip_bad_images, "source": source, "source_split": source_split,
-             "sets_per_class": sets_per_class, "set_size": set_size, "seed": seed}
+             "sets_per_class": sets_per_class, "set_size": set_size, "seed": seed,
+             "aloi_objects": aloi_objects, "frames_per_set": frames_per_set,
+             "max_tracks": max_tracks}
     if dataset == "image_folder":
         if not name:
             raise UserError("--dataset image_folder needs --name NAME, the dataset's name "
@@ -80,7 +98,7 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
     if folder and not set(folders) & set(OPTIONS[dataset]):
         takers = " and ".join(d for d, o in OPTIONS.items() if set(folders) & set(o))
         raise UserError(f"--manual_dir (--source_dir) is for {takers}, not {dataset}.")
-    for option in ("name", "skip_bad_images", *_INVARIANCE_OPTIONS):
+    for option in ("name", "skip_bad_images", *_INVARIANCE_OPTIONS, *_REAL_OPTIONS):
         if _given(given[option]) and option not in OPTIONS[dataset]:
             raise UserError(f"--{option} is for "
                             f"{' and '.join(d for d, o in OPTIONS.items() if option in o)}, "
@@ -102,7 +120,7 @@ def prepare(dataset: str, data_dir: str | None = None, source_dir: str | None = 
     """Builds `dataset` under data_dir unless it is there already.
 
     options: manual_dir, name, skip_bad_images, source, source_split, sets_per_class,
-    set_size, seed (see make_builder).
+    set_size, seed, aloi_objects, frames_per_set, max_tracks (see make_builder).
     Returns (the dataset's directory, whether it was built now).
     """
     return build(make_builder(dataset, data_dir, source_dir, **options))
@@ -115,7 +133,7 @@ def main(argv):
     try:
         builder = make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
                                name=f.name, skip_bad_images=f.skip_bad_images,
-                               **{o: f[o].value for o in _INVARIANCE_OPTIONS})
+                               **{o: f[o].value for o in _INVARIANCE_OPTIONS + _REAL_OPTIONS})
         path, built = build(builder)
     except (UserError, fashion_mnist.IdxError) as e:  # the user can fix it: one line
         print(f"error: {e}", file=sys.stderr)
@@ -130,6 +148,8 @@ def main(argv):
     bad = getattr(builder, "bad_images", [])
     if bad:
         print(f"Left out {len(bad)} bad image(s) (--skip_bad_images):\n  " + "\n  ".join(bad))
+    for line in getattr(builder, "report", list)():  # invariance_real: notes, skipped sets
+        print(line)
 
 
 if __name__ == "__main__":
@@ -139,7 +159,9 @@ if __name__ == "__main__":
                         "TFDS data directory; default $TFDS_DATA_DIR or ~/tensorflow_datasets.")
     flags.DEFINE_string("manual_dir", None,
                         "Folder of the files downloaded by hand (imagenet2012: the ILSVRC2012 "
-                        "tars; image_folder: the images; fashion_mnist: the IDX files). "
+                        "tars; image_folder: the images; fashion_mnist: the IDX files; "
+                        "aloi_invariance, got10k_occlusion, pascal3d_instance: the "
+                        "benchmark's unpacked download). "
                         "Default: the builder's.")
     flags.DEFINE_string("source_dir", None, "Alias of --manual_dir (fashion_mnist's name).")
     flags.DEFINE_string("name", None, "image_folder: the dataset's name (e.g. my_images).")
@@ -157,5 +179,13 @@ if __name__ == "__main__":
                          f"(default {invariance_sets.DEFAULTS['set_size']}).")
     flags.DEFINE_integer("seed", None, "invariance_sets: the seed of the image choice and "
                          f"the transformations (default {invariance_sets.DEFAULTS['seed']}).")
+    flags.DEFINE_integer("frames_per_set", None, "aloi_invariance, got10k_occlusion, "
+                         "pascal3d_instance: the most images a set, evenly spaced, at least "
+                         f"{invariance_sets.MIN_SET_SIZE} (default: all; got10k_occlusion "
+                         f"{invariance_real.GOT_FRAMES}).")
+    flags.DEFINE_integer("aloi_objects", None, "aloi_invariance: the first N objects "
+                         "(default all 1000).")
+    flags.DEFINE_integer("max_tracks", None, "got10k_occlusion: at most N tracks, evenly "
+                         "spaced among the usable ones (default all).")
     flags.mark_flag_as_required("dataset")
     app.run(main)
