@@ -129,3 +129,18 @@ def test_missing_sets_and_datasets_without_set_ids_are_named(run, tiny_data, tmp
     with pytest.raises(errors.UserError, match=r"has no split 'rotation'; its splits: "):
         evaluation.evaluate(workdir, ("invariance",), random_init=True,
                             overrides={"eval.invariance.splits": ("rotation",)})
+
+
+def test_an_export_scores_as_its_run_does(run, tmp_path, fast_prng, compilation_cache):
+    """--exported reads the sets beside the export's dataset, and its numbers are the
+    run's: the same features through the same extraction."""
+    from ssl_jax import export, train
+    _, data_dir = run
+    c = tiny_config("simclr", data_dir, total_steps=2, ckpt_every_steps=2)
+    workdir, out = str(tmp_path / "w"), str(tmp_path / "exported")
+    train.train(c, workdir)
+    export.export(workdir, out)
+    want = evaluation.evaluate(workdir, ("invariance",), "final")["invariance"]
+    got = evaluation.evaluate(exported=out, evals=("invariance",))["invariance"]
+    assert got["stages"] == want["stages"] and got["exported"] == os.path.abspath(out)
+    assert os.path.exists(os.path.join(out, "eval_invariance.json"))
