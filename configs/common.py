@@ -13,15 +13,19 @@ from ssl_jax.eval import defaults as eval_defaults
 
 # Per-dataset input facts and the encoder that suits the hardware it is used on.
 # mean/std are per channel, on pixel values scaled to [0, 1].
+# mlp_hidden: RotNet's MLP probe has min(20 x classes, 2048) hidden units
+# (FeatureLearningRotNet architectures/NonLinearClassifier.py): 200 for 10 classes.
 DATASETS = {
     "fashion_mnist": dict(crop_size=28, mean=(0.2860,), std=(0.3530,), test_split="test",
+                          mlp_hidden=200,
                           # conv: the matmul weight gradient (models/conv.py), ~2x faster on CPUs.
                           model=dict(name="convnet", widths=(32, 64, 128, 256), dtype="float32",
                                      conv="im2col_wgrad")),
     "cifar10": dict(crop_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                    test_split="test", model=dict(name="resnet18", stem="small", width=1.0, dtype="float32")),
+                    test_split="test", mlp_hidden=200,
+                    model=dict(name="resnet18", stem="small", width=1.0, dtype="float32")),
     "imagenet2012": dict(crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                         test_split="validation",
+                         test_split="validation", mlp_hidden=2048,
                          model=dict(name="resnet50", stem="imagenet", width=1.0, dtype="bfloat16")),
 }
 
@@ -84,8 +88,12 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.model = dict(ds["model"])
     c.head = dict(hidden=512, dim=128, layers=2)
     c.aug = dict(crop_size=(ds["crop_size"],) * 2, mean=ds["mean"], std=ds["std"])
+    # decay_bn / decay_bias: whether weight decay (and LARS's trust ratio) also applies
+    # to BN's scale and shift / to the other biases; each method's config sets its
+    # reference's choice (ssl_jax/optim.py, RECIPES.md).
     c.optimizer = dict(name="sgd", lr=0.1, lr_batch_scale=256, momentum=0.9, nesterov=False,
-                       weight_decay=1e-4, b1=0.9, b2=0.999, schedule="cosine",
+                       weight_decay=1e-4, decay_bn=False, decay_bias=False,
+                       b1=0.9, b2=0.999, schedule="cosine",
                        warmup_steps=config_dict.placeholder(int),
                        warmup_epochs=config_dict.placeholder(float),
                        warmup_examples=config_dict.placeholder(int),
@@ -103,6 +111,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     # Offline evaluation (python -m ssl_jax.evaluate) of the frozen encoder: the
     # evaluators' defaults, one definition (runs stored before a field existed get it too).
     c.eval = eval_defaults(ds["test_split"])
+    c.eval.mlp.hidden = ds["mlp_hidden"]
     return c
 
 

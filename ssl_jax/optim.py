@@ -2,15 +2,24 @@
 
 config.optimizer fields: name (sgd | lars | adamw), lr (base rate), lr_batch_scale
 (lr is multiplied by batch_size / lr_batch_scale, the linear scaling rule of
-SimCLR and MoCo; 0 turns it off), momentum, nesterov, weight_decay, b1, b2,
+SimCLR and MoCo; 0 turns it off), momentum, nesterov, weight_decay (and what it
+applies to: decay_bn, decay_bias), b1, b2,
 warmup (in steps, already converted) and schedule (cosine | constant | step);
 "step" multiplies the rate by decay_factor at each of the decay boundaries
 (optimizer.decay_steps / decay_epochs / decay_examples, converted to steps by
-the caller), as RotNet's, Jigsaw's and NPID's papers do.
-Weight decay and LARS adaptation skip BN parameters and biases (every array
-with fewer than 2 dimensions), as all the papers do.
+the caller), as RotNet's, Jigsaw's (Goyal et al. 2019) and NPID's reference code do.
+
+Which arrays weight decay (and LARS's trust ratio) applies to is each method's
+choice, as its reference code makes it: kernels always; BatchNorm's scale and
+bias when optimizer.decay_bn; other biases when optimizer.decay_bias. The
+PyTorch references of MoCo, NPID and RotNet decay every parameter
+(SGD(model.parameters(), weight_decay=...)); SimCLR's LARS excludes BN and bias
+from both decay and adaptation; VISSL's PIRL excludes both, its Jigsaw only BN
+(RECIPES.md cites each).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +30,23 @@ from ssl_jax.errors import UserError
 OPTIMIZERS = ("sgd", "lars", "adamw")
 
 
-def decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params, decay_bn: bool = False, decay_bias: bool = False):
+    """-> a tree of bools shaped like params: the arrays weight decay applies to.
+
+    Arrays of >= 2 dims (Dense and conv kernels) always; those of a norm layer (a
+    dict holding a "scale": BatchNorm's scale and bias) when decay_bn; any other
+    1-d array (a Dense or conv bias) when decay_bias.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [tuple(getattr(k, "key", k) for k in path) for path, _ in leaves]
+    norms = {path[:-1] for path in paths if path[-1] == "scale"}
+
+    def decayed(path, p):
+        if p.ndim > 1:
+            return True
+        return decay_bn if path[:-1] in norms else decay_bias
+    return jax.tree_util.tree_unflatten(treedef, [decayed(path, p) for path, (_, p)
+                                                  in zip(paths, leaves)])
 
 
 def learning_rate(opt_cfg, batch_size: int, total_steps: int, warmup_steps: int,
@@ -56,15 +80,18 @@ def learning_rate(opt_cfg, batch_size: int, total_steps: int, warmup_steps: int,
 
 def make_optimizer(opt_cfg, lr_schedule) -> optax.GradientTransformation:
     name = opt_cfg.name
+    # .get: a config stored before the fields existed decayed neither (the old rule).
+    mask = functools.partial(decay_mask, decay_bn=opt_cfg.get("decay_bn", False),
+                             decay_bias=opt_cfg.get("decay_bias", False))
     if name == "sgd":
         return optax.chain(
-            optax.add_decayed_weights(opt_cfg.weight_decay, mask=decay_mask),
+            optax.add_decayed_weights(opt_cfg.weight_decay, mask=mask),
             optax.sgd(lr_schedule, momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov))
     if name == "lars":
         return optax.lars(lr_schedule, weight_decay=opt_cfg.weight_decay,
-                          weight_decay_mask=decay_mask, trust_ratio_mask=decay_mask,
+                          weight_decay_mask=mask, trust_ratio_mask=mask,
                           momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov)
     if name == "adamw":
         return optax.adamw(lr_schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
-                           weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+                           weight_decay=opt_cfg.weight_decay, mask=mask)
     raise UserError(f"config.optimizer.name={name!r} is not one of {OPTIMIZERS}.")

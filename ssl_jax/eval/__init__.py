@@ -29,7 +29,8 @@ def defaults(test_split: str = "test") -> ml_collections.ConfigDict:
                                  flip_p=0.5)),
         # also_k: further k reported beside k (NPID: 200, and 20).
         knn=dict(k=200, temperature=0.07, also_k=(20,)),
-        # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units.
+        # RotNet's non-linear probe: 3 FC layers, BN + ReLU, 200 hidden units for 10
+        # classes (min(20 x classes, 2048): configs/common.py sets ImageNet's 2048).
         mlp=dict(hidden=200, epochs=30, lr=0.1, weight_decay=5e-4, batch_size=256),
         # Goyal et al. 2019: k labelled images per class, mean +- std over seeds.
         lowshot=dict(shots=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2, 3, 4), steps=300),

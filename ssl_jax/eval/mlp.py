@@ -1,6 +1,8 @@
 """Non-linear probe on frozen features: the RotNet paper's classifier (Gidaris et al. 2018).
 
-Three fully-connected layers, `D -> H -> H -> C` with H = 200 hidden units,
+Three fully-connected layers, `D -> H -> H -> C` with H hidden units
+(config.eval.mlp.hidden: 200 for the 10-class presets, 2048 for ImageNet's 1000,
+the reference's min(20 x classes, 2048); RECIPES.md),
 each hidden layer followed by batch normalisation and ReLU, as the paper's
 non-linear classifier on frozen conv-block features (its CIFAR-10 table
 reports this probe next to the linear one). Our conv-block features arrive

@@ -7,7 +7,7 @@ permutations of maximal Hamming distance; the network predicts which:
     -> shared encoder, final stage globally average-pooled     (B*9, c)
     -> per-tile linear embedding + BN + ReLU                   (B*9, dim)
     -> concatenated in the shuffled order                      (B, 9*dim)
-    -> MLP classifier (config.head.layers)                     (B, P) logits
+    -> MLP classifier (config.head.layers; 1: linear, VISSL's) (B, P) logits
 
 and is trained with cross-entropy against the permutation's index.
 
@@ -17,9 +17,12 @@ describes the whole-image eval view). config.head: dim (per-tile embedding),
 hidden, layers (of the classifier).
 
 One encoder pass over all B*9 tiles: BN statistics cover every tile of the
-global batch (synchronised under jit), and the loss is a plain mean over the
-global batch, so loss and gradients are the same on 1 or 8 devices. The tiles
-of an image are adjacent rows, so reshaping keeps each device's rows on it.
+global batch (synchronised under jit), or of each of config.model.bn_groups
+groups of whole images (the ImageNet preset: 32 images' 288 tiles, VISSL's
+per-GPU batch; the embedding's BN is grouped the same way), and the loss is a
+plain mean over the global batch, so loss and gradients are the same on 1 or 8
+devices. The tiles of an image are adjacent rows, so reshaping keeps each
+device's rows on it.
 """
 from __future__ import annotations
 
@@ -38,15 +41,16 @@ class JigsawHead(nn.Module):
     hidden: int
     num_perms: int
     layers: int = 2
+    bn_groups: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = nn.Dense(self.dim, use_bias=False, name="embed")(x.astype(jnp.float32))
-        x = nn.relu(models.BatchNorm(name="embed_bn")(x, train))
+        x = nn.relu(models.BatchNorm(groups=self.bn_groups, name="embed_bn")(x, train))
         # The order of a puzzle's tiles along this axis is what the classifier reads.
         x = x.reshape((-1, puzzle.NUM_TILES * self.dim))
         return models.MLPHead(hidden=self.hidden, out=self.num_perms, num_layers=self.layers,
-                              name="classifier")(x, train)
+                              bn_groups=self.bn_groups, name="classifier")(x, train)
 
 
 def _net(config) -> network.EncoderHead:
@@ -54,7 +58,7 @@ def _net(config) -> network.EncoderHead:
     return network.EncoderHead(
         encoder=network.make_encoder(config.model),
         head=JigsawHead(dim=h.dim, hidden=h.hidden, num_perms=config.jigsaw.num_perms,
-                        layers=h.layers),
+                        layers=h.layers, bn_groups=config.model.get("bn_groups", 1)),
         stage=network.final_stage(config.model))
 
 

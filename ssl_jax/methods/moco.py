@@ -3,6 +3,8 @@ gradient, a key encoder that follows it as a moving average, and a queue of K
 keys from earlier batches as negatives.
 
 config.moco: momentum (0.999), queue_size K, temperature (0.2), bn_groups.
+config.head: MoCo v2's projection head, hidden -> ReLU -> dim with biases and no
+BN (facebookresearch/moco builder.py; config.head.hidden_bn=False).
 The momentum update is `before_step`, once per optimizer step; the loss reads
 the key encoder it left.
 
@@ -51,6 +53,8 @@ def views(rng, images, config) -> dict:
 
 
 def _net(config):
+    """Encoder + MoCo v2's head (builder.py, --mlp): Linear -> ReLU -> Linear, biases,
+    no BN (config.head.hidden_bn=False). Both encoders' BN in moco.bn_groups groups."""
     return network.make_network(config, bn_groups=config.moco.bn_groups)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ssl_jax import models
 from ssl_jax.errors import UserError
+from ssl_jax.models.heads import projection_head
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -55,12 +56,11 @@ class EncoderHead(nn.Module):
 
 
 def make_network(config, bn_groups: int | None = None) -> EncoderHead:
-    head = config.head
-    return EncoderHead(
-        encoder=make_encoder(config.model, bn_groups),
-        head=models.MLPHead(hidden=head.hidden, out=head.dim, num_layers=head.layers,
-                            bn_groups=bn_groups or 1),
-        stage=final_stage(config.model))
+    """The encoder and config.head's projection head (models/heads.projection_head:
+    its hidden_bn / out_bn say whose head it is), BN of both in bn_groups groups."""
+    return EncoderHead(encoder=make_encoder(config.model, bn_groups),
+                       head=projection_head(config.head, bn_groups or 1),
+                       stage=final_stage(config.model))
 
 
 def apply(net: nn.Module, params, batch_stats, x, train: bool = True) -> tuple[Any, Any, Any]:

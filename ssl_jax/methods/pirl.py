@@ -26,8 +26,11 @@ prepared dataset by the setup layer), addressed by the batch's dataset indices.
 config.memory: pad_to, momentum, negatives (K), temperature, loss, init
 ("random" as the papers, or "encoder": the warm start fills the bank with the
 initial network's embeddings).
-config.pirl: jigsaw_weight, num_permutations, tiles (jigsaw.tile_view_config
-fields). config.aug: the image view.
+config.pirl: jigsaw_weight, num_permutations (0: each image's tiles in an order
+drawn uniformly from all 9!, as PIRL's code does; P > 0: one of P fixed
+maximal-Hamming permutations, the Jigsaw task's set), tiles
+(jigsaw.pirl_tile_view_config fields). config.aug: fields over the image view's
+recipe (augment.pirl_view_config for PIRL, augment.npid_view_config for NPID).
 """
 from __future__ import annotations
 
@@ -75,11 +78,13 @@ def check(config, spec, mesh) -> None:
 # ---------------------------------------------------------------- views
 
 def image_view_config(config):
-    return augment.moco_v2_view_config(**config.aug.to_dict())
+    """The image view: PIRL's recipe for PIRL, NPID's for NPID, config.aug on top."""
+    recipe = augment.pirl_view_config if "pirl" in config else augment.npid_view_config
+    return recipe(**config.aug.to_dict())
 
 
 def tile_config(config):
-    return jigsaw.tile_view_config(**config.pirl.tiles.to_dict())
+    return jigsaw.pirl_tile_view_config(**config.pirl.tiles.to_dict())
 
 
 def views(rng, images, config) -> dict:
@@ -88,8 +93,12 @@ def views(rng, images, config) -> dict:
     r_image, r_tiles = jax.random.split(rng)
     out = {"image": augment.batch_views(r_image, images, image_view_config(config))}
     if "jigsaw" in _branches(config):
-        perms = jigsaw.permutations(config.pirl.num_permutations)
-        out["tiles"], _ = jigsaw.batch_jigsaw(r_tiles, images, tile_config(config), perms)
+        num = config.pirl.num_permutations
+        if num:
+            out["tiles"], _ = jigsaw.batch_jigsaw(r_tiles, images, tile_config(config),
+                                                  jigsaw.permutations(num))
+        else:
+            out["tiles"], _ = jigsaw.batch_any_order(r_tiles, images, tile_config(config))
     return out
 
 

@@ -1,16 +1,19 @@
 """RotNet (Gidaris et al. 2018): predict which of four rotations (0, 90, 180,
 270 degrees) an image was given.
 
-Every image of the batch is lightly augmented (padded random crop + flip, no
-colour ops: colour carries no rotation cue to remove) and then shown in all
-four rotations in the same batch, which the paper found better than one random
-rotation per image. A linear classifier on the globally average-pooled final
-encoder stage predicts the rotation; the loss is its cross-entropy.
+Every image of the batch is lightly augmented (no colour ops: colour carries
+no rotation cue to remove) and then shown in all four rotations in the same
+batch, which the paper found better than one random rotation per image. The
+reference code's crops (gidariss/FeatureLearningRotNet dataloader.py): CIFAR-10
+a 4-pixel zero-padded random crop + flip (`LIGHT`); ImageNet
+RandomSizedCrop(224) + flip (configs/rotnet.py's preset). A linear classifier
+on the globally average-pooled final encoder stage predicts the rotation; the
+loss is its cross-entropy.
 
 config.aug: the view config (views/augment.py); `view_config` fills in RotNet's
 light recipe. BN under jit over the global batch (all 4B rotated images) is
 synchronised across devices, so loss and gradients do not depend on the
-device count.
+device count (the reference trains on one GPU: its BN, too, sees all 4B).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from ssl_jax.views import augment
 
 NUM_ROTATIONS = 4
 
-# The paper's CIFAR recipe: 4-pixel padded random crop and horizontal flip only.
-LIGHT = dict(crop="padded", crop_pad=4, flip_p=0.5, jitter_p=0.0, grayscale_p=0.0,
-             blur_p=0.0, solarize_p=0.0)
+# The reference's CIFAR recipe: RandomCrop(32, padding=4) (zero padding) and a
+# horizontal flip, nothing else.
+LIGHT = dict(crop="padded", crop_pad=4, crop_pad_mode="zero", flip_p=0.5, jitter_p=0.0,
+             grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
 def view_config(config) -> dict:

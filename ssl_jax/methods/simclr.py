@@ -1,9 +1,11 @@
 """SimCLR (Chen et al. 2020): two augmented views, one encoder + MLP head,
 NT-Xent with the negatives of the whole global batch.
 
-config.simclr.temperature; config.aug: the view recipe (views/augment.py).
+config.simclr.temperature; config.aug: the view recipe (views/augment.py);
+config.head: SimCLR's projection head, BN on every layer, the output's without a
+shift (model_util.projection_head: config.head.hidden_bn=out_bn=True).
 BN under jit over the global batch is synchronised across devices, as SimCLR's
-TPU implementation does (it matters: per-device BN lets the model cheat).
+TPU implementation does (global_bn=True; it matters: per-device BN lets the model cheat).
 """
 from __future__ import annotations
 
@@ -27,16 +29,20 @@ def augment_config(config):
     return augment.simclr_view_config(**config.aug.to_dict())
 
 
+def _net(config) -> network.EncoderHead:
+    return network.make_network(config)  # config.head: SimCLR's head (configs/simclr.py)
+
+
 def init(rng, views, config, spec):
     del spec
-    params, batch_stats = network.init(network.make_network(config), rng, views["view1"])
+    params, batch_stats = network.init(_net(config), rng, views["view1"])
     return params, {"batch_stats": batch_stats}
 
 
 def loss(params, state, views, batch, rng, config, spec):
     """Returns (loss, (metrics, new_state)); batch and rng are unused (no memory bank)."""
     del batch, rng, spec
-    net = network.make_network(config)
+    net = _net(config)
     # Both views in one forward pass: BN statistics then cover all 2B images,
     # and the encoder runs once on a larger batch (faster than twice).
     # Interleaved (not concatenated) so each device's rows stay on that device.

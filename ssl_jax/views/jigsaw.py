@@ -2,20 +2,26 @@
 
 An image becomes a 3x3 grid of tiles, made on device like every other view:
 
-  random resized crop of the image -> (S_h, S_w)            e.g. ImageNet 255x255
+  crop of the image -> (S_h, S_w)                          e.g. ImageNet 255x255:
+      crop "resized" (random resized crop, scale (0.6, 1)   PIRL's; "resize_crop"
+      in PIRL's VISSL config) or "resize_crop" (shorter     Jigsaw's (Goyal et al.
+      side to 256, random 255 window) or "center"           2019, VISSL)
   3x3 grid of cells (S_h // 3, S_w // 3)                    85x85
-  one tile of tile_side per cell at a random offset          64x64: up to 21 px of
-      inside its cell ("jitter": a gap between tiles, so       jitter, as the paper
-      edges and continued lines cannot solve the puzzle)
+  one tile of tile_side per cell at a random offset          64x64: any of the 22
+      inside its cell ("jitter": a gap between tiles, so       offsets 0..21 that fit
+      edges and continued lines cannot solve the puzzle)       (VISSL draws 0..20)
   resized to tile_size (0: keep tile_side)
-  each tile augmented independently (flip, colour jitter, grayscale, blur ... with
-      augment.view) and normalised; optionally standardised per tile and channel,
-      as the paper does against low-level shortcuts
+  flip and colour ops (augment.view's) drawn per tile (per_tile=True, PIRL: VISSL
+      applies its transforms to each patch) or once on the whole grid crop before it
+      is cut (per_tile=False, Jigsaw: VISSL's flip and grayscale precede the cut);
+      normalised; optionally standardised per tile and channel (Noroozi's
+      per-tile normalisation against low-level shortcuts)
 
 `tiles` makes the 9 tiles of one image in reading order; `batch_jigsaw` vmaps it
 over per-example keys and shuffles each example's tiles by a permutation drawn
 from the fixed set of `permutations` (maximal Hamming distance), whose index is
-the label of the pretext task.
+the label of the pretext task; `batch_any_order` draws each example's order
+uniformly from all 9! permutations instead (PIRL's code: no label, any order).
 
 Small images. Fashion-MNIST (28x28) has ~9 px cells: configs/jigsaw.py upsamples
 the crop to 64x64 (cells 21, tiles 16 with up to 5 px jitter), so the default
@@ -127,28 +133,43 @@ TILE_DEFAULTS = dict(
     tile_size=0,        # output side; 0 keeps tile_side (no second interpolation)
     tile_jitter=True,   # random offset of each tile inside its cell; False: centred
     standardize=False,  # per-tile, per-channel zero mean / unit std after normalising
+    per_tile=True,      # flip / colour ops per tile (True) or once on the whole grid crop
 )
 
 
-def tile_view_config(**overrides) -> ml_collections.ConfigDict:
-    """PIRL's / VISSL's tiles: crop scale (0.6, 1) -> 255x255, 85 px cells, 64 px
-    tiles with jitter; per tile flip 0.5 and SimCLR's colour distortion (s=1:
-    jitter (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2), no blur.
-
-    Fields: those of augment's view configs (crop "resized" or "center",
-    crop_size = the grid crop's (h, w), crop_scale, crop_ratio, crop_frac, and the
-    per-tile colour ops, mean, std) plus TILE_DEFAULTS.
-    """
+def _tile_config(recipe, overrides) -> ml_collections.ConfigDict:
     unknown = [k for k in overrides if k not in augment.DEFAULTS and k not in TILE_DEFAULTS]
     if unknown:
         raise UserError(f"unknown tile config field {unknown[0]!r}."
                        f"{nearest_keys(unknown[0], list(augment.DEFAULTS) + list(TILE_DEFAULTS))}")
     view = dict(crop_size=(255, 255), crop_scale=(0.6, 1.0), blur_p=0.0)
     view.update({k: v for k, v in overrides.items() if k in augment.DEFAULTS})
-    cfg = augment.simclr_view_config(**view)
+    cfg = recipe(**view)
     for key, default in TILE_DEFAULTS.items():
         cfg[key] = overrides.get(key, default)
     return cfg
+
+
+def tile_view_config(**overrides) -> ml_collections.ConfigDict:
+    """A tile config with VISSL's geometry (crop scale (0.6, 1) -> 255x255, 85 px
+    cells, 64 px tiles with jitter) and, per tile, flip 0.5 and SimCLR's colour
+    distortion (s=1: jitter (0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2), no
+    blur: a base that configs override (configs/jigsaw.py sets its own colour ops;
+    PIRL's tiles are `pirl_tile_view_config`).
+
+    Fields: those of augment's view configs (crop "resized", "resize_crop" or
+    "center", crop_size = the grid crop's (h, w), crop_scale, crop_ratio, resize,
+    crop_frac, and the flip / colour ops, mean, std) plus TILE_DEFAULTS.
+    """
+    return _tile_config(augment.simclr_view_config, overrides)
+
+
+def pirl_tile_view_config(**overrides) -> ml_collections.ConfigDict:
+    """PIRL's tiles (VISSL pirl_jigsaw_4node_resnet50.yaml, ImgPilToPatchesAndImage):
+    crop scale (0.6, 1) -> 255x255, 85 px cells, 64 px tiles with jitter; per tile
+    ColorJitter(0.4, 0.4, 0.4, 0.2) always, the photometric distortion with p 0.66,
+    grayscale 0.2 and flip 0.5 (augment.pirl_view_config's ops); no blur."""
+    return _tile_config(augment.pirl_view_config, overrides)
 
 
 def tile_geometry(cfg) -> tuple[tuple[int, int], int, int]:
@@ -159,8 +180,9 @@ def tile_geometry(cfg) -> tuple[tuple[int, int], int, int]:
     if not 0 < side <= min(cell):
         raise UserError(f"tile_side={side} must be in 1..{min(cell)}: crop_size={tuple(cfg['crop_size'])} "
                          f"gives {cell[0]}x{cell[1]} cells. Lower tile_side or raise crop_size.")
-    if cfg["crop"] not in ("resized", "center"):
-        raise UserError(f"tile config crop={cfg['crop']!r}: use 'resized' or 'center'.")
+    if cfg["crop"] not in ("resized", "resize_crop", "center"):
+        raise UserError(f"tile config crop={cfg['crop']!r}: use 'resized', 'resize_crop' "
+                        "or 'center'.")
     return cell, side, cfg["tile_size"] or side
 
 
@@ -185,8 +207,16 @@ def tiles(rng, image, cfg):
     if cfg["crop"] == "resized":
         crop = ops.random_resized_crop(k_crop, x, crop_size, cfg["crop_scale"], cfg["crop_ratio"],
                                        hw)
+    elif cfg["crop"] == "resize_crop":
+        crop = ops.resize_random_crop(k_crop, x, crop_size, cfg["resize"], hw)
     else:
         crop = ops.center_crop_resize(x, crop_size, cfg["crop_frac"], hw)
+    view_cfg = {k: v for k, v in cfg.items() if k in augment.DEFAULTS}
+    if not cfg["per_tile"]:
+        # The flip / colour ops once on the whole crop (identity crop, no normalising
+        # yet); the tiles are then only normalised.
+        crop = augment.view(k_aug, crop, dict(view_cfg, crop="center", crop_size=crop_size,
+                                              crop_frac=1.0, mean=(0.0,), std=(1.0,)))
 
     # Integer offsets inside the cells; pixels past 3 * cell (crop side not a
     # multiple of 3) are never used.
@@ -203,15 +233,28 @@ def tiles(rng, image, cfg):
     cut = jax.vmap(lambda y, x_: ops.crop_resize(crop, (y, x_, side, side), (size, size)))
     out = cut(y0.astype(jnp.float32), x0.astype(jnp.float32))          # (9, t, t, C)
 
-    # Each tile its own flip / colour: the view ops with an identity centre crop.
-    view_cfg = {k: v for k, v in cfg.items() if k in augment.DEFAULTS}
-    view_cfg.update(crop="center", crop_size=(size, size), crop_frac=1.0)
-    out = jax.vmap(lambda k, t: augment.view(k, t, view_cfg))(jax.random.split(k_aug, NUM_TILES), out)
+    if cfg["per_tile"]:
+        # Each tile its own flip / colour: the view ops with an identity centre crop.
+        view_cfg.update(crop="center", crop_size=(size, size), crop_frac=1.0)
+        out = jax.vmap(lambda k, t: augment.view(k, t, view_cfg))(
+            jax.random.split(k_aug, NUM_TILES), out)
+    else:
+        out = ops.normalize(out, cfg["mean"], cfg["std"])
     if cfg["standardize"]:
         mean = jnp.mean(out, axis=(1, 2), keepdims=True)
         std = jnp.std(out, axis=(1, 2), keepdims=True)
         out = (out - mean) / jnp.maximum(std, 1e-3)   # floor: flat tiles stay finite
     return out
+
+
+def _shuffled(rng, images, cfg, draw):
+    """Each example's tiles (its own key from split(rng, B)) in the order draw(key)
+    gives: draw(key) -> (order (9,) int32, label)."""
+    def one(key, image):
+        k_tiles, k_perm = jax.random.split(key)
+        order, label = draw(k_perm)
+        return tiles(k_tiles, image, cfg)[order], label
+    return jax.vmap(one)(jax.random.split(rng, images.shape[0]), images)
 
 
 def batch_jigsaw(rng, images, cfg, perms):
@@ -226,8 +269,20 @@ def batch_jigsaw(rng, images, cfg, perms):
     """
     perms = jnp.asarray(perms, jnp.int32)
 
-    def one(key, image):
-        k_tiles, k_perm = jax.random.split(key)
-        index = jax.random.randint(k_perm, (), 0, perms.shape[0])
-        return tiles(k_tiles, image, cfg)[perms[index]], index
-    return jax.vmap(one)(jax.random.split(rng, images.shape[0]), images)
+    def draw(key):
+        index = jax.random.randint(key, (), 0, perms.shape[0])
+        return perms[index], index
+    return _shuffled(rng, images, cfg, draw)
+
+
+def batch_any_order(rng, images, cfg):
+    """Tiles of a batch, each example's in an order drawn uniformly from all 9!
+    permutations (PIRL's code: VISSL ImgPilToPatchesAndImage's np.random.permutation).
+
+    Same arguments as batch_jigsaw without perms. Returns tiles (B, 9, t, t, C)
+    float32 and order (B, 9) int32, tiles[b, j] being the original tile order[b, j].
+    """
+    def draw(key):
+        order = jax.random.permutation(key, NUM_TILES).astype(jnp.int32)
+        return order, order
+    return _shuffled(rng, images, cfg, draw)

@@ -116,6 +116,31 @@ def random_resized_crop(rng, image, out_size: tuple[int, int],
     return crop_resize(image, _sample_box(rng, H, W, scale, ratio), out_size)
 
 
+def resize_random_crop(rng, image, out_size: tuple[int, int], resize: int, hw=None):
+    """torchvision's Resize(resize) then RandomCrop(out_size): the shorter side scaled
+    to `resize` (aspect kept), a window of out_size at a uniformly random integer
+    position in the scaled image. Computed as one resize of the matching box of the
+    original: out_size * min(h, w) / resize pixels of it. hw: a canvas image's valid
+    (h, w) (views/canvas.py), traced.
+
+    image: (H, W, C) float32 -> (out_h, out_w, C) float32.
+    """
+    if resize < max(out_size):
+        raise UserError(f"resize={resize} is smaller than the crop {tuple(out_size)}: "
+                        "RandomCrop would not fit.")
+    H, W = image.shape[:2] if hw is None else hw
+    shorter = jnp.minimum(jnp.asarray(H, jnp.float32), jnp.asarray(W, jnp.float32))
+    scale = resize / shorter                      # original pixels -> resized pixels
+    u = jax.random.uniform(rng, (2,))
+    box = []
+    for side, n, ui in ((H, out_size[0], u[0]), (W, out_size[1], u[1])):
+        # torchvision's int(resize * long / short); + 1e-3 keeps the short side's 256.
+        room = jnp.maximum(jnp.floor(side * scale + 1e-3) - n, 0.0)
+        box.append(jnp.floor(ui * (room + 1)) / scale)
+    return crop_resize(image, (box[0], box[1], out_size[0] / scale, out_size[1] / scale),
+                       out_size)
+
+
 def _index_matrix(src, n_in: int):
     """(n, n_in) one-hot rows selecting src[i]; out-of-range rows are all zero."""
     return (src[:, None] == jnp.arange(n_in)[None, :]).astype(jnp.float32)
