@@ -38,7 +38,9 @@ def _variables(encoder, rng):
             return rng.normal(0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
         if "scale" in name or "var" in name:
             return rng.uniform(0.5, 1.5, s.shape)
-        return rng.uniform(-0.3, 0.3, s.shape)  # bias, mean
+        if "bias" in name:  # mostly negative: sparser ReLU features, less alike
+            return rng.uniform(-1.0, 0.0, s.shape)
+        return rng.uniform(-0.3, 0.3, s.shape)  # running mean
     return jax.tree_util.tree_map_with_path(lambda p, s: value(p, s).astype(np.float32), shapes)
 
 
@@ -66,7 +68,10 @@ def exported(tmp_path_factory):
     """An export of a fixed ConvNet and a dataset `meaning_copies` (12 train images,
     8 test images that are copies of train's first 8, labels as above)."""
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+    # 2x2 blocks of 4x4 pixels at random grey levels: pooled features of pure noise
+    # images are all alike (cosine > 0.996 here).
+    levels = rng.integers(0, 256, (12, 2, 2, 1), dtype=np.uint8)
+    images = np.repeat(np.repeat(levels, 4, axis=1), 4, axis=2)
     data_dir = str(tmp_path_factory.mktemp("data"))
     arrays.build_from_arrays("meaning_copies", data_dir,
                              {"train": (images, TRAIN_Y), "test": (images[:8], TEST_Y)},
@@ -87,10 +92,11 @@ def exported(tmp_path_factory):
                        "dataset": "meaning_copies"},
             "data": {"dataset": "meaning_copies", "data_dir": data_dir, "train_split": "train",
                      "num_classes": NUM_CLASSES},
-            # One neighbour; an unregularised probe long enough to fit 12 points in 16-d.
-            "eval": {"test_split": "test", "batch_size": 4, "seed": 0,
+            # Batches of 5: both splits end in a padded batch. One neighbour; an
+            # unregularised probe long enough to fit 12 points in 16-d.
+            "eval": {"test_split": "test", "batch_size": 5, "seed": 0,
                      "knn": {"k": 1, "temperature": 0.07, "also_k": [12]},
-                     "linear": {"epochs": 200, "lr": 0.3, "weight_decay": [0.0],
+                     "linear": {"epochs": 400, "lr": 1.0, "weight_decay": [0.0],
                                 "batch_size": 256}}}
     with open(out / "export.json", "w") as f:
         json.dump(meta, f, default=list)
@@ -101,8 +107,9 @@ def test_evaluate_scores_the_test_split_of_the_fixed_encoders_features(exported,
     out, images, variables = exported
     want = _numpy_features(jax.device_get(variables), images)
     unit = want / np.linalg.norm(want, axis=1, keepdims=True)
-    # The premise of "a copy's nearest neighbour is its original": distinct directions.
-    assert (unit @ unit.T - 2 * np.eye(12)).max() < 0.99
+    # The premise of "a copy's nearest neighbour is its original": distinct directions
+    # (float32 features are exact to ~1e-6; their cosines differ by > 1e-3).
+    assert (unit @ unit.T - 2 * np.eye(12)).max() < 0.999
 
     results = evaluation.evaluate(exported=out, evals=("knn", "linear"), results_dir=str(tmp_path))
 
@@ -114,12 +121,13 @@ def test_evaluate_scores_the_test_split_of_the_fixed_encoders_features(exported,
             np.testing.assert_array_equal(f["label"], labels)
 
     # Pinned: each test image is predicted its original's train label, which is its
-    # own test label at 6 of 8 rows: 75%. Scoring the train split would give 100%;
-    # fitting on test and scoring train (a swap) 9 of 12.
-    knn, lin = results["knn"], results["linear"]
-    assert (knn["train_examples"], knn["test_examples"]) == (12, 8)
-    assert knn["stage"] == "block2" and knn["k"] == 1
-    assert knn["top1"] == 75.0 and knn["top5"] == 100.0
+    # own test label at 6 of 8 rows: 75%. Scoring the train split would give 100%,
+    # and fitting on test and scoring train (a swap) 50% (both tried).
+    assert (results["knn"]["train_examples"], results["knn"]["test_examples"]) == (12, 8)
+    assert results["knn"]["stage"] == "block2"
+    knn, lin = results["knn"]["stages"]["block2"], results["linear"]["stages"]["block2"]
+    assert knn["k"] == 1 and knn["top1"] == 75.0 and knn["top5"] == 100.0
+    assert results["knn"]["top1"] == results["linear"]["top1"] == 75.0
     assert lin["train_top1"] == 100.0  # the probe fits train: its test predictions are known
     assert lin["top1"] == 75.0 and lin["top5"] == 100.0
     # All 12 neighbours vote: each class's weight, from the NumPy features.
@@ -127,8 +135,10 @@ def test_evaluate_scores_the_test_split_of_the_fixed_encoders_features(exported,
     votes = np.zeros((8, NUM_CLASSES))
     np.add.at(votes, (np.arange(8)[:, None], TRAIN_Y[None, :]),
               np.exp((sim - sim.max(1, keepdims=True)) / 0.07))
-    all_k = 100.0 * np.mean(votes.argmax(1) == TEST_Y)
-    assert knn["also"]["k=12"]["top1"] == pytest.approx(all_k)
+    ranked = np.sort(votes, 1)
+    assert np.all(ranked[:, -1] - ranked[:, -2] > 0.1 * ranked[:, -1])  # no near-ties
+    assert 100.0 * np.mean(votes.argmax(1) == TEST_Y) == 62.5  # 5 of 8: pinned
+    assert knn["also"]["k=12"]["top1"] == 62.5
 
 
 def _probe_optimum(x, y, wd, num_classes):
@@ -176,6 +186,11 @@ def test_linear_probe_reaches_the_optimum_of_its_objective():
     # Logits up to a constant per row (softmax's invariance; the bias is not decayed).
     centre = lambda a: a - a.mean(1, keepdims=True)
     np.testing.assert_allclose(centre(got), centre(want), atol=2e-2)
+    # The test accuracy is the optimum's, but for points within the tolerance of a
+    # class boundary (either answer is right for those).
     margin = np.sort(want, 1)[:, -1] - np.sort(want, 1)[:, -2]
-    assert margin.min() > 0.05  # no test point on a boundary: the accuracy is exact
-    assert r["top1"] == pytest.approx(100.0 * np.mean(want.argmax(1) == yte))
+    sure = margin > 0.05
+    right = want.argmax(1) == yte
+    assert sure.sum() >= 95
+    lo = 100.0 * np.sum(right & sure) / len(yte)
+    assert lo - 1e-9 <= r["top1"] <= lo + 100.0 * np.sum(~sure) / len(yte) + 1e-9

@@ -61,7 +61,7 @@ def setup():
 
 def _reference_keys_and_queries(c, params, state, views):
     """Keys and queries in the batch's order, from plain forward passes (no shuffle)."""
-    net = network.make_network(c, bn_groups=c.moco.bn_groups)
+    net = moco._net(c)  # the method's network (encoder + head), run plainly
     _, q, _ = network.apply(net, params, state["batch_stats"], views["query"])
     _, k, _ = network.apply(net, state["key_params"], state["key_batch_stats"], views["key"])
     return np.asarray(q), _unit(k)

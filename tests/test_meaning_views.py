@@ -65,8 +65,9 @@ def test_flip_and_grey_fire_at_their_probabilities_independently():
     np.testing.assert_allclose(g[..., 0], g[..., 2], atol=1e-6)
 
 
-def test_jitter_fires_at_its_probability_and_changes_pixels():
-    v, x = _views(_image(), jitter_p=0.4)
+@pytest.mark.parametrize("channels", [3, 1])  # 1: brightness and contrast only (Fashion-MNIST)
+def test_jitter_fires_at_its_probability_and_changes_pixels(channels):
+    v, x = _views(_image(channels), jitter_p=0.4)
     changed = ~_is(v, x)
     _freq(changed, 0.4)
     # When it fires the image really changes: mean |change| of a pixel > 1% of the range.
