@@ -33,7 +33,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from ssl_jax.data import (fashion_mnist, image_folder, imagenet, invariance_real,
                           invariance_sets, sources)
@@ -130,6 +130,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f, t = flags.FLAGS, time.perf_counter()
+    if not f["verbosity"].present:  # TFDS's INFO lines are not for the console
+        logging.set_verbosity(logging.WARNING)
     try:
         builder = make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
                                name=f.name, skip_bad_images=f.skip_bad_images,
