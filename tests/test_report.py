@@ -102,7 +102,10 @@ def test_stages_of_different_encoders_keep_their_order(tmp_path):
     assert report.stages(rows, "linear") == list(resnet) + ["block2", "block4"]
 
 
-def check_png(path, min_size=(300, 200)):
+def check_png(path, min_size=(300, 200), colours=()):
+    """A real PNG of at least min_size, and each of `colours` (tab10 indices: a row's
+    bars or line) drawn over at least 200 pixels: a figure that lost a run's bars,
+    or drew nothing, fails."""
     with open(path, "rb") as f:
         data = f.read()
     assert data[:8] == PNG_SIGNATURE, path
@@ -111,6 +114,12 @@ def check_png(path, min_size=(300, 200)):
         image.verify()
     with Image.open(path) as image:
         assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1], image.size
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    import matplotlib
+    for i in colours:
+        rgb = np.round(np.asarray(matplotlib.colormaps["tab10"](i)[:3]) * 255)
+        near = np.abs(pixels - rgb).max(axis=1) <= 8
+        assert near.sum() >= 200, (path, i, int(near.sum()))
 
 
 def test_cli_writes_table_and_figures(runs, tmp_path):
@@ -122,8 +131,8 @@ def test_cli_writes_table_and_figures(runs, tmp_path):
     markdown = (out / "compare.md").read_text()
     assert report.compare_table(report.load_rows(runs, ["SimCLR", "MoCo"])) in markdown
     assert "| SimCLR (random init) | – | – | – | 84.08 |" in done.stdout  # also printed
-    check_png(out / "accuracy_per_stage.png")
-    check_png(out / "lowshot.png")
+    check_png(out / "accuracy_per_stage.png", colours=(0, 1))  # SimCLR's and MoCo's bars
+    check_png(out / "lowshot.png", colours=(0,))  # only SimCLR has a low-shot curve
 
 
 def test_write_figures_for_one_workdir(runs):
