@@ -282,7 +282,7 @@ def test_bad_input_says_what_to_do(prepared, tmp_path, options, message):
 
 
 def test_options_of_invariance_sets_are_refused_elsewhere(tmp_path):
-    with pytest.raises(UserError, match="--seed is for invariance_sets, not fashion_mnist"):
+    with pytest.raises(UserError, match="--seed is for invariance_sets and fashion_mnist_videos, not fashion_mnist"):
         prepare.make_builder("fashion_mnist", str(tmp_path), seed=0)
     with pytest.raises(UserError, match="--source is for invariance_sets, not imagenet2012"):
         prepare.make_builder("imagenet2012", str(tmp_path), source="fashion_mnist")

@@ -5,6 +5,7 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
     python -m ssl_jax.data.prepare --dataset image_folder --manual_dir DIR --name NAME
     python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist
     python -m ssl_jax.data.prepare --dataset aloi_invariance --manual_dir DIR [--aloi_objects N]
+    python -m ssl_jax.data.prepare --dataset fashion_mnist_videos [--videos_per_class 100]
 
 - fashion_mnist: from Debian's IDX files (`apt-get install dataset-fashion-mnist`),
   or --manual_dir (alias --source_dir) holding them (fashion_mnist.py).
@@ -20,6 +21,9 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
   benchmarks (ALOI viewpoint and illumination, GOT-10k occlusion, PASCAL3D+
   instance) as transformation sets, from their downloads in --manual_dir
   (--frames_per_set, --aloi_objects, --max_tracks) (invariance_real.py).
+- fashion_mnist_videos: short synthetic videos of the prepared fashion_mnist's
+  garments (one record a frame, with video_id, frame_index and box), for
+  positive pairs from video (--videos_per_class, --seed) (videos.py).
 
 Every image is decoded once; a bad one stops preparation with its name, or is
 left out with --skip_bad_images (counted at the end). A failed preparation
@@ -36,7 +40,7 @@ import time
 from absl import app, flags, logging
 
 from ssl_jax.data import (fashion_mnist, image_folder, imagenet, invariance_real,
-                          invariance_sets, sources)
+                          invariance_sets, sources, videos)
 from ssl_jax.errors import UserError
 
 # dataset -> builder class (or factory) taking data_dir= and the options of OPTIONS.
@@ -48,6 +52,7 @@ BUILDERS = {
     "aloi_invariance": invariance_real.AloiInvariance,
     "got10k_occlusion": invariance_real.Got10kOcclusion,
     "pascal3d_instance": invariance_real.Pascal3dInstance,
+    "fashion_mnist_videos": videos.FashionMnistVideos,
 }
 # The options each builder takes, beyond data_dir.
 OPTIONS = {
@@ -58,9 +63,11 @@ OPTIONS = {
     "aloi_invariance": ("manual_dir", "skip_bad_images", "aloi_objects", "frames_per_set"),
     "got10k_occlusion": ("manual_dir", "skip_bad_images", "frames_per_set", "max_tracks"),
     "pascal3d_instance": ("manual_dir", "skip_bad_images", "frames_per_set"),
+    "fashion_mnist_videos": ("videos_per_class", "seed"),
 }
 _INVARIANCE_OPTIONS = OPTIONS["invariance_sets"]
 _REAL_OPTIONS = ("aloi_objects", "frames_per_set", "max_tracks")  # invariance_real's
+_VIDEO_OPTIONS = ("videos_per_class",)  # videos' (and seed)
 
 
 def _given(value) -> bool:
@@ -74,10 +81,10 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
                  source_split: str | None = None, sets_per_class: int | None = None,
                  set_size: int | None = None, seed: int | None = None,
                  aloi_objects: int | None = None, frames_per_set: int | None = None,
-                 max_tracks: int | None = None):
+                 max_tracks: int | None = None, videos_per_class: int | None = None):
     """The builder of `dataset`; source_dir and manual_dir are one option, two names.
     source ... seed: invariance_sets' options; aloi_objects, frames_per_set, max_tracks:
-    invariance_real's (None: the defaults)."""
+    invariance_real's; videos_per_class: fashion_mnist_videos' (None: the defaults)."""
     if dataset not in BUILDERS:
         raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
     if source_dir and manual_dir and source_dir != manual_dir:
@@ -87,7 +94,7 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
              "skip_bad_images": skip_bad_images, "source": source, "source_split": source_split,
              "sets_per_class": sets_per_class, "set_size": set_size, "seed": seed,
              "aloi_objects": aloi_objects, "frames_per_set": frames_per_set,
-             "max_tracks": max_tracks}
+             "max_tracks": max_tracks, "videos_per_class": videos_per_class}
     if dataset == "image_folder":
         if not name:
             raise UserError("--dataset image_folder needs --name NAME, the dataset's name "
@@ -98,7 +105,8 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
     if folder and not set(folders) & set(OPTIONS[dataset]):
         takers = " and ".join(d for d, o in OPTIONS.items() if set(folders) & set(o))
         raise UserError(f"--manual_dir (--source_dir) is for {takers}, not {dataset}.")
-    for option in ("name", "skip_bad_images", *_INVARIANCE_OPTIONS, *_REAL_OPTIONS):
+    for option in ("name", "skip_bad_images", *_INVARIANCE_OPTIONS, *_REAL_OPTIONS,
+                   *_VIDEO_OPTIONS):
         if _given(given[option]) and option not in OPTIONS[dataset]:
             raise UserError(f"--{option} is for "
                             f"{' and '.join(d for d, o in OPTIONS.items() if option in o)}, "
@@ -120,7 +128,8 @@ def prepare(dataset: str, data_dir: str | None = None, source_dir: str | None = 
     """Builds `dataset` under data_dir unless it is there already.
 
     options: manual_dir, name, skip_bad_images, source, source_split, sets_per_class,
-    set_size, seed, aloi_objects, frames_per_set, max_tracks (see make_builder).
+    set_size, seed, aloi_objects, frames_per_set, max_tracks, videos_per_class
+    (see make_builder).
     Returns (the dataset's directory, whether it was built now).
     """
     return build(make_builder(dataset, data_dir, source_dir, **options))
@@ -135,7 +144,8 @@ def main(argv):
     try:
         builder = make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
                                name=f.name, skip_bad_images=f.skip_bad_images,
-                               **{o: f[o].value for o in _INVARIANCE_OPTIONS + _REAL_OPTIONS})
+                               **{o: f[o].value for o in _INVARIANCE_OPTIONS + _REAL_OPTIONS
+                                                       + _VIDEO_OPTIONS})
         path, built = build(builder)
     except (UserError, fashion_mnist.IdxError) as e:  # the user can fix it: one line
         print(f"error: {e}", file=sys.stderr)
@@ -179,7 +189,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("set_size", None, "invariance_sets: images per set, at least "
                          f"{invariance_sets.MIN_SET_SIZE} "
                          f"(default {invariance_sets.DEFAULTS['set_size']}).")
-    flags.DEFINE_integer("seed", None, "invariance_sets: the seed of the image choice and "
+    flags.DEFINE_integer("videos_per_class", None, "fashion_mnist_videos: train videos a "
+                         f"class (test: a fifth) (default {videos.DEFAULTS['videos_per_class']}).")
+    flags.DEFINE_integer("seed", None, "invariance_sets, fashion_mnist_videos: the seed of "
+                         "the image choice and "
                          f"the transformations (default {invariance_sets.DEFAULTS['seed']}).")
     flags.DEFINE_integer("frames_per_set", None, "aloi_invariance, got10k_occlusion, "
                          "pascal3d_instance: the most images a set, evenly spaced, at least "
