@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -152,6 +153,21 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A builder whose _split_generators gives {split: iterable of examples}, written
     to array_record shards as they come, in that order (TFDS's writer is not
     used: see the module doc). Datasets it writes say disable_shuffling."""
+
+    def refuse_other_settings(self, settings: str) -> None:
+        """A dataset made from `settings` (a builder's options, written at the end of its
+        description as "... from <settings>") is refused when it is already prepared
+        from others: the same name must not hold two different datasets. Call after
+        __init__ (TFDS's info then is this code's; the one on disk is read here)."""
+        if not self.is_prepared():
+            return
+        written = json.loads((self.data_path / "dataset_info.json").read_text())
+        description = written.get("description", "")
+        if not description.endswith(" from " + settings):
+            made_from = description.rsplit(" from ", 1)[-1]
+            raise UserError(f"{self.name} in {self.data_path} was made from {made_from}, "
+                            f"not {settings} as asked: delete that folder to prepare it "
+                            "anew, or use another --data_dir.")
 
     def _generate_splits(self, dl_manager, download_config):
         del download_config  # none of its options apply

@@ -79,9 +79,9 @@ fewer than 3 images is then skipped. The same arguments give byte-identical reco
 """
 from __future__ import annotations
 
+import abc
 import collections
 import io
-import json
 import os
 from collections.abc import Iterator
 from concurrent import futures
@@ -171,18 +171,13 @@ class _RealSets(imagenet.StreamingBuilder, skip_registration=True):
         self.bad_images: list[str] = []  # images left out, with the reason
         self.skipped: list[str] = list(self.plan.skipped)  # sets left out, with the reason
         super().__init__(**kwargs)
-        if self.is_prepared():
-            written = json.loads((self.data_path / "dataset_info.json").read_text())
-            made_from = written.get("description", "").partition(self._MADE_FROM)[2]
-            if made_from != self.settings:
-                raise UserError(f"{self.name} in {self.data_path} was made from {made_from}, "
-                                f"not {self.settings} as asked: delete that folder to "
-                                "prepare it anew, or use another --data_dir.")
+        self.refuse_other_settings(self.settings)
 
     _MADE_FROM = " Made by ssl_jax from "
 
+    @abc.abstractmethod
     def _read_plan(self, **options) -> layouts.Plan:
-        raise NotImplementedError
+        """The layout's sets (each builder reads its own layout with `layouts`)."""
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -172,14 +171,7 @@ class _InvarianceSets(imagenet.StreamingBuilder, skip_registration=True):
         self.settings = (f"{source} {split}, sets_per_class={sets_per_class}, "
                          f"set_size={set_size}, seed={seed}")
         super().__init__(data_dir=data_dir, **kwargs)
-        if self.is_prepared():
-            # The description written then (TFDS's info holds the one of this code).
-            written = json.loads((self.data_path / "dataset_info.json").read_text())
-            made_from = written.get("description", "").rsplit(" from ", 1)[-1]
-            if made_from != self.settings:
-                raise UserError(f"{self.name} in {self.data_path} was made from {made_from}, "
-                                f"not {self.settings} as asked: delete that folder to "
-                                "prepare it anew, or use another --data_dir.")
+        self.refuse_other_settings(self.settings)
 
     def _info(self) -> tfds.core.DatasetInfo:
         image = (tfds.features.Image(shape=tuple(self.shape)) if self.fixed else

@@ -29,7 +29,6 @@ The same arguments give byte-identical records. video_pairs.py samples the
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -169,13 +168,7 @@ class FashionMnistVideos(imagenet.StreamingBuilder, skip_registration=True):
         self.class_names, self.source_dir = info["class_names"], data_dir
         self.settings = f"{SOURCE}, videos_per_class={self.videos_per_class}, seed={self.seed}"
         super().__init__(data_dir=data_dir, **kwargs)
-        if self.is_prepared():
-            written = json.loads((self.data_path / "dataset_info.json").read_text())
-            made_from = written.get("description", "").rsplit(" from ", 1)[-1]
-            if made_from != self.settings:
-                raise UserError(f"{self.name} in {self.data_path} was made from {made_from}, "
-                                f"not {self.settings} as asked: delete that folder to "
-                                "prepare it anew, or use another --data_dir.")
+        self.refuse_other_settings(self.settings)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
