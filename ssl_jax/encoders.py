@@ -193,10 +193,11 @@ def load_export(out: str, *, pool: str = "global", stages=None):
     variables = ocp.StandardCheckpointer().restore(storage.path(out) / "encoder")
     view = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["preprocessing"]["view"]))
     fn = jax.jit(features.make_features_fn(encoder, view, pool, stages))
-    shape = tuple(meta["preprocessing"]["input_shape"])
+    shape = meta["preprocessing"].get("input_shape")  # absent: nothing to check against
 
     def features_fn(variables, images):
-        check_images(images, shape)
+        if shape is not None:
+            check_images(images, tuple(shape))
         return fn(variables, images)
     return features_fn, variables
 

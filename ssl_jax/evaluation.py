@@ -168,7 +168,7 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
                                               split_kw, pool) if on_splits
                               else (({}, np.zeros(0, np.int32)),) * 2)
     inputs = evaluators.Inputs(
-        train={n: ftr[n] for n in ftr}, train_y=ytr, test={n: fte[n] for n in fte},
+        train=ftr, train_y=ytr, test=fte,
         test_y=yte, num_classes=num_classes, seed=config.seed,
         train_views=functools.partial(_augmented_views, config, fn, extraction_variables,
                                       data[config.train_split], key, split_kw),

@@ -4,7 +4,7 @@ ETA) and the run's own log.
 Progress rewrites one line on a terminal; prints one line per update in a log
 file (SLURM, CI), where carriage returns would make an unreadable log.
 RunLog prints a line and appends it, timestamped, to WORKDIR/train.log: the
-run's story (command, start, resumes, progress, evaluations, end or error)
+run's story (command, start, resumes, progress, online evaluations, the end)
 without the libraries' INFO lines.
 """
 from __future__ import annotations

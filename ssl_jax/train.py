@@ -56,8 +56,7 @@ def run(config, workdir: str, command: str | None = None):
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
     # WORKDIR/train.log: the run's own lines (progress, evaluations, resumes, the end),
     # appended across restarts; the libraries' INFO stays out of it and the console.
-    log = RunLog(storage.path(workdir) / "train.log" if is_main else None,
-                              enabled=is_main)
+    log = RunLog(storage.path(workdir) / "train.log" if is_main else None, enabled=is_main)
     if is_main:
         cfg_lib.save(config, workdir)
         if command:
@@ -104,8 +103,7 @@ def run(config, workdir: str, command: str | None = None):
         log.say(f"{config.method}: {n_params / 1e6:.2f}M params, {total_steps} steps "
                 f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
                 f"{mesh.devices.size} device(s); workdir {workdir}")
-    progress = Progress(total_steps, start, config.batch_size, enabled=is_main,
-                        log=log if is_main else None)
+    progress = Progress(total_steps, start, config.batch_size, enabled=is_main, log=log)
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
