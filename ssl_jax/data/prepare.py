@@ -65,9 +65,9 @@ OPTIONS = {
     "pascal3d_instance": ("manual_dir", "skip_bad_images", "frames_per_set"),
     "fashion_mnist_videos": ("videos_per_class", "seed"),
 }
-_INVARIANCE_OPTIONS = OPTIONS["invariance_sets"]
-_REAL_OPTIONS = ("aloi_objects", "frames_per_set", "max_tracks")  # invariance_real's
-_VIDEO_OPTIONS = ("videos_per_class",)  # videos' (and seed)
+_FOLDERS = ("source_dir", "manual_dir")  # one option, two names
+# Every option some builder takes but the folder: the flags main passes on.
+ALL_OPTIONS = tuple(sorted({o for opts in OPTIONS.values() for o in opts} - set(_FOLDERS)))
 
 
 def _given(value) -> bool:
@@ -76,42 +76,36 @@ def _given(value) -> bool:
 
 
 def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | None = None, *,
-                 manual_dir: str | None = None, name: str | None = None,
-                 skip_bad_images: bool = False, source: str | None = None,
-                 source_split: str | None = None, sets_per_class: int | None = None,
-                 set_size: int | None = None, seed: int | None = None,
-                 aloi_objects: int | None = None, frames_per_set: int | None = None,
-                 max_tracks: int | None = None, videos_per_class: int | None = None):
+                 manual_dir: str | None = None, **options):
     """The builder of `dataset`; source_dir and manual_dir are one option, two names.
-    source ... seed: invariance_sets' options; aloi_objects, frames_per_set, max_tracks:
-    invariance_real's; videos_per_class: fashion_mnist_videos' (None: the defaults)."""
+    options: any of ALL_OPTIONS (OPTIONS says which builder takes which; None, False
+    or "": not given, the builder's default). An option given to a dataset that does
+    not take it is a UserError naming the datasets that do."""
     if dataset not in BUILDERS:
         raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
+    unknown = sorted(set(options) - set(ALL_OPTIONS))
+    if unknown:
+        raise UserError(f"unknown preparation option(s) {unknown}; known: {list(ALL_OPTIONS)}")
     if source_dir and manual_dir and source_dir != manual_dir:
         raise UserError("--source_dir and --manual_dir name one folder: give one of them.")
     folder = manual_dir or source_dir
-    given = {"source_dir": folder, "manual_dir": folder, "name": name,
-             "skip_bad_images": skip_bad_images, "source": source, "source_split": source_split,
-             "sets_per_class": sets_per_class, "set_size": set_size, "seed": seed,
-             "aloi_objects": aloi_objects, "frames_per_set": frames_per_set,
-             "max_tracks": max_tracks, "videos_per_class": videos_per_class}
+    given = dict(options, source_dir=folder, manual_dir=folder)
+    name = options.get("name")
     if dataset == "image_folder":
         if not name:
             raise UserError("--dataset image_folder needs --name NAME, the dataset's name "
                             "(lowercase letters, digits, underscores).")
         if not folder:
             raise UserError("--dataset image_folder needs --manual_dir, the folder of images.")
-    folders = ("source_dir", "manual_dir")
-    if folder and not set(folders) & set(OPTIONS[dataset]):
-        takers = " and ".join(d for d, o in OPTIONS.items() if set(folders) & set(o))
+    if folder and not set(_FOLDERS) & set(OPTIONS[dataset]):
+        takers = " and ".join(d for d, o in OPTIONS.items() if set(_FOLDERS) & set(o))
         raise UserError(f"--manual_dir (--source_dir) is for {takers}, not {dataset}.")
-    for option in ("name", "skip_bad_images", *_INVARIANCE_OPTIONS, *_REAL_OPTIONS,
-                   *_VIDEO_OPTIONS):
-        if _given(given[option]) and option not in OPTIONS[dataset]:
+    for option in ALL_OPTIONS:
+        if _given(given.get(option)) and option not in OPTIONS[dataset]:
             raise UserError(f"--{option} is for "
                             f"{' and '.join(d for d, o in OPTIONS.items() if option in o)}, "
                             f"not {dataset}.")
-    kwargs = {o: given[o] for o in OPTIONS[dataset]}
+    kwargs = {o: given[o] for o in OPTIONS[dataset] if o in given}
     return BUILDERS[dataset](data_dir=data_dir or sources.default_data_dir(), **kwargs)
 
 
@@ -143,9 +137,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         builder = make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
-                               name=f.name, skip_bad_images=f.skip_bad_images,
-                               **{o: f[o].value for o in _INVARIANCE_OPTIONS + _REAL_OPTIONS
-                                                       + _VIDEO_OPTIONS})
+                               **{o: f[o].value for o in ALL_OPTIONS})
         path, built = build(builder)
     except (UserError, fashion_mnist.IdxError) as e:  # the user can fix it: one line
         print(f"error: {e}", file=sys.stderr)
