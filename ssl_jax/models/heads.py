@@ -4,7 +4,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssl_jax.errors import UserError
 from ssl_jax.models.norm import BatchNorm
 
 
@@ -36,13 +35,7 @@ class MLPHead(nn.Module):
             x = nn.relu(x)
         x = nn.Dense(self.out, use_bias=not self.out_bn)(x)
         if self.out_bn:
-            if self.bn_groups != 1:
-                # models.BatchNorm always has a shift; flax's has none to offer but no groups.
-                raise UserError(f"MLPHead(out_bn=True) normalises over the whole batch; "
-                                f"bn_groups={self.bn_groups} is not supported there.")
-            # Same statistics and momentum as models.BatchNorm with groups=1, in float32.
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             use_bias=False, name="out_bn")(x)
+            x = BatchNorm(groups=self.bn_groups, use_bias=False, name="out_bn")(x, train)
         return x
 
 

@@ -21,18 +21,21 @@ from ssl_jax.errors import UserError
 
 
 class BatchNorm(nn.Module):
-    """x: (B, ..., C) -> same shape and x's dtype. Parameters scale/bias (C,), float32."""
+    """x: (B, ..., C) -> same shape and x's dtype. Parameters scale/bias (C,), float32;
+    use_bias=False: no shift (SimCLR's projection output)."""
     momentum: float = 0.9
     epsilon: float = 1e-5
     groups: int = 1
     scale_init: Any = nn.initializers.ones
     dtype: Any = None
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool):
         c = x.shape[-1]
         scale = self.param("scale", self.scale_init, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        bias = (self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+                if self.use_bias else jnp.zeros((c,), jnp.float32))
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         dtype = self.dtype or x.dtype
