@@ -185,7 +185,13 @@ def to_tuples(x):
 
 
 def save(config, workdir: str) -> None:
-    (storage.path(workdir) / "config.json").write_text(config.to_json(indent=2, sort_keys=True))
+    """WORKDIR/config.json, written whole or not at all (a temporary file, then
+    replaced): the other processes of a resumed run read it while process 0 writes
+    it, and a half-written file made one of them fail with a JSON error."""
+    path = storage.path(workdir) / "config.json"
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
+    tmp.write_text(config.to_json(indent=2, sort_keys=True))
+    storage.replace(tmp, path)
 
 
 def load(workdir: str) -> ml_collections.ConfigDict:
