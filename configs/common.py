@@ -21,6 +21,12 @@ DATASETS = {
                           # conv: the matmul weight gradient (models/conv.py), ~2x faster on CPUs.
                           model=dict(name="convnet", widths=(32, 64, 128, 256), dtype="float32",
                                      conv="im2col_wgrad")),
+    # Synthetic videos of Fashion-MNIST garments on a 64x64 canvas (data/videos.py): the
+    # garment spans ~30 px. Views of 48 px: a 64 px view costs 1.8x more on a CPU.
+    "fashion_mnist_videos": dict(crop_size=48, mean=(0.0627,), std=(0.1924,),
+                                 test_split="test", mlp_hidden=200,
+                                 model=dict(name="convnet", widths=(32, 64, 128, 256),
+                                            dtype="float32", conv="im2col_wgrad")),
     "cifar10": dict(crop_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                     test_split="test", mlp_hidden=200,
                     model=dict(name="resnet18", stem="small", width=1.0, dtype="float32")),
@@ -113,6 +119,20 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.eval = eval_defaults(ds["test_split"])
     c.eval.mlp.hidden = ds["mlp_hidden"]
     return c
+
+
+def video_positives(c: ml_collections.ConfigDict, positives: str) -> None:
+    """config.video: where a two-view method's positive pair comes from (data/videos.py).
+
+    positives: "frame" (two crops of one image, the usual), "temporal" (two frames of
+    one video at most max_gap frames apart) or "region" (the object's box cropped in
+    both frames, with a random margin of up to `context` of its size a side, resized to
+    region_size: None = the frames' side). Purushwalkam & Gupta 2020, section 5.
+    max_gap 4 is ours: a third of a 12-frame video, far enough for the viewpoint and
+    light to change, close enough that the occluder of a run of frames often differs.
+    """
+    c.video = dict(positives=positives, max_gap=4, context=0.25,
+                   region_size=config_dict.placeholder(int))
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:

@@ -4,7 +4,9 @@ r"""SimCLR (Chen et al. 2020) — NT-Xent over the global batch.
   python -m ssl_jax.evaluate --workdir runs/simclr --eval linear,knn
 
 Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME
-(overrides the dataset's default encoder), runlocal (a one-minute smoke run).
+(overrides the dataset's default encoder), runlocal (a one-minute smoke run),
+positives=frame|temporal|region (a video dataset's positive pairs, as in
+configs/moco_video.py; e.g. dataset=fashion_mnist_videos,positives=temporal).
 Any field can be overridden: --config.optimizer.lr=1e-3 --config.total_epochs=5.
 
 The cifar10 and imagenet2012 presets are the paper's (google-research/simclr's
@@ -17,8 +19,11 @@ common = sibling(__file__, "common")
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False,
+                         positives="")
     c = common.base("simclr", a.dataset)
+    if a.positives:
+        common.video_positives(c, a.positives)
     if a.model:
         c.model.name = a.model
     c.simclr = dict(temperature=0.2)

@@ -47,11 +47,11 @@ import optax
 
 from ssl_jax import checkpoint, errors, faults, methods, optim, parallel
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import decode, sources
+from ssl_jax.data import decode, sources, videos
 from ssl_jax.dataspec import DataSpec
 from ssl_jax.eval import features, online
 from ssl_jax.methods import network
-from ssl_jax.views import augment, canvas
+from ssl_jax.views import augment, canvas, pair
 
 
 def data_spec(config) -> DataSpec:
@@ -193,6 +193,20 @@ class Experiment:
         if spec.varying_size:
             self.sample = canvas.Canvas(self.sample, jax.ShapeDtypeStruct((b, 2), jnp.int32,
                                                                           sharding=shard))
+        # Video positives (config.video): the data brings each example's two images.
+        self.positives = videos.positives(config)
+        if self.positives != "frame":
+            if not self.method.takes_pairs:
+                raise errors.UserError(
+                    f"config.video.positives={self.positives!r}: {config.method} does not take "
+                    "positive pairs from the data (its views are not two views of one image); "
+                    "the two-view methods simclr and moco do. Use one of them, or positives="
+                    "frame.")
+            if self.positives == "region":  # crops of the object, one size, no canvas
+                r = videos.region_size(config, spec.image_shape)
+                self.sample = jax.ShapeDtypeStruct((b, r, r, spec.image_shape[-1]), jnp.uint8,
+                                                   sharding=shard)
+            self.sample = pair.Pair(self.sample, self.sample)
         # Tracing the initialiser (no compilation) finds the model's and the views'
         # config mistakes (an unknown encoder, tiles too small for it, ...) here too.
         self.shapes = jax.eval_shape(self.init_state, self.sample)
@@ -200,13 +214,13 @@ class Experiment:
     # ------------------------------------------------------------ the state
 
     def init_state(self, images):
-        """images (B, H, W, C) uint8 (a canvas.Canvas for images of varying size) ->
-        the train state at step 0 (see the module docstring)."""
+        """images (B, H, W, C) uint8 (a canvas.Canvas for images of varying size, a
+        pair.Pair for video positives) -> the train state at step 0 (module docstring)."""
         params, method_state = init_model(self.config, self.spec, images)
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "opt_state": self.tx.init(params), "method_state": method_state}
         if self.online is not None and self.online.stateful:
-            state["online"] = self.online.init(encoder_variables(state), images)
+            state["online"] = self.online.init(encoder_variables(state), pair.first(images))
         return state
 
     @functools.cached_property
@@ -221,10 +235,11 @@ class Experiment:
 
     def initial_state(self):
         with jax.set_mesh(self.mesh):
-            images = jnp.zeros(self.sample.shape, jnp.uint8, device=self.batch_sharding)
-            if self.spec.varying_size:  # whole canvases: no empty crops
-                images = canvas.Canvas(images, jnp.full(
-                    (images.shape[0], 2), images.shape[1], jnp.int32, device=self.batch_sharding))
+            # Black images; a canvas's valid size (the int32 leaf) is the whole canvas, so
+            # no crop is empty.
+            images = jax.tree.map(lambda x: jnp.full(
+                x.shape, self.spec.image_shape[0] if x.dtype == jnp.int32 else 0, x.dtype,
+                device=self.batch_sharding), self.sample)
             return jax.jit(self.init_state, out_shardings=self.state_sharding)(images)
 
     def restore(self, ckpt: checkpoint.Checkpointer, data_iter=None):
@@ -282,7 +297,8 @@ class Experiment:
         """-> jitted (state, batch) -> (state, metrics); the state is donated.
 
         batch: {"image": (B, H, W, C) uint8, "index": (B,) int32, "label": (B,) int32,
-        and "image_hw" (B, 2) int32 for canvases} sharded over the mesh's data axis;
+        "image_hw" (B, 2) int32 for canvases, "key_image" (B, H, W, C) for video
+        positives} sharded over the mesh's data axis;
         views are made on device inside the step.
         The method sees batch["label"] only if it declares uses_labels.
         """
@@ -295,7 +311,7 @@ class Experiment:
                            in_shardings=(self.state_sharding, self.batch_sharding))
         def train_step(state, batch):
             r_views, r_loss = jax.random.split(jax.random.fold_in(base_rng, state["step"]))
-            images = canvas.images_of(batch)
+            images = pair.images_of(batch)
             views = method.views(r_views, images, config)
             facts = {"index": batch["index"]}
             if method.uses_labels:
@@ -312,7 +328,7 @@ class Experiment:
             new = {"params": params, "opt_state": opt_state, "method_state": method_state}
             if "online" in state:  # sees the encoder, never trains it
                 new["online"], online_metrics = hook.update(
-                    state["online"], encoder_variables(state), images, batch["label"])
+                    state["online"], encoder_variables(state), pair.first(images), batch["label"])
                 metrics.update(online_metrics)
             old = {k: state[k] for k in new}
             new, flags = faults.guarded_update(loss, grads, new, old)

@@ -22,7 +22,7 @@ from absl import flags, logging
 
 from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import decode, pipeline, sources
+from ssl_jax.data import decode, pipeline, sources, videos
 from ssl_jax.progress import Progress, RunLog
 
 FLAGS = flags.FLAGS
@@ -72,10 +72,14 @@ def run(config, workdir: str, command: str | None = None):
     eval_source = source if not exp.spec.varying_size else sources.open_source(
         config.dataset, config.train_split, config.data_dir, skip_corrupt=skip,
         decode=decode.for_eval(config))
+    # Video positives (config.video): each query frame's key is another frame of its video.
+    pairs = videos.pair_sampler(config, exp.spec.image_shape)
+    if pairs is not None and is_main:
+        log.say(pairs.describe())
     data_iter = pipeline.train_iterator(
         source, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.worker_count)
+        worker_count=config.data.worker_count, pairs=pairs)
 
     # --------------------------------------------------------------- state
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_ckpts)

@@ -64,15 +64,59 @@ class _ShuffledBatches:
     b: int
 
     def __call__(self, step: int, _) -> np.ndarray:
+        return self.global_rows(step)[self.local]
+
+    @property
+    def local(self) -> slice:
+        """This process's rows of a global batch."""
+        return slice(self.process_index * self.b, (self.process_index + 1) * self.b)
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """(B,) the split indices of the whole global batch of `step`."""
         global_b = self.b * self.process_count
         epoch, k = divmod(step, self.n // global_b)
-        first = k * global_b + self.process_index * self.b
-        return _permutation(self.seed, epoch, self.n)[first:first + self.b]
+        return _permutation(self.seed, epoch, self.n)[k * global_b:(k + 1) * global_b]
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairedBatches:
+    """Step -> this process's query records and their keys (video positives).
+
+    The epochs permute the records that can be queries (sampler.queries); each
+    global batch's keys are drawn whole (sampler.draw) and then sliced, so the pairs
+    do not depend on the process count either. A pure function of the step.
+    """
+    batches: _ShuffledBatches
+    sampler: object  # video_pairs.PairSampler
+
+    def __call__(self, step: int, _) -> dict:
+        drawn = self.sampler.draw(self.sampler.queries[self.batches.global_rows(step)], step)
+        return {k: v[self.batches.local] for k, v in drawn.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairReader:
+    """{"query", "key" (, "context")} -> the query records' batch, with "key_image" (and
+    "key_image_hw" for canvases) beside "image"; region positives crop both (sampler.crops)."""
+    src: object
+    sampler: object
+
+    def __call__(self, drawn: dict) -> dict:
+        out = read_batch(self.src, drawn["query"])
+        key = read_batch(self.src, drawn["key"])
+        if "context" in drawn:  # the same object in both: crops of fixed size, no canvas
+            for batch, rows in ((out, drawn["query"]), (key, drawn["key"])):
+                batch["image"] = self.sampler.crops(batch["image"], rows, drawn["context"],
+                                                    batch.pop("image_hw", None))
+        out["key_image"] = key["image"]
+        if "image_hw" in key:
+            out["key_image_hw"] = key["image_hw"]
+        return out
 
 
 def train_iterator(source, *, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   worker_count: int = 0) -> grain.DatasetIterator:
+                   worker_count: int = 0, pairs=None) -> grain.DatasetIterator:
     """An endless, shuffled, checkpointable iterator over this process's batches.
 
     Every epoch is a new permutation of the split, seeded by (seed, epoch) and
@@ -84,7 +128,10 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     Yields {"image": (b, H, W, C) uint8, "label": (b,) int32, "index": (b,)
     int32} (and "image_hw" (b, 2) for canvas images, sources.read_batch) with
     b = global_batch_size // process_count; `index` is the example's index in
-    the split. The iterator has get_state()/set_state()
+    the split. pairs: a video_pairs.PairSampler (video positives): the epochs run
+    over its query frames, and each batch also holds "key_image" (b, H, W, C), each
+    query's key frame (region positives: both cropped to the object, (b, R, R, C)).
+    The iterator has get_state()/set_state()
     and works with grain.checkpoint.CheckpointSave/CheckpointRestore.
     worker_count > 0 reads in that many worker processes (spawned: a script
     needs an `if __name__ == "__main__":` guard).
@@ -92,16 +139,18 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     b = _local_batch(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
-    n = len(source)
+    n = len(source) if pairs is None else len(pairs.queries)
     if n < global_batch_size:
         raise UserError(f"A split of {n} examples cannot fill a batch of {global_batch_size}.")
     # Not grain's shuffle + batch: that computes each index's place in Python
     # (~20 us apiece), 5x the cost of reading an in-memory batch. One numpy
     # permutation per epoch, looked up by step, does the same job.
-    ds = (grain.MapDataset.range(n // global_batch_size)
-          .repeat()
-          .map_with_index(_ShuffledBatches(seed, process_index, process_count, n, b))
-          .map(_Reader(source)))
+    batches = _ShuffledBatches(seed, process_index, process_count, n, b)
+    ds = grain.MapDataset.range(n // global_batch_size).repeat()
+    if pairs is None:
+        ds = ds.map_with_index(batches).map(_Reader(source))
+    else:
+        ds = ds.map_with_index(_PairedBatches(batches, pairs)).map(_PairReader(source, pairs))
     # One reader thread overlaps reading with the training step; more threads
     # fight over the GIL (decoding is mostly Python) and slow reading down.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))

@@ -20,6 +20,7 @@ pixels, bottom/right exclusive.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -140,14 +141,15 @@ def check_boxes(box, hw, name: str = "the dataset", rows=None) -> np.ndarray:
     return box
 
 
-def region_boxes(box, hw, *, context: float = 0.25, min_size: float = 8.0,
+def region_boxes(box, hw, *, context=0.25, min_size: float = 8.0,
                  rng: np.random.Generator | None = None) -> np.ndarray:
     """The crop around each object box: box (B, 4), hw (2,) or (B, 2) -> (B, 4) float32.
 
     Each side is moved out by `context` times the box's size on that axis (with rng: a
     fraction drawn uniformly in [0, context] per side, so the object is not always
-    centred), grown to at least `min_size` pixels about its centre, slid into the frame
-    where it fits, else clipped to it: the crop always contains the box. Crop the query
+    centred; context may also be a (B, 4) array, each side's own fraction), grown to at
+    least `min_size` pixels about its centre, slid into the frame where it fits, else
+    clipped to it: the crop always contains the box. Crop the query
     with its box and the key with its own (pairs()) to get the same object in both frames.
     """
     box = check_boxes(box, hw)
@@ -180,3 +182,71 @@ def crop(image: np.ndarray, box, out_size: int) -> np.ndarray:
     pil = Image.fromarray(part[..., 0] if part.shape[-1] == 1 else part)
     out = np.asarray(pil.resize((out_size, out_size), Image.BILINEAR), np.uint8)
     return out.reshape(out_size, out_size, image.shape[-1])
+
+
+POSITIVES = ("frame", "temporal", "region")  # config.video.positives
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PairSampler:
+    """Each step's positive pairs: which records are queries, and each query's key.
+
+    index: the train split's VideoIndex; max_gap: config.video.max_gap; seed: the run's.
+    boxes: (N, 4) float32 per record, for region positives (None: whole frames);
+    context: region_boxes' margin; region_size: the side the region crops are resized to.
+    Picklable (grain worker processes); every draw is a pure function of (seed, step),
+    so a resumed run draws what an uninterrupted one would.
+    """
+    index: VideoIndex
+    max_gap: int
+    seed: int
+    boxes: np.ndarray | None = None
+    context: float = 0.25
+    region_size: int = 64
+
+    def __post_init__(self):
+        if int(self.max_gap) != self.max_gap or self.max_gap < 1:
+            pairs(self.index, np.zeros(0, np.int64), self.max_gap, None)  # raises, named
+        if not len(self.queries):
+            raise UserError(f"{self.index.name}: every video has one frame, so no frame has a "
+                            "key. Video positives need videos of 2+ frames.")
+
+    @functools.cached_property
+    def queries(self) -> np.ndarray:
+        """(M,) int64: the records that can be queries (videos of 2+ frames)."""
+        return self.index.pairable()
+
+    def draw(self, rows: np.ndarray, step: int) -> dict:
+        """rows: (G,) the query records of a whole global batch -> {"query", "key": (G,)
+        int64, and for region positives "context": (G, 4) float32, each crop side's
+        margin (region_boxes)}. Drawn for the global batch, so a process's slice does not
+        depend on the process count."""
+        rng = np.random.default_rng((self.seed, 1, step))
+        query, key, _, _ = pairs(self.index, rows, self.max_gap, rng)
+        out = {"query": query, "key": key}
+        if self.boxes is not None:
+            out["context"] = (self.context * rng.random((len(rows), 4))).astype(np.float32)
+        return out
+
+    def crops(self, images: np.ndarray, rows: np.ndarray, context: np.ndarray,
+              hw: np.ndarray | None = None) -> np.ndarray:
+        """Region positives: images (b, H, W, C) uint8 of records `rows` -> (b, R, R, C)
+        uint8, the crop around each record's box (region_boxes with margins `context`),
+        resized to R = region_size. hw (b, 2): the valid size of canvas images."""
+        hw = np.asarray(images.shape[1:3] if hw is None else hw)
+        box = check_boxes(self.boxes[rows], hw, self.index.name, rows)
+        windows = region_boxes(box, hw, context=context)
+        return np.stack([crop(im, w, self.region_size) for im, w in zip(images, windows)])
+
+    def describe(self) -> str:
+        """One line for the run's log: the videos, and how many are shorter than the gap."""
+        lengths = self.index.lengths
+        short = (lengths >= 2) & (lengths - 1 < self.max_gap)
+        single = int(np.sum(lengths < 2))
+        what = "region" if self.boxes is not None else "temporal"
+        return (f"{what} positives from {len(lengths)} videos ({len(self.index.order)} frames), "
+                f"key frame at most max_gap={self.max_gap} frames away; {int(short.sum())} "
+                f"videos ({int(lengths[short].sum())} frames) are shorter than "
+                f"{self.max_gap + 1} frames and paired at the gaps they have"
+                + (f"; {single} one-frame videos have no key and are left out" if single
+                   else ""))

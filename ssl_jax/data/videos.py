@@ -228,3 +228,55 @@ def video_index(dataset: str, split: str, data_dir: str | None = None
                             ) from e
     return video_pairs.VideoIndex.from_columns(columns["video_id"], columns["frame_index"],
                                                name=f"{dataset} {split}")
+
+
+def positives(config) -> str:
+    """config.video.positives, checked: "frame" (two crops of one image: every dataset,
+    and runs without a video block), "temporal" or "region" (video_pairs.py)."""
+    video = config.get("video")
+    value = "frame" if video is None else video.get("positives", "frame")
+    if value not in video_pairs.POSITIVES:
+        raise UserError(f"config.video.positives={value!r} unknown; valid: "
+                        f"{', '.join(video_pairs.POSITIVES)} (frame: two crops of one frame; "
+                        "temporal: two frames of one video; region: the object's box in both).")
+    return value
+
+
+def region_size(config, image_shape) -> int:
+    """The side region crops are resized to: config.video.region_size, or the stored
+    frames' side (for images of varying size, the canvas side)."""
+    size = config.video.get("region_size") or image_shape[0]
+    if isinstance(size, bool) or not isinstance(size, int) or size < max(config.aug.crop_size):
+        raise UserError(f"config.video.region_size={size!r} must be an integer >= the crop "
+                        f"{max(config.aug.crop_size)}: the views are cropped from the region.")
+    return size
+
+
+def pair_sampler(config, image_shape) -> video_pairs.PairSampler | None:
+    """The train split's PairSampler for config.video (None for "frame" positives):
+    its VideoIndex, and for "region" its per-record boxes. Raises UserError naming
+    the missing feature (a dataset that is not a video dataset) or the bad value."""
+    kind = positives(config)
+    if kind == "frame":
+        return None
+    if config.data.get("skip_corrupt", False):
+        raise UserError("config.data.skip_corrupt cannot be used with video positives: a "
+                        "skipped frame would leave its video's keys pointing at nothing. "
+                        "Re-prepare the dataset (or drop its bad frames) instead.")
+    index = video_index(config.dataset, config.train_split, config.data_dir)
+    boxes = None
+    if kind == "region":
+        try:
+            boxes = np.stack(sources.column(config.dataset, config.train_split,
+                                            config.data_dir, "box")).astype(np.float32)
+        except UserError as e:
+            raise UserError(f"{e} Region positives crop each frame's object box: use a "
+                            "dataset with a `box` feature, or --config.video.positives="
+                            "temporal.") from e
+        if boxes.shape != (len(index.order), 4):
+            raise UserError(f"{config.dataset} box feature has shape {boxes.shape[1:]} per "
+                            "record; region positives need (top, left, bottom, right).")
+    return video_pairs.PairSampler(
+        index, max_gap=config.video.max_gap, seed=config.seed, boxes=boxes,
+        context=config.video.get("context", 0.25),
+        region_size=region_size(config, image_shape))

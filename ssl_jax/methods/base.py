@@ -28,6 +28,9 @@ Optional hooks, with defaults, declared in the `Method` (never probed with hasat
                                   MoCo's key-encoder momentum update (default: none)
   state_sharding(shapes, mesh)    shardings of the state (default: replicated)
   uses_labels                     the loop hands batch["label"] only to such a method
+  takes_pairs                     its views accept a views.pair.Pair (two images per
+                                  example: video positives, config.video) and make one
+                                  view from each (two-view methods: SimCLR, MoCo)
   warm_start                      a `WarmStart`: fill state from the initial network's
                                   embeddings of the train split before step 1
 
@@ -84,4 +87,5 @@ class Method:
     before_step: Callable = no_state_update
     state_sharding: Callable = replicated
     uses_labels: bool = False
+    takes_pairs: bool = False
     warm_start: WarmStart | None = None

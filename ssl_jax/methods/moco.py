@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ssl_jax import errors, losses, parallel
 from ssl_jax.methods import base, network
-from ssl_jax.views import augment
+from ssl_jax.views import augment, pair
 
 
 def check(config, spec, mesh) -> None:
@@ -45,11 +45,14 @@ def check(config, spec, mesh) -> None:
 
 
 def views(rng, images, config) -> dict:
-    """images: (B, H, W, C) uint8 -> {"query", "key"}: (B, h, w, C) float32."""
+    """images: (B, H, W, C) uint8 -> {"query", "key"}: (B, h, w, C) float32; a
+    pair.Pair (video positives): the query view from its query frames, the key view
+    from its key frames (Purushwalkam & Gupta 2020: only the positive pair changes)."""
     r1, r2 = jax.random.split(rng)
     cfg = augment.moco_v2_view_config(**config.aug.to_dict())
-    return {"query": augment.batch_views(r1, images, cfg),
-            "key": augment.batch_views(r2, images, cfg)}
+    first, second = pair.sources(images)
+    return {"query": augment.batch_views(r1, first, cfg),
+            "key": augment.batch_views(r2, second, cfg)}
 
 
 def _net(config):
@@ -109,4 +112,4 @@ def loss(params, state, views, batch, rng, config, spec):
 
 
 METHOD = base.Method(views=views, init=init, loss=loss, check=check,
-                     before_step=before_step)
+                     before_step=before_step, takes_pairs=True)

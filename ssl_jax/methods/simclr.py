@@ -14,15 +14,17 @@ import jax.numpy as jnp
 
 from ssl_jax import losses, parallel
 from ssl_jax.methods import base, network
-from ssl_jax.views import augment
+from ssl_jax.views import augment, pair
 
 
 def views(rng, images, config) -> dict:
-    """images: (B, H, W, C) uint8 -> {"view1", "view2"}: (B, h, w, C) float32."""
+    """images: (B, H, W, C) uint8 -> {"view1", "view2"}: (B, h, w, C) float32; a
+    pair.Pair (video positives): view1 from its query frames, view2 from its keys."""
     r1, r2 = jax.random.split(rng)
     cfg = augment_config(config)
-    return {"view1": augment.batch_views(r1, images, cfg),
-            "view2": augment.batch_views(r2, images, cfg)}
+    first, second = pair.sources(images)
+    return {"view1": augment.batch_views(r1, first, cfg),
+            "view2": augment.batch_views(r2, second, cfg)}
 
 
 def augment_config(config):
@@ -57,4 +59,4 @@ def loss(params, state, views, batch, rng, config, spec):
     return value, (metrics, {"batch_stats": batch_stats})
 
 
-METHOD = base.Method(views=views, init=init, loss=loss)
+METHOD = base.Method(views=views, init=init, loss=loss, takes_pairs=True)
