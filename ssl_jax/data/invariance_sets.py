@@ -103,9 +103,10 @@ def default_split(splits: list[str]) -> str:
 
 
 def choose_images(labels: np.ndarray, class_names: list[str], sets_per_class: int,
-                  set_size: int, seed: int, what: str) -> np.ndarray:
+                  set_size: int, seed: int, what: str, candidates=None) -> np.ndarray:
     """labels (N,) of a split -> (classes, sets_per_class, set_size) int64 record indices:
-    for each class, different images drawn with a Generator seeded by `seed`."""
+    for each class, different images drawn with a Generator seeded by `seed`.
+    candidates: (N,) bool, the records that may be drawn (None: all)."""
     if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
         raise UserError(f"{what} has records without a label ({labels.min()}) or beyond "
                         f"its {len(class_names)} classes: choose a labelled split with "
@@ -114,7 +115,7 @@ def choose_images(labels: np.ndarray, class_names: list[str], sets_per_class: in
     rng = np.random.default_rng([seed, 0])
     out = np.empty((len(class_names), sets_per_class, set_size), np.int64)
     for c, name in enumerate(class_names):
-        ix = np.flatnonzero(labels == c)
+        ix = np.flatnonzero((labels == c) & (True if candidates is None else candidates))
         if len(ix) < need:
             raise UserError(
                 f"Class {name!r} has {len(ix)} images in {what}; the instance sets need "
@@ -200,9 +201,18 @@ class _InvarianceSets(imagenet.StreamingBuilder, skip_registration=True):
         del dl_manager  # nothing to download
         what = f"{self.source} {self.source_split}"
         labels = sources.column(self.source, self.source_split, self.source_dir, "label")
+        # A video dataset's frames of one video are one instance, seen again: one frame a
+        # video (its first) may be drawn, so instance sets hold different garments and
+        # the other sets' transformations act on different objects.
+        candidates = None
+        if "frame_index" in sources.dataset_info(self.source, self.source_dir)["features"]:
+            candidates = sources.column(self.source, self.source_split, self.source_dir,
+                                        "frame_index") == 0
+            what += " (first frames of its videos)"
         # Every check before anything is written.
         chosen = choose_images(np.asarray(labels, np.int64), self.class_names,
-                               self.sets_per_class, self.set_size, self.seed, what)
+                               self.sets_per_class, self.set_size, self.seed, what,
+                               candidates)
         # Read lazily: only the chosen records, a set at a time (ImageNet's do not fit).
         src = sources.open_source(self.source, self.source_split, self.source_dir,
                                   memory_limit=0, decode=ShorterSide())

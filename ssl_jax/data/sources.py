@@ -72,7 +72,8 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> dict:
     """What the prepared dataset's dataset_info.json says.
 
     Returns {"num_examples": {split: int}, "image_shape": (H, W, C), None
-    where sizes vary, "num_classes": int, "class_names": [str]}; num_classes is
+    where sizes vary, "num_classes": int, "class_names": [str], "features": [the
+    feature names]}; num_classes is
     None (and class_names empty) for a dataset without labels or a label
     feature without a class count: pretraining needs none, evaluators refuse.
     """
@@ -84,6 +85,7 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> dict:
         "image_shape": tuple(info.features["image"].shape),
         "num_classes": num_classes,
         "class_names": list(label.names) if num_classes else [],
+        "features": list(info.features),
     }
 
 
