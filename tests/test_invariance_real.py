@@ -254,7 +254,7 @@ def _twice_aloi(folder) -> None:
                                              "invariance metric needs at least 3 images a set"),
     (ALOI, _few_aloi, {"aloi_objects": 0}, "--aloi_objects 0 must be at least 1"),
     (GOT, "empty", {"max_tracks": 0}, "--max_tracks 0 must be at least 1"),
-    (ALOI, "empty", {"max_tracks": 3}, "--max_tracks is for got10k_occlusion, not aloi"),
+    (ALOI, "empty", {"max_tracks": 3}, "--max_tracks is for got10k_occlusion and got10k_videos, not aloi"),
     (PASCAL, "empty", {"aloi_objects": 3}, "--aloi_objects is for aloi_invariance, not pascal"),
     ("fashion_mnist", None, {"frames_per_set": 3, "manual_dir": None},
      "--frames_per_set is for aloi_invariance and got10k_occlusion and pascal3d_instance"),

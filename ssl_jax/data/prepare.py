@@ -6,6 +6,7 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
     python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist
     python -m ssl_jax.data.prepare --dataset aloi_invariance --manual_dir DIR [--aloi_objects N]
     python -m ssl_jax.data.prepare --dataset fashion_mnist_videos [--videos_per_class 100]
+    python -m ssl_jax.data.prepare --dataset got10k_videos --manual_dir DIR [--frame_size 256]
 
 - fashion_mnist: from Debian's IDX files (`apt-get install dataset-fashion-mnist`),
   or --manual_dir (alias --source_dir) holding them (fashion_mnist.py).
@@ -24,6 +25,9 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
 - fashion_mnist_videos: short synthetic videos of the prepared fashion_mnist's
   garments (one record a frame, with video_id, frame_index and box), for
   positive pairs from video (--videos_per_class, --seed) (videos.py).
+- got10k_videos: real videos of a tracking dataset downloaded in GOT-10k's
+  layout into --manual_dir, stored as fashion_mnist_videos stores its own
+  (--frame_size, --max_tracks) (video_folders.py).
 
 Every image is decoded once; a bad one stops preparation with its name, or is
 left out with --skip_bad_images (counted at the end). A failed preparation
@@ -40,7 +44,7 @@ import time
 from absl import app, flags, logging
 
 from ssl_jax.data import (fashion_mnist, image_folder, imagenet, invariance_real,
-                          invariance_sets, sources, videos)
+                          invariance_sets, sources, video_folders, videos)
 from ssl_jax.errors import UserError
 
 # dataset -> builder class (or factory) taking data_dir= and the options of OPTIONS.
@@ -53,6 +57,7 @@ BUILDERS = {
     "got10k_occlusion": invariance_real.Got10kOcclusion,
     "pascal3d_instance": invariance_real.Pascal3dInstance,
     "fashion_mnist_videos": videos.FashionMnistVideos,
+    "got10k_videos": video_folders.Got10kVideos,
 }
 # The options each builder takes, beyond data_dir.
 OPTIONS = {
@@ -64,6 +69,7 @@ OPTIONS = {
     "got10k_occlusion": ("manual_dir", "skip_bad_images", "frames_per_set", "max_tracks"),
     "pascal3d_instance": ("manual_dir", "skip_bad_images", "frames_per_set"),
     "fashion_mnist_videos": ("videos_per_class", "seed"),
+    "got10k_videos": ("manual_dir", "skip_bad_images", "frame_size", "max_tracks"),
 }
 _FOLDERS = ("source_dir", "manual_dir")  # one option, two names
 # Every option some builder takes but the folder: the flags main passes on.
@@ -122,8 +128,8 @@ def prepare(dataset: str, data_dir: str | None = None, source_dir: str | None = 
     """Builds `dataset` under data_dir unless it is there already.
 
     options: manual_dir, name, skip_bad_images, source, source_split, sets_per_class,
-    set_size, seed, aloi_objects, frames_per_set, max_tracks, videos_per_class
-    (see make_builder).
+    set_size, seed, aloi_objects, frames_per_set, max_tracks, videos_per_class,
+    frame_size (see make_builder).
     Returns (the dataset's directory, whether it was built now).
     """
     return build(make_builder(dataset, data_dir, source_dir, **options))
@@ -165,7 +171,8 @@ if __name__ == "__main__":
                         "Folder of the files downloaded by hand (imagenet2012: the ILSVRC2012 "
                         "tars; image_folder: the images; fashion_mnist: the IDX files; "
                         "aloi_invariance, got10k_occlusion, pascal3d_instance: the "
-                        "benchmark's unpacked download). "
+                        "benchmark's unpacked download; got10k_videos: the tracking "
+                        "dataset, in GOT-10k's layout). "
                         "Default: the builder's.")
     flags.DEFINE_string("source_dir", None, "Alias of --manual_dir (fashion_mnist's name).")
     flags.DEFINE_string("name", None, "image_folder: the dataset's name (e.g. my_images).")
@@ -193,6 +200,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("aloi_objects", None, "aloi_invariance: the first N objects "
                          "(default all 1000).")
     flags.DEFINE_integer("max_tracks", None, "got10k_occlusion: at most N tracks, evenly "
-                         "spaced among the usable ones (default all).")
+                         "spaced among the usable ones; got10k_videos: the first N tracks "
+                         "of each split (default all).")
+    flags.DEFINE_integer("frame_size", None, "got10k_videos: the frames' shorter side once "
+                         "stored, never enlarged "
+                         f"(default {video_folders.DEFAULTS['frame_size']}).")
     flags.mark_flag_as_required("dataset")
     app.run(main)
