@@ -27,6 +27,12 @@ DATASETS = {
                                  test_split="test", mlp_hidden=200,
                                  model=dict(name="convnet", widths=(32, 64, 128, 256),
                                             dtype="float32", conv="im2col_wgrad")),
+    # Real video frames (data/video_folders.py: GOT-10k's layout, shorter side 256, sizes
+    # vary: decoded onto config.data.canvas); ImageNet's statistics and encoder.
+    "got10k_videos": dict(crop_size=224, mean=(0.485, 0.456, 0.406),
+                          std=(0.229, 0.224, 0.225), test_split="test", mlp_hidden=2048,
+                          model=dict(name="resnet50", stem="imagenet", width=1.0,
+                                     dtype="bfloat16")),
     "cifar10": dict(crop_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                     test_split="test", mlp_hidden=200,
                     model=dict(name="resnet18", stem="small", width=1.0, dtype="float32")),

@@ -96,8 +96,9 @@ class _PairedBatches:
 
 @dataclasses.dataclass(frozen=True)
 class _PairReader:
-    """{"query", "key" (, "context")} -> the query records' batch, with "key_image" (and
-    "key_image_hw" for canvases) beside "image"; region positives crop both (sampler.crops)."""
+    """{"query", "key" (, "context")} -> the query records' batch, with "key_image",
+    "key_index" (and "key_image_hw" for canvases) beside "image" and "index"; region
+    positives crop both (sampler.crops)."""
     src: object
     sampler: object
 
@@ -108,7 +109,7 @@ class _PairReader:
             for batch, rows in ((out, drawn["query"]), (key, drawn["key"])):
                 batch["image"] = self.sampler.crops(batch["image"], rows, drawn["context"],
                                                     batch.pop("image_hw", None))
-        out["key_image"] = key["image"]
+        out["key_image"], out["key_index"] = key["image"], key["index"]
         if "image_hw" in key:
             out["key_image_hw"] = key["image_hw"]
         return out
@@ -130,7 +131,8 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     b = global_batch_size // process_count; `index` is the example's index in
     the split. pairs: a video_pairs.PairSampler (video positives): the epochs run
     over its query frames, and each batch also holds "key_image" (b, H, W, C), each
-    query's key frame (region positives: both cropped to the object, (b, R, R, C)).
+    query's key frame, and "key_index" (b,) its record (region positives: both
+    images cropped to the object, (b, R, R, C)).
     The iterator has get_state()/set_state()
     and works with grain.checkpoint.CheckpointSave/CheckpointRestore.
     worker_count > 0 reads in that many worker processes (spawned: a script
