@@ -226,3 +226,26 @@ def test_bad_video_settings_are_named(data_dir, tiny_data, tmp_path):
     with pytest.raises(UserError, match=r"no 'video_id' feature.*prepare --dataset "
                        "fashion_mnist_videos"):
         train.train(config, str(tmp_path / "w"))
+
+
+def test_invariance_sets_of_videos_take_one_frame_a_video(data_dir, tmp_path):
+    """Frames of one video are one garment: instance sets made from a video dataset must
+    hold different videos' garments, so only each video's first frame is drawn."""
+    import shutil
+
+    from ssl_jax.data import prepare
+
+    own = str(tmp_path / "data")
+    shutil.copytree(data_dir, own)
+    prepare.prepare("invariance_sets", own, source=videos.DATASET, source_split="train",
+                    sets_per_class=1, set_size=3)  # 3 videos a class: every first frame
+    src = sources.open_source(videos.DATASET, "train", own)
+    frame = sources.column(videos.DATASET, "train", own, "frame_index")
+    first = {src.image[i].tobytes(): i for i in np.flatnonzero(frame == 0)}
+    sets = sources.open_source(f"{videos.DATASET}_invariance", "instance", own)
+    set_id = sources.column(f"{videos.DATASET}_invariance", "instance", own, "set_id")
+    for s in np.unique(set_id):
+        rows = [first.get(im.tobytes()) for im in sets.image[set_id == s]]
+        assert None not in rows  # every image is a video's first frame ...
+        assert len(set(rows)) == 3  # ... of three videos
+        assert len(set(src.label[rows])) == 1
