@@ -104,10 +104,9 @@ GOT_FRAMES = 8  # got10k_occlusion's default --frames_per_set
 _SHOWN = 5  # skipped sets named in the report (all are logged)
 
 
-def load_image(path: str, box: tuple[float, ...] | None = None) -> bytes:
-    """An image file -> JPEG bytes of it, or of the box (left, top, right, bottom, clipped
-    to the image), resized as invariance_sets.ShorterSide resizes varying-size sources.
-    Raises BadImageError for a missing, empty or undecodable file or an empty box."""
+def open_image(path: str) -> Image.Image:
+    """An image file, opened (decoded when its pixels are first used). Raises
+    BadImageError for a missing, empty or unrecognisable file."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -116,10 +115,23 @@ def load_image(path: str, box: tuple[float, ...] | None = None) -> bytes:
     if not data:
         raise BadImageError("is empty (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
+        return Image.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for corrupt data
         raise BadImageError(f"cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def encode_jpeg(im: Image.Image) -> bytes:
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+def load_image(path: str, box: tuple[float, ...] | None = None) -> bytes:
+    """An image file -> JPEG bytes of it, or of the box (left, top, right, bottom, clipped
+    to the image), resized as invariance_sets.ShorterSide resizes varying-size sources.
+    Raises BadImageError for a missing, empty or undecodable file or an empty box."""
+    im = open_image(path)
+    w, h = im.size
     left, top, right, bottom = (0, 0, w, h) if box is None else (
         max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
     if right - left < 1 or bottom - top < 1:
@@ -136,9 +148,7 @@ def load_image(path: str, box: tuple[float, ...] | None = None) -> bytes:
         im = im.resize(size, Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
     except Exception as e:  # noqa: BLE001
         raise BadImageError(f"cannot be decoded ({type(e).__name__}: {e})") from e
-    out = io.BytesIO()
-    im.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return out.getvalue()
+    return encode_jpeg(im)
 
 
 def check_count(option: str, value: int | None, least: int) -> None:

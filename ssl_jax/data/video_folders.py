@@ -20,7 +20,7 @@ meta_info.ini the label is "unknown".
 Dataset `got10k_videos`, version 1.0.0; splits `train` (DIR/train) and `test`
 (DIR/val), each where its folder is there. One record a frame, records grouped by
 video and in frame order:
-- image: (h, w, 3) uint8, JPEG quality 90: the frame resized (PIL, aspect kept) so
+- image: (h, w, 3) uint8, JPEG quality 95 (as the invariance readers store theirs): the frame resized (PIL, aspect kept) so
   that its shorter side is frame_size (default 256), never enlarged;
 - label: ClassLabel, the track's major_class; names: the sorted major classes of
   every track listed in both splits (--max_tracks or not, so ids stay the same),
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import os
 import re
 from collections.abc import Iterator
@@ -63,7 +62,6 @@ from ssl_jax.errors import UserError
 DATASET, DATASET_VERSION = "got10k_videos", "1.0.0"
 DEFAULTS = {"frame_size": 256}
 SPLITS = {"train": "train", "test": "val"}  # split -> its folder in DIR
-JPEG_QUALITY = 90
 MIN_FRAMES = 2  # a positive pair needs two frames of a video
 UNKNOWN = "unknown"  # the label of a track without a major_class
 HOMEPAGE = "http://got-10k.aitestbed.com/"
@@ -162,18 +160,11 @@ def load_frame(path: str, frame_size: int) -> tuple[bytes, tuple[int, int], tupl
     """A frame file -> (JPEG bytes of it, its shorter side resized to frame_size unless
     already shorter; its (w, h) in the file; its stored (w, h)). Raises BadImageError
     for a missing, empty or undecodable file."""
+    im = invariance_real.open_image(path)
+    w, h = im.size
+    k = min(1.0, frame_size / min(w, h))
+    size = (max(1, round(w * k)), max(1, round(h * k)))
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise BadImageError(f"cannot be read ({type(e).__name__}: {e.strerror or e})") from e
-    if not data:
-        raise BadImageError("is empty (0 bytes)")
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        k = min(1.0, frame_size / min(w, h))
-        size = (max(1, round(w * k)), max(1, round(h * k)))
         if im.format == "JPEG" and k < 0.5:  # DCT scaling: decodes less of a large frame
             im.draft("RGB", size)
         im = im.convert("RGB")  # decodes; ImageFile.LOAD_TRUNCATED_IMAGES is False
@@ -181,9 +172,7 @@ def load_frame(path: str, frame_size: int) -> tuple[bytes, tuple[int, int], tupl
             im = im.resize(size, Image.BILINEAR)  # as invariance_real resizes its crops
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for corrupt data
         raise BadImageError(f"cannot be decoded ({type(e).__name__}: {e})") from e
-    out = io.BytesIO()
-    im.save(out, format="JPEG", quality=JPEG_QUALITY)
-    return out.getvalue(), (w, h), size
+    return invariance_real.encode_jpeg(im), (w, h), size
 
 
 def stored_box(xywh: np.ndarray, size: tuple[int, int], stored: tuple[int, int]
