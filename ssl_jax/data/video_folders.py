@@ -20,8 +20,9 @@ meta_info.ini the label is "unknown".
 Dataset `got10k_videos`, version 1.0.0; splits `train` (DIR/train) and `test`
 (DIR/val), each where its folder is there. One record a frame, records grouped by
 video and in frame order:
-- image: (h, w, 3) uint8, JPEG quality 95 (as the invariance readers store theirs): the frame resized (PIL, aspect kept) so
-  that its shorter side is frame_size (default 256), never enlarged;
+- image: (h, w, 3) uint8, JPEG quality 95 (as the invariance readers store theirs):
+  the frame resized (PIL, aspect kept) so that its shorter side is frame_size
+  (default 256), never enlarged;
 - label: ClassLabel, the track's major_class; names: the sorted major classes of
   every track listed in both splits (--max_tracks or not, so ids stay the same),
   "unknown" for a track without meta_info.ini or without that line;
