@@ -1,6 +1,7 @@
 """NPID and PIRL through the network: the same loss, gradients and new state
 (memory bank included) on 1 and on 8 devices for the same global batch and key;
-Z fixed after the first step; one tiny train -> resume -> evaluate run."""
+the loss of two steps and the moved bank against NumPy (Z fixed after the first
+step); one tiny train -> resume -> evaluate run."""
 import functools
 import pickle
 
@@ -16,8 +17,10 @@ from ssl_jax.dataspec import DataSpec
 from ssl_jax.methods import pirl
 from ssl_jax.views import augment
 from tests import multidevice, test_train
+from tests.test_memory import _nce_reference, _normalize
 
 B, N = 16, 100
+A, LAM = 0.8, 0.25  # bank momentum, jigsaw weight: a != 1 - a, lam != 1 - lam (0.5 hides swaps)
 SPEC = DataSpec(num_examples=N, image_shape=(28, 28, 1))  # the bank's rows come from here
 # A global batch of dataset indices, with one duplicate (the bank's policy applies).
 INDICES = np.array([3, 97, 50, 12, 64, 3, 28, 71, 5, 99, 40, 86, 17, 33, 58, 0], np.int32)
@@ -30,7 +33,9 @@ def small_config(name):
     c = load_file(f"configs/{name}.py:runlocal")
     c.model.widths, c.model.conv = (4, 8), "xla"  # compiles in half the time
     c.head.dim = 8
-    c.memory.update(pad_to=8, negatives=64)
+    c.memory.update(pad_to=8, negatives=64, momentum=A)
+    if "pirl" in c:
+        c.pirl.jigsaw_weight = LAM
     return c
 
 
@@ -68,8 +73,12 @@ def one_device(tmp_path_factory):
     for name, (p, s, v) in inputs.items():
         (loss, (metrics, new_state)), grads = _loss_fn(name)(p, s, v, INDICES)
         # A second step from the new state: Z must not be re-estimated.
-        (_, (metrics2, _)), _ = _loss_fn(name)(p, new_state, v, INDICES[::-1].copy())
-        out[name] = dict(loss=loss, metrics=metrics, metrics2=metrics2,
+        (loss2, (metrics2, _)), _ = _loss_fn(name)(p, new_state, v, INDICES[::-1].copy())
+        # f and g of a plain forward pass (train-mode BN), for the NumPy references.
+        (_, f, g), _ = jax.jit(lambda p, s, v: pirl._net(small_config(name)).apply(
+            {"params": p, "batch_stats": s["batch_stats"]}, v["image"], v.get("tiles"),
+            train=True, mutable=["batch_stats"]))(p, s, v)
+        out[name] = dict(loss=loss, metrics=metrics, loss2=loss2, metrics2=metrics2, f=f, g=g,
                          **_flat("grad", grads), **_flat("state", new_state))
     path = str(tmp_path_factory.mktemp("inputs") / "inputs.pkl")
     with open(path, "wb") as f:
@@ -161,7 +170,7 @@ def test_loss_gradients_and_state_equal_on_one_and_eight_devices(name, one_devic
         np.testing.assert_allclose(eight[name + k], one[k], rtol=2e-4, atol=2e-5, err_msg=k)
     assert "data" in str(eight[name + "bank_spec"])  # the bank came back sharded
     assert eight["whole_bank_collectives"].size == 0, eight["whole_bank_collectives"]
-    assert np.isfinite(one["loss"]) and one["loss"] > 0
+    # The loss's value: test_two_steps_loss_and_bank_against_numpy.
     assert max(np.abs(v).max() for k, v in one.items() if k.startswith("grad")) > 0
 
 
@@ -180,6 +189,44 @@ def test_bank_rows_of_the_batch_move_and_z_stays_fixed(name, one_device):
         first = float(one["metrics"][f"log_z_{b}"])
         assert np.isfinite(first) and one[f"state['log_z']['{b}']"] == first
         assert float(one["metrics2"][f"log_z_{b}"]) == first  # estimated once, then fixed
+
+
+@pytest.mark.parametrize("name", ["npid", "pirl"])
+def test_two_steps_loss_and_bank_against_numpy(name, one_device):
+    """loss = (1 - lam) NCE(f, bank) + lam NCE(g, bank) (NPID: lam = 0), NCE as
+    NPID's (test_memory._nce_reference), the K negatives drawn uniformly from the
+    N images by the step's key; step 1 estimates each branch's Z, step 2 (the
+    batch's indices reversed) reads the bank step 1 moved and keeps those Z.
+    test_meaning_memory.py pins the same with distinct indices and one step."""
+    out, inputs, _ = one_device
+    one, c = out[name], small_config(name)
+    t, lam = c.memory.temperature, (LAM if name == "pirl" else 0.0)  # the config's, not the code's
+    branches = {"image": (1.0 - lam, one["f"])}
+    if name == "pirl":
+        branches["jigsaw"] = (lam, one["g"])
+    old = np.asarray(inputs[name][1]["bank"], np.float64)
+    neg = np.asarray(jax.random.randint(jax.random.key(3), (c.memory.negatives,), 0, N))
+    want, terms, log_z = 0.0, {}, {}
+    for b, (w, z) in branches.items():
+        terms[b], log_z[b] = _nce_reference(z, old[INDICES], old[neg], t, N)
+        want += w * terms[b]
+        np.testing.assert_allclose(float(one["metrics"][f"loss_{b}"]), terms[b], rtol=1e-4,
+                                   err_msg=b)
+        np.testing.assert_allclose(float(one["metrics"][f"log_z_{b}"]), log_z[b], rtol=1e-5)
+    np.testing.assert_allclose(float(one["loss"]), want, rtol=1e-4)
+    if name == "pirl":  # the terms differ enough that swapped weights show
+        assert abs(terms["image"] - terms["jigsaw"]) * abs(1 - 2 * lam) > 1e-3 * want
+
+    # The bank after step 1: each distinct row once, towards the mean of its duplicates' f.
+    new, f = old.copy(), _normalize(np.asarray(one["f"], np.float64))
+    for i in np.unique(INDICES):
+        new[i] = _normalize(A * old[i] + (1 - A) * f[INDICES == i].mean(0))
+    np.testing.assert_allclose(one["state['bank']"], new, atol=2e-6)
+
+    idx = INDICES[::-1]
+    want2 = sum(w * _nce_reference(z, new[idx], new[neg], t, N, log_z[b])[0]
+                for b, (w, z) in branches.items())
+    np.testing.assert_allclose(float(one["loss2"]), want2, rtol=1e-4)
 
 
 def test_checkpointed_sharded_bank_restores_sharded(one_device, eight_devices):
