@@ -171,7 +171,7 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
         train=ftr, train_y=ytr, test=fte,
         test_y=yte, num_classes=num_classes, seed=config.seed,
         train_views=functools.partial(_augmented_views, config, fn, extraction_variables,
-                                      data[config.train_split], key, split_kw),
+                                      data[config.train_split], centre.size, key, split_kw),
         sets=functools.partial(set_features, fn, extraction_variables, centre, key, split_kw,
                                config.dataset, config.data_dir),
         set_splits=lambda dataset, data_dir: list(sets_dataset(
@@ -267,15 +267,24 @@ def _calibrated(encoder, view_cfg, variables, source, batch_size: int, mesh):
                                      batch_size=batch_size, mesh=mesh)
 
 
-def _augmented_views(config, fn, variables, source, key, split_kw, augment) -> list[dict]:
+def _augmented_views(config, fn, variables, source, crop, key, split_kw, augment
+                     ) -> list[dict]:
     """The linear evaluator's Inputs.train_views: augment (config.eval.linear.augment)
     views > 0: that many light_augment views of the train split ({stage: (N, D)}
-    each, cached like the centre view). Else []. variables: a zero-argument function."""
+    each, cached like the centre view). Else []. variables: a zero-argument function;
+    source: the train split as the centre view reads it; crop: the eval view's side."""
     aug = dict(augment)
     n_views = int(aug.pop("views", 0))
     if n_views < 1:
         return []
     transform = functools.partial(features.light_augment, **aug)
+    if None in sources.dataset_info(config.dataset, config.data_dir)["image_shape"][:2]:
+        # Images of varying size: the probe's crops are drawn from each whole decoded
+        # image (a canvas), as the papers' RandomResizedCrop does, not from centre crops.
+        source = sources.open_source(config.dataset, config.train_split, config.data_dir,
+                                     decode=decode.for_training(config))
+        transform = functools.partial(transform, size=(crop, crop))
+        key = key and dict(key, augment_from="canvas")
     t0 = time.time()
     views = [features.split_features(
         fn, variables, source, config.train_split, config.eval.train_examples,

@@ -3,6 +3,7 @@ view cropped on device from the valid region (views/canvas.py) -- the same crops
 from the image alone, with the papers' crop distribution."""
 import io
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -273,6 +274,13 @@ def test_train_resume_evaluate_on_images_of_varying_size(photos, tmp_path):
         assert results[name]["step"] == 6 and 0.0 <= results[name]["top1"] <= 100.0
     # 4 classes told apart by colour: far above chance (25%) even for this encoder.
     assert results["linear"]["top1"] >= 75.0, results["linear"]
+    # The probe's light augmentation crops each whole decoded image (a canvas), at the
+    # eval view's size: its features are cached under their own key, then used.
+    augmented = evaluation.evaluate(workdir, ("linear",), overrides={
+        "eval.linear.augment.views": "1"})["linear"]
+    assert augmented["top1"] >= 75.0, augmented
+    cached = os.listdir(os.path.join(workdir, "features"))
+    assert sum("train" in f for f in cached) == 2, cached  # centre view, augmented view
     # A canvas smaller than the crop is refused before anything is written.
     from ssl_jax import errors, experiment
     with pytest.raises(errors.UserError, match="config.data.canvas=16"):

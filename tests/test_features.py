@@ -153,6 +153,29 @@ def test_light_augment_crops_and_flips_per_image_key():
                                   a[2:])
 
 
+def test_light_augment_of_canvases_crops_inside_each_whole_image():
+    """Images of varying size: the probe's crops come from each image's valid region of
+    its canvas (the whole decoded image), at the size asked for; never from the padding."""
+    from ssl_jax.views.canvas import Canvas
+
+    pixels = np.zeros((6, 40, 40, 1), np.uint8)
+    hw = np.array([[40, 40], [10, 30], [30, 10], [7, 7], [40, 12], [25, 40]], np.int32)
+    for p, (h, w) in zip(pixels, hw):
+        p[:h, :w] = 200
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(np.arange(6))
+    for scale in ((0.08, 1.0), (1.0, 1.0)):
+        out = np.asarray(features.light_augment(keys, Canvas(pixels, hw), scale, size=(16, 16)))
+        assert out.shape == (6, 16, 16, 1)
+        np.testing.assert_array_equal(out, 200)  # nothing of the black padding
+    # The whole image (scale 1, aspect of the image allowed): a left-right gradient of the
+    # valid region comes out as the same gradient, not squeezed into part of the output.
+    ramp = np.zeros((1, 40, 40, 1), np.uint8)
+    ramp[0, :20, :10, 0] = np.arange(10)[None, :] * 25
+    whole = np.asarray(features.light_augment(keys[:1], Canvas(ramp, np.array([[20, 10]])),
+                                              (1.0, 1.0), (0.5, 0.5), 0.0, size=(20, 10)))
+    np.testing.assert_allclose(whole[0, :, :, 0], ramp[0, :20, :10, 0], atol=1)
+
+
 def test_extract_views_depend_on_the_image_not_the_batching():
     enc, variables = tiny_encoder()
     rng = np.random.default_rng(1)

@@ -26,7 +26,7 @@ from absl import logging
 from ssl_jax import parallel, storage
 from ssl_jax.data import decode, pipeline
 from ssl_jax.errors import UserError
-from ssl_jax.views import augment, ops
+from ssl_jax.views import augment, canvas, ops
 
 POOLS = ("global", "avg2x2", "avg3x3")  # the usual ones; any avg{s}x{s} works
 
@@ -100,25 +100,33 @@ def make_features_fn(encoder, view_cfg, pool: str = "global", stages=None):
 
 
 def light_augment(keys, images, crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3),
-                  flip_p: float = 0.5):
+                  flip_p: float = 0.5, size=None):
     """The linear probe's optional train-time augmentation (VISSL's and MoCo's
     linear evaluation: random resized crop + horizontal flip), on raw images so
     that any features_fn -- an export's too -- can take the result.
 
-    keys: (B,) one key per image; images: (B, H, W, C) or (B, H, W) uint8 ->
-    the same shape, uint8: each image cropped (area fraction in crop_scale,
-    aspect ratio in crop_ratio), resized back to (H, W) and rounded, then
-    flipped with probability flip_p.
+    keys: (B,) one key per image; images: (B, H, W, C) or (B, H, W) uint8, or a
+    canvas.Canvas of images of varying size -> uint8 of the same shape, or (B,
+    *size, C) when `size` (h, w) is given (a canvas needs it): each image cropped
+    (area fraction in crop_scale, aspect ratio in crop_ratio, of the whole image:
+    a canvas's valid region), resized and rounded, then flipped with
+    probability flip_p.
     """
-    def one(key, image):
+    pixels, hw = canvas.split(images)
+    out = tuple(size) if size is not None else pixels.shape[1:3]
+
+    def one(key, image, valid):
         k_crop, k_flip = jax.random.split(key)
         x = image.astype(jnp.float32) / 255.0
         x = x[..., None] if x.ndim == 2 else x
-        x = ops.random_resized_crop(k_crop, x, x.shape[:2], tuple(crop_scale),
-                                        tuple(crop_ratio))
+        x = ops.random_resized_crop(k_crop, x, out, tuple(crop_scale), tuple(crop_ratio),
+                                    hw=valid)
         x = ops.random_flip(k_flip, x, flip_p)
-        return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8).reshape(image.shape)
-    return jax.vmap(one)(keys, images)
+        return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8).reshape(
+            out + image.shape[2:])
+    if hw is None:
+        return jax.vmap(lambda k, x: one(k, x, None))(keys, pixels)
+    return jax.vmap(one)(keys, pixels, hw)
 
 
 @functools.lru_cache(maxsize=16)
@@ -129,7 +137,7 @@ def _jitted_step(features_fn, mesh, transform=None):
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
     def step(variables, batch):
-        images = batch["image"]
+        images = canvas.images_of(batch)  # a canvas only ever goes to a transform
         if transform is not None:  # image i of the split gets fold_in(key(seed), i)
             keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
                 batch["seed"], batch["index"])
@@ -147,7 +155,8 @@ def extract(features_fn, variables, source, *, batch_size: int, mesh,
     transform: None, or f(keys (B,), images uint8) -> images uint8 applied
     before features_fn (e.g. light_augment); image i of the split gets the key
     fold_in(key(seed), i), so its view depends on neither the batch size nor
-    the number of hosts.
+    the number of hosts. A source of canvases (decode.ToCanvas: images of varying
+    size) is for a transform: it gets them as canvas.Canvas images.
     Returns ({stage: (N, D) float32}, labels (N,) int32), in split order.
     """
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
@@ -158,7 +167,8 @@ def extract(features_fn, variables, source, *, batch_size: int, mesh,
     for batch in pipeline.eval_batches(source, batch_size, num_examples=n,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        batch = {k: batch[k] for k in ("image", "label", "mask", "index")}
+        batch = {k: batch[k] for k in ("image", "image_hw", "label", "mask", "index")
+                 if k in batch}
         batch["seed"] = np.full(batch["index"].shape, seed, np.int32)
         out, label, mask = jax.device_get(fn(variables, parallel.global_batch(batch, mesh)))
         keep = np.asarray(mask, bool)
