@@ -13,7 +13,8 @@ Writes --images JPEGs of ImageNet's typical sizes (500x375 and 375x500, quality
   written so, without installing torch);
 - `ours_eval`: the eval centre crop (CenterCrop(224): resize to 256, crop 224);
 - the real pipeline, `pipeline.train_iterator` over a prepared dataset of these
-  JPEGs (image_folder), with 0, 1 and 2 grain worker processes.
+  JPEGs (image_folder), with 0, 1 and 2 grain worker processes, and where its
+  time goes per image (record read + parse, decode, array on the canvas, stack).
 Prints a table and writes benchmarks/results/input_variable.json.
 """
 from __future__ import annotations
@@ -122,6 +123,42 @@ def pipeline_rate(source, workers: int, seconds: float, batch: int = 32) -> floa
     return n / dt
 
 
+def breakdown(data_dir: str, name: str, reps: int = 3) -> dict:
+    """Where the pipeline's host time goes, ms per image (best of reps, batches of 32):
+    reading and parsing the record (array_record + TFDS), the JPEG decode, the decoded
+    image to an array placed on its canvas, and stacking the batch."""
+    import tensorflow_datasets as tfds
+
+    raw = tfds.data_source(name, split="train", data_dir=data_dir, download=False,
+                           decoders={"image": tfds.decode.SkipDecoding()})
+    batches = [list(range(i, i + 32)) for i in range(0, len(raw) - 31, 32)]
+    records = [r for b in batches for r in raw.__getitems__(b)]
+    to_canvas = decode.ToCanvas(512)
+    opened = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in records[:32]]
+    canvases = [to_canvas(r["image"], 3)[0] for r in records[:32]]
+
+    def placed(im):
+        canvas = np.zeros((512, 512, 3), np.uint8)
+        canvas[:im.size[1], :im.size[0]] = np.asarray(im)
+
+    parts = {
+        "read_parse": (lambda: [raw.__getitems__(b) for b in batches], len(records)),
+        "decode": (lambda: [Image.open(io.BytesIO(r["image"])).convert("RGB")
+                            for r in records], len(records)),
+        "to_canvas_array": (lambda: [placed(im) for im in opened], len(opened)),
+        "stack_batch": (lambda: np.stack(canvases), len(canvases)),
+    }
+    out = {}
+    for part, (f, n) in parts.items():
+        best = math.inf
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            best = min(best, (time.perf_counter() - t) / n)
+        out[part] = round(best * 1e3, 3)
+    return out
+
+
 def main(argv):
     del argv
     jpegs = make_jpegs(_IMAGES.value)
@@ -156,6 +193,10 @@ def main(argv):
                         name="bench_photos")
         source = sources.open_source("bench_photos", "train", data_dir, memory_limit=0,
                                      decode=decode.ToCanvas(512))
+        parts = breakdown(data_dir, "bench_photos")
+        rows.append({"path": "pipeline_breakdown_ms_per_image", **parts})
+        print("pipeline, ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
+              flush=True)
         for workers in (0, 1, 2):
             r = pipeline_rate(source, workers, _SECONDS.value)
             rows.append({"path": "pipeline_ours", "grain_workers": workers,

@@ -83,6 +83,11 @@ def test_pairs_resume_exactly_and_do_not_depend_on_the_process_count(data_dir):
     for a, b in zip(later, [next(again) for _ in range(3)]):
         for key in ("index", "key_index", "key_image"):
             np.testing.assert_array_equal(a[key], b[key])
+    # grain worker processes draw and read the same pairs (the sampler pickles).
+    _, in_workers = batches(src, pairs, 2, worker_count=1)
+    for a, b in zip(in_workers, whole):
+        for key in ("index", "key_index", "key_image"):
+            np.testing.assert_array_equal(a[key], b[key])
     # Another seed draws other keys for the same queries' order.
     other = batches(src, sampler(data_dir, max_gap=3, seed=1), 1)[1][0]
     assert not np.array_equal(other["key_index"], whole[0]["key_index"])
