@@ -6,6 +6,7 @@ and the invariance measurement.
     python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist_videos \
         --source_split train --sets_per_class 12
     python benchmarks/video_positives.py [--root runs/video] [--positives frame,temporal,region]
+                                         [--seed 0]
 
 For each kind: `python -m ssl_jax.train --config configs/moco_video.py:positives=KIND`
 (400 steps of 256 frames), then `python -m ssl_jax.evaluate --eval linear,knn,invariance`
@@ -31,8 +32,10 @@ SPLITS = ("viewpoint", "occlusion", "illumination", "instance")
 
 _ROOT = flags.DEFINE_string("root", os.path.join(ROOT, "runs", "video"), "Workdirs' parent.")
 _POSITIVES = flags.DEFINE_list("positives", ["frame", "temporal", "region"], "Kinds to train.")
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results",
-                                               "video_positives.json"), "Results file.")
+_SEED = flags.DEFINE_integer("seed", 0, "config.seed of every run (another seed: other "
+                             "workdirs, moco_KIND_seedN, and results file).")
+_OUT = flags.DEFINE_string("out", None, "Results file (default: benchmarks/results/"
+                           "video_positives.json, video_positives_seedN.json for seed N).")
 
 
 def _run(cmd: list[str]) -> float:
@@ -70,12 +73,13 @@ def main(argv):
     del argv
     results, rows = {}, {}
     for kind in _POSITIVES.value:
-        workdir = os.path.join(_ROOT.value, f"moco_{kind}")
+        seed = _SEED.value
+        workdir = os.path.join(_ROOT.value, f"moco_{kind}" + (f"_seed{seed}" if seed else ""))
         seconds = {}
         if not os.path.exists(os.path.join(workdir, "checkpoints")):
             seconds["train"] = _run(["ssl_jax.train", "--config",
                                      f"configs/moco_video.py:positives={kind}",
-                                     "--workdir", workdir])
+                                     f"--config.seed={seed}", "--workdir", workdir])
         evaluations = [False, True] if kind == "frame" else [False]
         for random_init in evaluations:
             seconds["evaluate" + ("_random_init" if random_init else "")] = _run(
@@ -85,12 +89,14 @@ def main(argv):
             rows[label] = _scores(workdir, random_init)
         results[kind] = {"workdir": workdir, "seconds": seconds, "scores": rows[kind]}
     results["random init"] = {"scores": rows.get("random init")}
-    os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+    out = _OUT.value or os.path.join(ROOT, "benchmarks", "results", "video_positives"
+                                     + (f"_seed{_SEED.value}" if _SEED.value else "") + ".json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(results, f, indent=1)
     order = {k: rows[k] for k in ["random init"] + _POSITIVES.value if k in rows}
     print(_table(order))
-    print(f"Written to {_OUT.value}")
+    print(f"Written to {out}")
 
 
 if __name__ == "__main__":
