@@ -203,7 +203,8 @@ def main(argv):
                          "images_per_s": round(r, 1)})
             print(f"train_iterator, ToCanvas(512), {workers} grain workers: {r:7.1f} images/s",
                   flush=True)
-    rate = {(r["path"], r.get("processes")): r["images_per_s"] for r in rows}
+    rate = {(r["path"], r.get("processes")): r["images_per_s"] for r in rows
+            if "images_per_s" in r}
     ratio = [o / t for o, t in zip(singles["ours"], singles["torch_way"])]
     summary = {"ours_over_torch_way_per_core": round(rate["ours", 1] / rate["torch_way", 1], 2),
                "ours_over_torch_way_each_round": [round(x, 2) for x in ratio],
