@@ -86,6 +86,7 @@ def main(argv):
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         samples, workers, evals, ev_proc, next_eval = [], set(), [], None, _EVAL_EVERY_MIN.value
+        ev_start = 0.0  # set with ev_proc, read only while it is not None
         while time.time() - t0 < 60 * _MINUTES.value and p.poll() is None:
             time.sleep(2.0)
             samples.append((time.time() - t0, _proc(p.pid, "VmRSS"), _proc(p.pid, "Threads")))
