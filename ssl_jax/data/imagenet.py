@@ -35,6 +35,7 @@ leaves that folder behind: delete it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import os
@@ -149,10 +150,25 @@ def check_images(items: Iterable[tuple], *, quality: int, skip: bool, bad: list[
                 yield out
 
 
+@dataclasses.dataclass(frozen=True)
+class SortedSerializer:
+    """TFDS's example serializer, writing the tf.Example's feature map in key order:
+    protobuf writes a map in its hash table's order, which changes from one process to
+    the next, and the same arguments must give the same bytes."""
+    serializer: object
+
+    def serialize_example(self, example) -> bytes:
+        return self.serializer.get_tf_example(example).SerializeToString(deterministic=True)
+
+
 class StreamingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A builder whose _split_generators gives {split: iterable of examples}, written
     to array_record shards as they come, in that order (TFDS's writer is not
-    used: see the module doc). Datasets it writes say disable_shuffling."""
+    used: see the module doc). Datasets it writes say disable_shuffling.
+    byte_identical: records serialized in key order (SortedSerializer), so the same
+    arguments give the same files in any process (the generated datasets promise it)."""
+
+    byte_identical = False
 
     def refuse_other_settings(self, settings: str) -> None:
         """A dataset made from `settings` (a builder's options, written at the end of its
@@ -175,6 +191,8 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise ValueError(f"{self.name} is written as array_record only")
         features = self.info.features
         serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+        if self.byte_identical:
+            serializer = SortedSerializer(serializer)
         return [self._write_split(split, examples, features, serializer)
                 for split, examples in self._split_generators(dl_manager).items()]
 

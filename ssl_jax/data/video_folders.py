@@ -55,7 +55,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from ssl_jax.data import imagenet, invariance_real, invariance_sets
+from ssl_jax.data import imagenet, invariance_real
 from ssl_jax.data.imagenet import BadImageError
 from ssl_jax.data.invariance_real_layouts import _lines, check_folder
 from ssl_jax.errors import UserError
@@ -194,6 +194,8 @@ def stored_box(xywh: np.ndarray, size: tuple[int, int], stored: tuple[int, int]
 class Got10kVideos(imagenet.StreamingBuilder, skip_registration=True):
     """The `got10k_videos` builder (see the module doc)."""
 
+    byte_identical = True  # the same arguments give the same files
+
     name = DATASET
     VERSION = tfds.core.Version(DATASET_VERSION)
     RELEASE_NOTES = {DATASET_VERSION: "Videos of a tracking dataset in GOT-10k's layout."}
@@ -261,10 +263,6 @@ class Got10kVideos(imagenet.StreamingBuilder, skip_registration=True):
             }),
             supervised_keys=("image", "label"),
             disable_shuffling=True)  # videos stay contiguous, frames in order
-
-    def _write_split(self, split, examples, features, serializer):
-        return super()._write_split(split, examples, features,
-                                    invariance_sets._SortedSerializer(serializer))  # noqa: SLF001
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
