@@ -28,6 +28,8 @@ def get_config(arg=None):
                          runlocal=False)
     c = moco.get_config(f"dataset={a.dataset}" + (",runlocal" if a.runlocal else ""))
     common.video_positives(c, a.positives)
+    if a.dataset == "got10k_videos":  # region crops as ImageNet's views start: 256 px
+        c.video.region_size = 256
     if a.dataset == "fashion_mnist_videos" and not a.runlocal:
         # 12,011 frames: 46 steps an epoch at B = 256. 400 steps (~8.5 epochs) fit the
         # comparison of benchmarks/RESULTS.md on a 2-core CPU; the queue holds 8 batches.
