@@ -161,8 +161,12 @@ def tiny_video_config(data_dir, positives, method="moco_video"):
 def test_moco_video_trains_resumes_exactly_and_evaluates(positives, data_dir, tmp_path,
                                                          capsys):
     config = tiny_video_config(data_dir, positives)
+    if positives == "temporal":  # the online probes read the query frames of the pairs
+        config.online.update(linear=True, every_steps=3, knn_train_examples=64)
     _, resumed, workdir = train_crash_resume(config, tmp_path)
     out = capsys.readouterr().out
+    if positives == "temporal":
+        assert out.count("online_knn/top1") == 3 and "online" in resumed
     assert f"{positives} positives from 30 videos" in out  # the sampler's report
     assert "0 videos (0 frames) are shorter than 3 frames" in out
     r = evaluation.evaluate(workdir, ("linear",))["linear"]
