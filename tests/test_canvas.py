@@ -155,6 +155,24 @@ def test_to_canvas_keeps_small_images_whole_and_shrinks_large_ones():
     assert cmyk[1] == (20, 40) and cmyk[0][:20, :40].mean() > 20
 
 
+def test_a_batch_decodes_into_one_buffer_as_each_image_alone():
+    """decode_batch (the pipeline's path) equals the images decoded one at a time, zero
+    outside each image although the buffer starts uninitialised."""
+    datas = [_jpeg(50, 30), _jpeg(600, 300, seed=1), _jpeg(40, 20, mode="L"), _jpeg(64, 64)]
+    for _ in range(3):  # fresh np.empty buffers may reuse the earlier ones' memory
+        batch, hw = decode.ToCanvas(64).decode_batch(datas, 3)
+        assert batch.shape == (4, 64, 64, 3) and hw.dtype == np.int32
+        for data, pixels, size in zip(datas, batch, hw):
+            alone, (h, w) = decode.ToCanvas(64)(data, 3)
+            assert tuple(size) == (h, w)
+            np.testing.assert_array_equal(pixels, alone)
+            assert not pixels[h:].any() and not pixels[:, w:].any()
+    crops, none = decode.CenterCrop(16).decode_batch(datas, 1)
+    assert none is None and crops.shape == (4, 16, 16, 1)
+    for data, crop in zip(datas, crops):
+        np.testing.assert_array_equal(crop, decode.CenterCrop(16)(data, 1)[0])
+
+
 def test_center_crop_is_resize_256_then_crop_224():
     """CenterCrop(224, 0.875) equals the papers' protocol done the long way: the
     shorter side resized to 256, the central 224 x 224 cut out."""

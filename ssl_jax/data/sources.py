@@ -162,6 +162,13 @@ class DecodedSource:
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
+    def read_batch(self, ix: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Records ix -> (images (b, ...) uint8 decoded into one buffer, labels (b,), and
+        image_hw (b, 2) int32 or None): read_batch's path, no array an image."""
+        records = self.src.__getitems__(list(ix))
+        images, hw = self.decode.decode_batch([r["image"] for r in records], self.channels)
+        return images, np.array([r["label"] for r in records]), hw
+
     def __getitems__(self, ix: Sequence[int]) -> list[dict]:
         out = []
         for r in self.src.__getitems__(list(ix)):
@@ -297,6 +304,20 @@ def read_batch(src, ix) -> dict:
     """
     ix = np.asarray(ix, np.int64)
     out = {}
+    # Encoded images decoded straight into the batch; a record that fails goes the
+    # one-by-one way below, where CheckedSource names it (or skips it).
+    decoded = src.src if isinstance(src, CheckedSource) else src
+    if isinstance(decoded, DecodedSource) and len(ix):
+        try:
+            images, labels, hw = decoded.read_batch(ix.tolist())
+        except Exception:  # noqa: BLE001 -- a bad record: found and named below
+            if decoded is src:
+                raise
+        else:
+            if hw is not None:
+                out["image_hw"] = hw
+            return {"image": images, "label": labels.astype(np.int32, copy=False),
+                    "index": ix.astype(np.int32), **out}
     if isinstance(src, ArraySource):
         images, labels = src.image[ix], src.label[ix]
         if src.hw is not None:
