@@ -101,7 +101,7 @@ DATASET_VERSION = "1.0.0"
 MIN_SET_SIZE = invariance_sets.MIN_SET_SIZE
 JPEG_QUALITY = invariance_sets.JPEG_QUALITY
 GOT_FRAMES = 8  # got10k_occlusion's default --frames_per_set
-_SHOWN = 5  # skipped sets named in the report (all are logged)
+_SHOWN = 5  # skipped items named in a report (all are logged)
 
 
 def open_image(path: str) -> Image.Image:
@@ -149,6 +149,17 @@ def load_image(path: str, box: tuple[float, ...] | None = None) -> bytes:
     except Exception as e:  # noqa: BLE001
         raise BadImageError(f"cannot be decoded ({type(e).__name__}: {e})") from e
     return encode_jpeg(im)
+
+
+def skip_report(skipped: list[str], what: str) -> list[str]:
+    """Logs each skipped item ("split: ... (why)"); -> one line counting them, the first
+    few named ([] when none were)."""
+    for line in skipped:
+        logging.info("Skipped %s.", line)
+    if not skipped:
+        return []
+    more = f"; ... ({len(skipped) - _SHOWN} more in the log)" if len(skipped) > _SHOWN else ""
+    return [f"Skipped {len(skipped)} {what}: {'; '.join(skipped[:_SHOWN])}{more}."]
 
 
 def check_count(option: str, value: int | None, least: int) -> None:
@@ -261,16 +272,8 @@ class _RealSets(imagenet.StreamingBuilder, skip_registration=True):
 
     def report(self) -> list[str]:
         """Lines that prepare prints after the counts: notes, skipped sets."""
-        lines = list(self.plan.notes)
-        for line in self.skipped:
-            logging.info("Skipped %s.", line)
-        if self.skipped:
-            shown = "; ".join(self.skipped[:_SHOWN])
-            more = f"; ... ({len(self.skipped) - _SHOWN} more in the log)" if len(
-                self.skipped) > _SHOWN else ""
-            lines.append(f"Skipped {len(self.skipped)} set(s) without {MIN_SET_SIZE} usable "
-                         f"images: {shown}{more}.")
-        return lines
+        return list(self.plan.notes) + skip_report(
+            self.skipped, f"set(s) without {MIN_SET_SIZE} usable images")
 
 
 class AloiInvariance(_RealSets, skip_registration=True):

@@ -70,7 +70,6 @@ LAYOUT = ("DIR/train/GOT-10k_Train_000001/{00000001.jpg, ..., groundtruth.txt, "
           "absence.label, meta_info.ini} and/or DIR/val/GOT-10k_Val_000001/..., "
           "train/list.txt (optional) naming the track folders")
 _FRAME = re.compile(r"(\d+)\.jpg", re.IGNORECASE)
-_SHOWN = 5  # skipped tracks named in the report (all are logged)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -332,12 +331,5 @@ class Got10kVideos(imagenet.StreamingBuilder, skip_registration=True):
             lines.append(f"Left out {sum(self.dropped.values())} frame(s) of the tracks read: "
                          + ", ".join(f"{n} {why}" for why, n in sorted(self.dropped.items())
                                      if n) + ".")
-        for line in self.skipped:
-            logging.info("Skipped %s.", line)
-        if self.skipped:
-            shown = "; ".join(self.skipped[:_SHOWN])
-            more = f"; ... ({len(self.skipped) - _SHOWN} more in the log)" if len(
-                self.skipped) > _SHOWN else ""
-            lines.append(f"Skipped {len(self.skipped)} track(s) with fewer than {MIN_FRAMES} "
-                         f"frames kept: {shown}{more}.")
-        return lines
+        return lines + invariance_real.skip_report(
+            self.skipped, f"track(s) with fewer than {MIN_FRAMES} frames kept")
