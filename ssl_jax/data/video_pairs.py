@@ -90,6 +90,12 @@ class VideoIndex:
         return np.flatnonzero(self.lengths[self.video_of] >= 2)
 
 
+def check_max_gap(max_gap) -> None:
+    if int(max_gap) != max_gap or max_gap < 1:
+        raise UserError(f"max_gap {max_gap} must be an integer >= 1 (config.video.max_gap): "
+                        "the key is another frame, at most that many frames away.")
+
+
 def pairs(index: VideoIndex, rows, max_gap: int, rng: np.random.Generator
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """For each query row, a key row of the same video, 1 <= |Δframe| <= max_gap, drawn
@@ -100,9 +106,7 @@ def pairs(index: VideoIndex, rows, max_gap: int, rng: np.random.Generator
     shorter than max_gap + 1 frames, so the largest gap they offer is below max_gap (the
     documented fallback: they are sampled among the gaps they have). One draw of rng.
     """
-    if int(max_gap) != max_gap or max_gap < 1:
-        raise UserError(f"max_gap {max_gap} must be an integer >= 1 (config.video.max_gap): "
-                        "the key is another frame, at most that many frames away.")
+    check_max_gap(max_gap)
     rows = np.asarray(rows, np.int64)
     if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= len(index.order))):
         raise ValueError(f"rows must be (B,) in [0, {len(index.order)}), got {rows}")
@@ -142,7 +146,8 @@ def check_boxes(box, hw, name: str = "the dataset", rows=None) -> np.ndarray:
 
 
 def region_boxes(box, hw, *, context=0.25, min_size: float = 8.0,
-                 rng: np.random.Generator | None = None) -> np.ndarray:
+                 rng: np.random.Generator | None = None, name: str = "the dataset",
+                 rows=None) -> np.ndarray:
     """The crop around each object box: box (B, 4), hw (2,) or (B, 2) -> (B, 4) float32.
 
     Each side is moved out by `context` times the box's size on that axis (with rng: a
@@ -151,8 +156,9 @@ def region_boxes(box, hw, *, context=0.25, min_size: float = 8.0,
     least `min_size` pixels about its centre, slid into the frame where it fits, else
     clipped to it: the crop always contains the box. Crop the query
     with its box and the key with its own (pairs()) to get the same object in both frames.
+    name, rows: the dataset and records the boxes are of, named by check_boxes' error.
     """
-    box = check_boxes(box, hw)
+    box = check_boxes(box, hw, name, rows)
     hw = np.broadcast_to(np.asarray(hw, np.float32), (len(box), 2))
     size = np.concatenate([box[:, 2:] - box[:, :2]] * 2, axis=1)  # (h, w, h, w)
     margin = (context if rng is None else rng.uniform(0, context, box.shape)) * size
@@ -205,8 +211,7 @@ class PairSampler:
     region_size: int = 64
 
     def __post_init__(self):
-        if int(self.max_gap) != self.max_gap or self.max_gap < 1:
-            pairs(self.index, np.zeros(0, np.int64), self.max_gap, None)  # raises, named
+        check_max_gap(self.max_gap)
         if not len(self.queries):
             raise UserError(f"{self.index.name}: every video has one frame, so no frame has a "
                             "key. Video positives need videos of 2+ frames.")
@@ -234,8 +239,8 @@ class PairSampler:
         uint8, the crop around each record's box (region_boxes with margins `context`),
         resized to R = region_size. hw (b, 2): the valid size of canvas images."""
         hw = np.asarray(images.shape[1:3] if hw is None else hw)
-        box = check_boxes(self.boxes[rows], hw, self.index.name, rows)
-        windows = region_boxes(box, hw, context=context)
+        windows = region_boxes(self.boxes[rows], hw, context=context, name=self.index.name,
+                               rows=rows)
         return np.stack([crop(im, w, self.region_size) for im, w in zip(images, windows)])
 
     def describe(self) -> str:

@@ -274,7 +274,8 @@ def pair_sampler(config, image_shape) -> video_pairs.PairSampler | None:
         if boxes.shape != (len(index.order), 4):
             raise UserError(f"{config.dataset} box feature has shape {boxes.shape[1:]} per "
                             "record; region positives need (top, left, bottom, right).")
-    return video_pairs.PairSampler(
-        index, max_gap=config.video.max_gap, seed=config.seed, boxes=boxes,
-        context=config.video.get("context", 0.25),
+    region = {} if boxes is None else dict(  # the crop settings only region reads
+        boxes=boxes, context=config.video.get("context", 0.25),
         region_size=region_size(config, image_shape))
+    return video_pairs.PairSampler(index, max_gap=config.video.max_gap, seed=config.seed,
+                                   **region)
