@@ -151,6 +151,17 @@ def load_image(path: str, box: tuple[float, ...] | None = None) -> bytes:
     return encode_jpeg(im)
 
 
+def leave_out(path: str, error: BadImageError, skip: bool, bad: list[str], shown: str,
+              fix: str) -> None:
+    """An unreadable image file: a UserError naming it, the error and `fix`; or with
+    skip (--skip_bad_images) logged, and `shown` (its name and why) added to bad."""
+    if not skip:
+        raise UserError(f"{path} {error}. {fix}, or pass --skip_bad_images to leave such "
+                        "images out (each is logged and counted).")
+    logging.warning("Leaving out %s: it %s.", path, error)
+    bad.append(f"{shown} ({error})")
+
+
 def skip_report(skipped: list[str], what: str) -> list[str]:
     """Logs each skipped item ("split: ... (why)"); -> one line counting them, the first
     few named ([] when none were)."""
@@ -238,13 +249,9 @@ class _RealSets(imagenet.StreamingBuilder, skip_registration=True):
         kept = []
         for f, image in loaded:
             if isinstance(image, BadImageError):
-                path = os.path.join(self.manual_dir, f.file_name)
-                if not self.skip_bad_images:
-                    raise UserError(f"{path} {image}. Replace the file (download it again), "
-                                    "or pass --skip_bad_images to leave such images out (each "
-                                    "is logged and counted).")
-                logging.warning("Leaving out %s: it %s.", path, image)
-                self.bad_images.append(f"{f.file_name} ({image})")
+                leave_out(os.path.join(self.manual_dir, f.file_name), image,
+                          self.skip_bad_images, self.bad_images, f.file_name,
+                          "Replace the file (download it again)")
             else:
                 kept.append((f, image))
         if len(kept) < MIN_SET_SIZE:

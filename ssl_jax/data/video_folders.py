@@ -51,7 +51,6 @@ from concurrent import futures
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from etils import epath
 from PIL import Image
 
@@ -284,13 +283,10 @@ class Got10kVideos(imagenet.StreamingBuilder, skip_registration=True):
         kept = []
         for file_name, got in loaded:
             if isinstance(got, BadImageError):
-                path = os.path.join(self.manual_dir, track.folder, file_name)
-                if not self.skip_bad_images:
-                    raise UserError(f"{path} {got}. Replace the file (download the track "
-                                    "again), or pass --skip_bad_images to leave such frames "
-                                    "out (each is logged and counted).")
-                logging.warning("Leaving out %s: it %s.", path, got)
-                self.bad_images.append(f"{track.folder}/{file_name} ({got})")
+                invariance_real.leave_out(
+                    os.path.join(self.manual_dir, track.folder, file_name), got,
+                    self.skip_bad_images, self.bad_images, f"{track.folder}/{file_name}",
+                    "Replace the file (download the track again)")
                 self.dropped["unreadable (--skip_bad_images)"] += 1
             elif got[1] is None:
                 self.dropped["with no box inside the frame"] += 1
