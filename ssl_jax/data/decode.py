@@ -66,11 +66,13 @@ class ToCanvas:
         canvas = np.empty((self.size, self.size, channels), np.uint8)
         return canvas, self.into(data, channels, canvas)
 
-    def decode_batch(self, datas: list[bytes], channels: int) -> tuple[np.ndarray, np.ndarray]:
+    def decode_batch(self, datas: list[bytes], channels: int,
+                     alloc=np.empty) -> tuple[np.ndarray, np.ndarray]:
         """b encoded images -> ((b, size, size, C) uint8, hw (b, 2) int32), decoded straight
-        into one buffer: no canvas an image and no stacking, whose fresh 0.8 MB arrays
-        cost a third of the host's time per image at 512 (benchmarks/RESULTS.md)."""
-        out = np.empty((len(datas), self.size, self.size, channels), np.uint8)
+        into one buffer, alloc(shape, dtype) (a worker's shared-memory slot:
+        data/shm_slots.py): no canvas an image and no stacking, whose fresh 0.8 MB
+        arrays cost a third of the host's time per image at 512 (benchmarks/RESULTS.md)."""
+        out = alloc((len(datas), self.size, self.size, channels), np.uint8)
         hw = [self.into(d, channels, canvas) for d, canvas in zip(datas, out)]
         return out, np.array(hw, np.int32).reshape(len(datas), 2)
 
@@ -118,9 +120,10 @@ class CenterCrop:
         im = im.resize((self.size, self.size), Image.BILINEAR, box=box)
         return _array(im, channels), None
 
-    def decode_batch(self, datas: list[bytes], channels: int) -> tuple[np.ndarray, None]:
-        """b encoded images -> ((b, size, size, C) uint8, None)."""
-        out = np.empty((len(datas), self.size, self.size, channels), np.uint8)
+    def decode_batch(self, datas: list[bytes], channels: int,
+                     alloc=np.empty) -> tuple[np.ndarray, None]:
+        """b encoded images -> ((b, size, size, C) uint8 from alloc(shape, dtype), None)."""
+        out = alloc((len(datas), self.size, self.size, channels), np.uint8)
         for data, crop in zip(datas, out):
             crop[...] = self(data, channels)[0]
         return out, None

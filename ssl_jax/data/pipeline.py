@@ -19,17 +19,24 @@ import grain
 import numpy as np
 from absl import flags
 
+from ssl_jax.data import shm_slots
 from ssl_jax.data.sources import read_batch
 from ssl_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
 class _Reader:
-    """indices -> batch; a picklable class so pipelines can go to worker processes."""
+    """indices -> batch; a picklable class so pipelines can go to worker processes.
+    to_slots: in a grain worker, the images are decoded into (and sent as) reused
+    shared memory (shm_slots)."""
     src: object
+    to_slots: bool = False
 
     def __call__(self, ix: np.ndarray) -> dict:
-        return read_batch(self.src, ix)
+        if not self.to_slots:
+            return read_batch(self.src, ix)
+        writer = shm_slots.process_writer()
+        return writer.send(read_batch(self.src, ix, writer.empty))
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -101,10 +108,13 @@ class _PairReader:
     positives crop both (sampler.crops)."""
     src: object
     sampler: object
+    to_slots: bool = False  # as _Reader's
 
     def __call__(self, drawn: dict) -> dict:
-        out = read_batch(self.src, drawn["query"])
-        key = read_batch(self.src, drawn["key"])
+        writer = shm_slots.process_writer() if self.to_slots else None
+        alloc = writer.empty if writer else np.empty
+        out = read_batch(self.src, drawn["query"], alloc)
+        key = read_batch(self.src, drawn["key"], alloc)
         if "context" in drawn:  # the same object in both: crops of fixed size, no canvas
             for batch, rows in ((out, drawn["query"]), (key, drawn["key"])):
                 batch["image"] = self.sampler.crops(batch["image"], rows, drawn["context"],
@@ -112,7 +122,7 @@ class _PairReader:
         out["key_image"], out["key_index"] = key["image"], key["index"]
         if "image_hw" in key:
             out["key_image_hw"] = key["image_hw"]
-        return out
+        return writer.send(out) if writer else out
 
 
 def train_iterator(source, *, global_batch_size: int, seed: int,
@@ -149,10 +159,12 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     # permutation per epoch, looked up by step, does the same job.
     batches = _ShuffledBatches(seed, process_index, process_count, n, b)
     ds = grain.MapDataset.range(n // global_batch_size).repeat()
+    to_slots = worker_count > 0
     if pairs is None:
-        ds = ds.map_with_index(batches).map(_Reader(source))
+        ds = ds.map_with_index(batches).map(_Reader(source, to_slots))
     else:
-        ds = ds.map_with_index(_PairedBatches(batches, pairs)).map(_PairReader(source, pairs))
+        ds = ds.map_with_index(_PairedBatches(batches, pairs)).map(
+            _PairReader(source, pairs, to_slots))
     # One reader thread overlaps reading with the training step; more threads
     # fight over the GIL (decoding is mostly Python) and slow reading down.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -162,6 +174,7 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        it = it.map(shm_slots.SlotReader())
     return iter(it)
 
 

@@ -162,11 +162,14 @@ class DecodedSource:
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]
 
-    def read_batch(self, ix: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Records ix -> (images (b, ...) uint8 decoded into one buffer, labels (b,), and
-        image_hw (b, 2) int32 or None): read_batch's path, no array an image."""
+    def read_batch(self, ix: Sequence[int], alloc=np.empty
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Records ix -> (images (b, ...) uint8 decoded into one buffer from
+        alloc(shape, dtype), labels (b,), and image_hw (b, 2) int32 or None):
+        read_batch's path, no array an image."""
         records = self.src.__getitems__(list(ix))
-        images, hw = self.decode.decode_batch([r["image"] for r in records], self.channels)
+        images, hw = self.decode.decode_batch([r["image"] for r in records], self.channels,
+                                              alloc)
         return images, np.array([r["label"] for r in records]), hw
 
     def __getitems__(self, ix: Sequence[int]) -> list[dict]:
@@ -295,12 +298,13 @@ class _Records:
         return [self.records[i] for i in ix]
 
 
-def read_batch(src, ix) -> dict:
+def read_batch(src, ix, alloc=np.empty) -> dict:
     """Reads records ix (b,) of a random-access source.
 
     Returns {"image": (b, H, W, C) uint8, "label": (b,) int32, "index": (b,)
     int32}, and "image_hw": (b, 2) int32 for canvas images (DecodedSource with
-    ToCanvas).
+    ToCanvas). Decoded images go into alloc(shape, dtype) (a worker's
+    shared-memory slot, data/shm_slots.py); other paths make their own array.
     """
     ix = np.asarray(ix, np.int64)
     out = {}
@@ -309,7 +313,7 @@ def read_batch(src, ix) -> dict:
     decoded = src.src if isinstance(src, CheckedSource) else src
     if isinstance(decoded, DecodedSource) and len(ix):
         try:
-            images, labels, hw = decoded.read_batch(ix.tolist())
+            images, labels, hw = decoded.read_batch(ix.tolist(), alloc)
         except Exception:  # noqa: BLE001 -- a bad record: found and named below
             if decoded is src:
                 raise
