@@ -13,7 +13,8 @@ Writes --images JPEGs of ImageNet's typical sizes (500x375 and 375x500, quality
   written so, without installing torch);
 - `ours_eval`: the eval centre crop (CenterCrop(224): resize to 256, crop 224);
 - the real pipeline, `pipeline.train_iterator` over a prepared dataset of these
-  JPEGs (image_folder), with 0, 1 and 2 grain worker processes, and where its
+  JPEGs (image_folder), with 0, 1 and 2 grain worker processes (`--reps` rounds):
+  images/s, CPU per image in the main process and in the workers, and where its
   time goes per image (record read + parse, decode, array on the canvas, stack).
 Prints a table and writes benchmarks/results/input_variable.json.
 """
@@ -26,6 +27,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import tempfile
 import time
 
@@ -113,14 +115,49 @@ def per_core(name: str, jpegs, seconds: float, processes: int) -> float:
         return sum(pool.map(_loop, [(name, jpegs, seconds)] * processes))
 
 
-def pipeline_rate(source, workers: int, seconds: float, batch: int = 32) -> float:
+def _children_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each child process of this one (/proc)."""
+    me, tick, out = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def pipeline_rate(source, workers: int, seconds: float, batch: int = 32) -> dict:
+    """images/s of train_iterator, and where the CPU goes: ms of CPU per image in
+    this (the main) process and in the grain workers together, each worker's
+    busy fraction (CPU seconds per second), and the shared memory in use. Worker CPU per image that stays the same
+    from 1 to 2 workers means the work scales linearly with the cores given to
+    it, up to the main process's ceiling (1 / its CPU per image)."""
     it = pipeline.train_iterator(source, global_batch_size=batch, seed=0, worker_count=workers)
     for _ in range(3):
         next(it)
+    kids0, main0 = _children_cpu(), _self_cpu()
     n, t0 = 0, time.perf_counter()
     while (dt := time.perf_counter() - t0) < seconds or n < 4 * batch:
         n += next(it)["image"].shape[0]
-    return n / dt
+    kids1, main1 = _children_cpu(), _self_cpu()
+    shm = [os.path.join("/dev/shm", f) for f in os.listdir("/dev/shm")] if workers else []
+    shm_mb = sum(os.path.getsize(f) for f in shm if os.path.basename(f).startswith("psm_")) / 2**20
+    # grain's workers, not multiprocessing's resource tracker (a child that idles)
+    busy = sorted(kids1[p] - kids0[p] for p in kids1 if p in kids0)[-workers:] if workers else []
+    del it
+    return {"images_per_s": round(n / dt, 1),
+            "main_cpu_ms_per_image": round((main1 - main0) / n * 1e3, 3),
+            "workers_cpu_ms_per_image": round(sum(busy) / n * 1e3, 3),
+            "worker_busy": [round(b / dt, 2) for b in busy],
+            "shared_memory_mb": round(shm_mb, 1)}  # the workers' slots in use
 
 
 def breakdown(data_dir: str, name: str, reps: int = 3) -> dict:
@@ -197,12 +234,16 @@ def main(argv):
         rows.append({"path": "pipeline_breakdown_ms_per_image", **parts})
         print("pipeline, ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
               flush=True)
-        for workers in (0, 1, 2):
-            r = pipeline_rate(source, workers, _SECONDS.value)
-            rows.append({"path": "pipeline_ours", "grain_workers": workers,
-                         "images_per_s": round(r, 1)})
-            print(f"train_iterator, ToCanvas(512), {workers} grain workers: {r:7.1f} images/s",
-                  flush=True)
+        for _ in range(_REPS.value):
+            for workers in (0, 1, 2):
+                r = pipeline_rate(source, workers, _SECONDS.value)
+                rows.append({"path": "pipeline_ours", "grain_workers": workers, **r})
+                print(f"train_iterator, ToCanvas(512), {workers} grain workers: "
+                      f"{r['images_per_s']:7.1f} images/s; CPU ms/image: main "
+                      f"{r['main_cpu_ms_per_image']:.2f}, workers "
+                      f"{r['workers_cpu_ms_per_image']:.2f} (each busy {r['worker_busy']}); "
+                      f"shared memory {r['shared_memory_mb']:.0f} MB",
+                      flush=True)
     rate = {(r["path"], r.get("processes")): r["images_per_s"] for r in rows
             if "images_per_s" in r}
     ratio = [o / t for o, t in zip(singles["ours"], singles["torch_way"])]
@@ -210,6 +251,14 @@ def main(argv):
                "ours_over_torch_way_each_round": [round(x, 2) for x in ratio],
                # time share: decoding alone / our whole host work per image
                "decode_share_of_ours": round(rate["ours", 1] / rate["decode", 1], 2)}
+    # Worker scaling: medians over the rounds, by worker count.
+    pipe = [r for r in rows if r["path"] == "pipeline_ours"]
+    med = {k: {w: float(np.median([r[k] for r in pipe if r["grain_workers"] == w]))
+               for w in (0, 1, 2)}
+           for k in ("images_per_s", "main_cpu_ms_per_image", "workers_cpu_ms_per_image")}
+    summary.update({f"pipeline_{k}_by_workers": v for k, v in med.items()})
+    summary["pipeline_two_workers_over_one"] = round(
+        med["images_per_s"][2] / med["images_per_s"][1], 2)
     print(summary)
     os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
     with open(_OUT.value, "w") as f:

@@ -76,11 +76,14 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     c.dataset = dataset
     c.data_dir = config_dict.placeholder(str)  # None: TFDS's default, ~/tensorflow_datasets
     c.train_split = "train"
-    # skip_corrupt: leave unreadable records out. canvas: datasets whose images vary in
-    # size (imagenet2012, image folders) are decoded whole onto canvas x canvas (shrunk
-    # only if larger) and every view is cropped from that on device (data/decode.py);
-    # 512 holds ImageNet's common 500x375 whole. Unused for one-size datasets.
-    c.data = dict(worker_count=0, skip_corrupt=False, canvas=512)
+    # worker_count: grain processes decoding per host, or "auto" (data/pipeline.py
+    # worker_count: none for in-memory splits and on <= 2 cores, else a core each less
+    # one). skip_corrupt: leave unreadable records out. canvas: datasets whose images
+    # vary in size (imagenet2012, image folders) are decoded whole onto canvas x canvas
+    # (shrunk only if larger) and every view is cropped from that on device
+    # (data/decode.py); 512 holds ImageNet's common 500x375 whole. Unused for one-size
+    # datasets.
+    c.data = dict(worker_count="auto", skip_corrupt=False, canvas=512)
     c.batch_size = 256
     # Gradient accumulation: the loss runs on accumulate_steps micro-batches of
     # batch_size / accumulate_steps images, one optimizer update per step (memory for

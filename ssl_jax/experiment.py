@@ -129,8 +129,10 @@ def check_same_config(config, stored) -> None:
     stored: the config.json of the workdir (None: a new workdir)."""
     if stored is None:
         return
+    # Keys that change how a run reads, not what it computes: the worker processes
+    # give the same batches (tests/test_data.py), so a resume may use other ones.
     changed = [c for c in cfg_lib.diff(stored, config)
-               if not c.startswith("resume_from_different_config")]
+               if not c.startswith(("resume_from_different_config", "data.worker_count:"))]
     if changed and not config.resume_from_different_config:
         raise errors.UserError(
             "the workdir holds a run of a different config; differing keys:\n  "

@@ -76,10 +76,14 @@ def run(config, workdir: str, command: str | None = None):
     pairs = videos.pair_sampler(config, exp.spec.image_shape)
     if pairs is not None and is_main:
         log.say(pairs.describe())
+    workers = pipeline.worker_count(config.data.worker_count, source)
+    if is_main and workers:
+        log.say(f"Reading with {workers} grain worker processes per host "
+                f"(config.data.worker_count={config.data.worker_count}).")
     data_iter = pipeline.train_iterator(
         source, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.worker_count, pairs=pairs)
+        worker_count=workers, pairs=pairs)
 
     # --------------------------------------------------------------- state
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_ckpts)
@@ -150,8 +154,11 @@ def run(config, workdir: str, command: str | None = None):
         progress.close()
         try:
             _close(ckpt, writer, failing=not finished)
-        finally:  # only now: a further SIGTERM must not kill the last save
-            preemption.close()
+        finally:
+            try:  # grain's worker processes stop and unlink their shared memory
+                data_iter.close()
+            finally:  # only now: a further SIGTERM must not kill the last save
+                preemption.close()
     stopped_by = preemption.signal if step < total_steps else None
     if is_main:
         if stopped_by:

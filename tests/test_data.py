@@ -263,6 +263,36 @@ def test_worker_processes_give_the_same_batches_and_restore(tiny_dataset, tmp_pa
     _assert_same(_take(fresh, 5), expected[4:])
 
 
+def test_worker_count_auto_reads_in_process_where_workers_cannot_help(tiny_dataset, monkeypatch):
+    """"auto": no workers for an in-memory split or on <= 2 cores; else one per core
+    of this process's affinity but one, at most 32. A bad setting names itself."""
+    from ssl_jax import errors
+    data_dir, _ = tiny_dataset
+    on_disk = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=0)
+    in_memory = sources.open_source("tiny_rgb", "train", data_dir)
+    assert isinstance(in_memory, sources.ArraySource)
+    for cores, workers in ((1, 0), (2, 0), (3, 2), (16, 15), (240, 32)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cores: set(range(n)))
+        assert pipeline.worker_count("auto", on_disk) == workers, cores
+        assert pipeline.worker_count("auto", in_memory) == 0
+    assert pipeline.worker_count("4", on_disk) == pipeline.worker_count(4, in_memory) == 4
+    for bad in (-1, "many", None):
+        with pytest.raises(errors.UserError, match="config.data.worker_count="):
+            pipeline.worker_count(bad, on_disk)
+
+
+def test_a_resume_may_read_with_other_worker_processes():
+    """The workers change how batches are read, not which: no 'different config'."""
+    from ssl_jax import config as cfg_lib, errors, experiment
+    config = cfg_lib.load_file("configs/simclr.py:dataset=fashion_mnist")
+    stored = config.to_dict()
+    stored["data"]["worker_count"] = 0
+    experiment.check_same_config(config, stored)
+    stored["optimizer"]["lr"] = 123.0
+    with pytest.raises(errors.UserError, match="optimizer.lr"):
+        experiment.check_same_config(config, stored)
+
+
 # ------------------------------------------------- eval_batches
 
 @pytest.mark.parametrize("num_examples", [None, 30])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Iterator
 
 import grain
@@ -20,7 +21,7 @@ import numpy as np
 from absl import flags
 
 from ssl_jax.data import shm_slots
-from ssl_jax.data.sources import read_batch
+from ssl_jax.data.sources import ArraySource, read_batch
 from ssl_jax.errors import UserError
 
 
@@ -125,6 +126,31 @@ class _PairReader:
         return writer.send(out) if writer else out
 
 
+def worker_count(setting, source) -> int:
+    """config.data.worker_count -> how many grain worker processes read `source`.
+
+    "auto": none for a split held in memory (a batch is one gather) or on 2 cores
+    or fewer (there a worker shares the cores with the training step and reads
+    slower than the main process does, benchmarks/RESULTS.md); else one per core
+    this process may use (its CPU affinity: SLURM's --cpus-per-task), less one for
+    the main process, at most 32 (~500 ImageNet images/s each, RESULTS.md).
+    """
+    if setting == "auto":
+        if isinstance(source, ArraySource):
+            return 0
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+        return 0 if cores <= 2 else min(cores - 1, 32)
+    try:
+        n = int(setting)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise UserError(f"config.data.worker_count={setting!r}: use 'auto' or a number "
+                        "of reading processes (0: read in the main process).")
+    return n
+
+
 def train_iterator(source, *, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
                    worker_count: int = 0, pairs=None) -> grain.DatasetIterator:
@@ -169,6 +195,11 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     # fight over the GIL (decoding is mostly Python) and slow reading down.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
     if worker_count > 0:
+        # The images come through shm_slots; the small arrays (labels, indices) are
+        # cheaper pickled than in a shared-memory segment of their own each, which
+        # the main process would also leave behind at exit while it holds the batch.
+        it = grain.experimental.WithOptionsIterDataset(
+            it, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
         # grain's worker start-up reads absl flags; outside app.run (notebooks,
         # plain scripts, tests) they are unparsed and it would raise.
         if not flags.FLAGS.is_parsed():
