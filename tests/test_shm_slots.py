@@ -76,3 +76,26 @@ def test_close_unlinks_the_slots_and_makes_no_more():
         with pytest.raises(FileNotFoundError):
             shm_slots.SlotReader().open(shm_slots.SlotRef(n, (5,), "|u1"))
     assert isinstance(writer.send({"image": writer.empty((5,), np.uint8)})["image"], np.ndarray)
+
+
+def test_a_full_dev_shm_is_an_error_naming_the_fix_not_a_bus_error(monkeypatch):
+    """tmpfs allocates a page at its first write: with /dev/shm full that write is a
+    SIGBUS. The slot's pages are reserved when it is made, so it is this error."""
+    import errno
+
+    from ssl_jax import errors
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+
+    made = []
+
+    def full(fd, offset, length):
+        made.append(os.readlink(f"/proc/self/fd/{fd}"))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    writer = shm_slots.SlotWriter()
+    with pytest.raises(errors.UserError, match=r"(?s)Shared memory is full.*--shm-size"):
+        writer.empty((4, 8, 8, 3), np.uint8)
+    assert len(made) == 1 and made[0].startswith("/dev/shm/")
+    assert not os.path.exists(made[0])  # the segment made is gone again
+    writer.close()

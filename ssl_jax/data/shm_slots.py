@@ -25,12 +25,16 @@ running long after the last read (Python has no memory fence to put there).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import threading
 import weakref
 from multiprocessing import shared_memory
 from multiprocessing import util as mp_util
 
 import numpy as np
+
+from ssl_jax.errors import UserError
 
 _HEADER = 64  # the flag byte, then padding: the array starts 64-byte aligned
 _FREE, _BUSY = 0, 1
@@ -75,6 +79,7 @@ class SlotWriter:
                 if self._closed or len(self._slots) >= self.max_slots:
                     return np.empty(shape, dtype)
                 slot = shared_memory.SharedMemory(create=True, size=_HEADER + nbytes)
+                _reserve(slot)
                 self._slots.append(slot)
         array = np.ndarray(shape, dtype, buffer=slot.buf, offset=_HEADER)
         self._lent[array.ctypes.data] = slot
@@ -112,6 +117,28 @@ class SlotWriter:
                 except FileNotFoundError:
                     pass
             self._slots = []
+
+
+def _reserve(slot: shared_memory.SharedMemory) -> None:
+    """Allocates the slot's pages now, so that a full /dev/shm (a container's 64 MB
+    default) is an error naming the fix, not a SIGBUS at the first write."""
+    path = os.path.join("/dev/shm", slot.name)
+    if not os.path.exists(path):  # not Linux: the pages come at the first write
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, slot.size)
+    except OSError as e:
+        slot.unlink()
+        free = shutil.disk_usage("/dev/shm").free
+        raise UserError(
+            f"Shared memory is full: a batch of {slot.size / 2**20:.0f} MB from a grain "
+            f"worker process does not fit in /dev/shm ({free / 2**20:.0f} MB free; {e}). "
+            "Give the container more (docker run --shm-size=16g), or read with fewer "
+            "processes or smaller batches per host (config.data.worker_count, "
+            "config.batch_size).") from e
+    finally:
+        os.close(fd)
 
 
 _WRITER: SlotWriter | None = None
