@@ -321,7 +321,7 @@ def test_canvas_batches_from_worker_processes_equal_and_resume(photos):
     got = [next(it) for _ in range(2)]
     state = it.get_state()
     got += [next(it) for _ in range(2)]
-    fresh = iterator(1)  # (a state restores into an iterator of the same worker count)
+    fresh = iterator(2)  # the state is the step: any worker count restores it
     fresh.set_state(state)
     rest = [next(fresh) for _ in range(2)]
     for a, b in zip(ref, got):

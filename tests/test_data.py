@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from ssl_jax import errors
 from ssl_jax.data import arrays, fashion_mnist, pipeline, prepare, sources
 from tests.conftest import FASHION_MNIST_SOURCE, write_idx
 
@@ -261,6 +262,21 @@ def test_worker_processes_give_the_same_batches_and_restore(tiny_dataset, tmp_pa
     fresh = make(2)
     fresh.set_state(state)
     _assert_same(_take(fresh, 5), expected[4:])
+    # The state is the step: a checkpoint restores into any worker count
+    # (config.data.worker_count "auto" differs between machines).
+    assert state == {"step": 4}
+    for workers in (0, 1):
+        other = make(workers)
+        other.set_state(state)
+        _assert_same(_take(other, 5), expected[4:])
+    # States that grain's own iterators wrote (checkpoints of earlier versions).
+    for old in ({"next_index": 4}, {"next_index_in_cycle": 0, "iterators_in_use_states": [
+            {"next_index": 2}, {"next_index": 2}], "exhausted": [0, 0]}):
+        other = make(0)
+        other.set_state(old)
+        _assert_same(_take(other, 2), expected[4:6])
+    with pytest.raises(errors.UserError, match="not one this version reads"):
+        make(0).set_state({"cursor": 4})
 
 
 def test_worker_count_auto_reads_in_process_where_workers_cannot_help(tiny_dataset, monkeypatch):

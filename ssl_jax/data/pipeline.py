@@ -71,7 +71,7 @@ class _ShuffledBatches:
     n: int
     b: int
 
-    def __call__(self, step: int, _) -> np.ndarray:
+    def __call__(self, step: int) -> np.ndarray:
         return self.global_rows(step)[self.local]
 
     @property
@@ -97,7 +97,7 @@ class _PairedBatches:
     batches: _ShuffledBatches
     sampler: object  # video_pairs.PairSampler
 
-    def __call__(self, step: int, _) -> dict:
+    def __call__(self, step: int) -> dict:
         drawn = self.sampler.draw(self.sampler.queries[self.batches.global_rows(step)], step)
         return {k: v[self.batches.local] for k, v in drawn.items()}
 
@@ -184,13 +184,16 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
     # (~20 us apiece), 5x the cost of reading an in-memory batch. One numpy
     # permutation per epoch, looked up by step, does the same job.
     batches = _ShuffledBatches(seed, process_index, process_count, n, b)
-    ds = grain.MapDataset.range(n // global_batch_size).repeat()
-    to_slots = worker_count > 0
-    if pairs is None:
-        ds = ds.map_with_index(batches).map(_Reader(source, to_slots))
-    else:
-        ds = ds.map_with_index(_PairedBatches(batches, pairs)).map(
-            _PairReader(source, pairs, to_slots))
+    if pairs is not None:
+        batches = _PairedBatches(batches, pairs)
+    reader = (_Reader(source, worker_count > 0) if pairs is None
+              else _PairReader(source, pairs, worker_count > 0))
+    return _StepIterator(functools.partial(_batches_from, batches, reader, worker_count))
+
+
+def _batches_from(batches, reader, worker_count: int, step: int) -> grain.DatasetIterator:
+    """grain's iterator over the batches of steps step, step + 1, ..."""
+    ds = grain.MapDataset.range(step, _ENDLESS).map(batches).map(reader)
     # One reader thread overlaps reading with the training step; more threads
     # fight over the GIL (decoding is mostly Python) and slow reading down.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -207,6 +210,66 @@ def train_iterator(source, *, global_batch_size: int, seed: int,
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
         it = it.map(shm_slots.SlotReader())
     return iter(it)
+
+
+_ENDLESS = 2**62  # steps: "repeat forever" for a range
+
+
+class _StepIterator(grain.DatasetIterator):
+    """The batches step by step; its state is the next step.
+
+    grain's own iterator states differ with the worker count (one per worker), so
+    a checkpoint would only restore into the worker count that wrote it; the
+    batches here are a pure function of the step, so the step is the whole state
+    and a run may resume with any worker count (config.data.worker_count "auto"
+    differs between machines). grain's iterator is made at the first batch, from
+    the step restored, so a restore starts no worker processes in vain.
+    """
+
+    def __init__(self, make):
+        super().__init__()
+        self._make, self._step, self._it = make, 0, None
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self._make(self._step)
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self._step}
+
+    def set_state(self, state: dict) -> None:
+        step = _step_of(state)
+        if step != self._step and self._it is not None:
+            self._it.close()
+            self._it = None
+        self._step = step
+
+    def start_prefetch(self) -> None:
+        if self._it is None:
+            self._it = self._make(self._step)
+        self._it.start_prefetch()
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+        super().close()
+
+
+def _step_of(state: dict) -> int:
+    """A data iterator's checkpointed state -> its next step; also the states of
+    grain's own iterators that earlier versions saved: one process {"next_index": k},
+    worker processes one such state per worker (their elements interleaved)."""
+    if "step" in state:
+        return int(state["step"])
+    if "next_index" in state:
+        return int(state["next_index"])
+    if "iterators_in_use_states" in state:
+        return sum(int(s["next_index"]) for s in state["iterators_in_use_states"])
+    raise UserError(f"The checkpoint's data iterator state {state} is not one this version "
+                    "reads; resume with the version that wrote it.")
 
 
 def eval_batches(source, batch_size: int, process_index: int = 0,
