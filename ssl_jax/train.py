@@ -78,7 +78,8 @@ def run(config, workdir: str, command: str | None = None):
         log.say(pairs.describe())
     workers = pipeline.worker_count(config.data.worker_count, source)
     if is_main and workers:
-        log.say(f"Reading with {workers} grain worker processes per host "
+        each = f" in each of the {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        log.say(f"Reading with {workers} grain worker processes{each} "
                 f"(config.data.worker_count={config.data.worker_count}).")
     data_iter = pipeline.train_iterator(
         source, global_batch_size=config.batch_size, seed=config.seed,

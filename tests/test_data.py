@@ -282,7 +282,6 @@ def test_worker_processes_give_the_same_batches_and_restore(tiny_dataset, tmp_pa
 def test_worker_count_auto_reads_in_process_where_workers_cannot_help(tiny_dataset, monkeypatch):
     """"auto": no workers for an in-memory split or on <= 2 cores; else one per core
     of this process's affinity but one, at most 32. A bad setting names itself."""
-    from ssl_jax import errors
     data_dir, _ = tiny_dataset
     on_disk = sources.open_source("tiny_rgb", "train", data_dir, memory_limit=0)
     in_memory = sources.open_source("tiny_rgb", "train", data_dir)
@@ -299,7 +298,7 @@ def test_worker_count_auto_reads_in_process_where_workers_cannot_help(tiny_datas
 
 def test_a_resume_may_read_with_other_worker_processes():
     """The workers change how batches are read, not which: no 'different config'."""
-    from ssl_jax import config as cfg_lib, errors, experiment
+    from ssl_jax import config as cfg_lib, experiment
     config = cfg_lib.load_file("configs/simclr.py:dataset=fashion_mnist")
     stored = config.to_dict()
     stored["data"]["worker_count"] = 0

@@ -34,10 +34,17 @@ class _Reader:
     to_slots: bool = False
 
     def __call__(self, ix: np.ndarray) -> dict:
-        if not self.to_slots:
-            return read_batch(self.src, ix)
-        writer = shm_slots.process_writer()
-        return writer.send(read_batch(self.src, ix, writer.empty))
+        alloc, send = _transport(self.to_slots)
+        return send(read_batch(self.src, ix, alloc))
+
+
+def _transport(to_slots: bool):
+    """-> (alloc(shape, dtype) for the decoded images, send(batch) -> what to yield):
+    this worker's shared-memory slots, or ordinary arrays as they are."""
+    if not to_slots:
+        return np.empty, lambda batch: batch
+    writer = shm_slots.process_writer()
+    return writer.empty, writer.send
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
@@ -112,8 +119,7 @@ class _PairReader:
     to_slots: bool = False  # as _Reader's
 
     def __call__(self, drawn: dict) -> dict:
-        writer = shm_slots.process_writer() if self.to_slots else None
-        alloc = writer.empty if writer else np.empty
+        alloc, send = _transport(self.to_slots)
         out = read_batch(self.src, drawn["query"], alloc)
         key = read_batch(self.src, drawn["key"], alloc)
         if "context" in drawn:  # the same object in both: crops of fixed size, no canvas
@@ -123,7 +129,7 @@ class _PairReader:
         out["key_image"], out["key_index"] = key["image"], key["index"]
         if "image_hw" in key:
             out["key_image_hw"] = key["image_hw"]
-        return writer.send(out) if writer else out
+        return send(out)
 
 
 def worker_count(setting, source) -> int:
