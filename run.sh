@@ -28,7 +28,7 @@ setup() {
 case "${1:-}" in
   demo)
     setup
-    $PY -m ssl_jax.data.prepare --dataset fashion_mnist --data_dir "$DATA_DIR"
+    $PY -m ssl_jax.prepare --dataset fashion_mnist --data_dir "$DATA_DIR"
     # launch/local.sh: one process on all local devices (the multi-host launchers: launch/)
     launch/local.sh train -- --config "configs/simclr.py:dataset=fashion_mnist" \
         --workdir "$WORKDIR" --config.data_dir="$DATA_DIR" "${@:2}"

@@ -30,7 +30,8 @@ from absl import app, flags
 
 import measure  # benchmarks/measure.py: Python imports from a script's own folder
 from ssl_jax import methods
-from ssl_jax.data import prepare, sources
+from ssl_jax.data import sources
+from ssl_jax.datasets import prepare
 
 _METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
     ["simclr", "moco"], "augment.json", "batches")

@@ -34,7 +34,8 @@ from absl import app, flags
 import jax_step  # benchmarks/*.py: Python imports from a script's own folder
 import measure
 from ssl_jax import parallel
-from ssl_jax.data import pipeline, prepare, sources
+from ssl_jax.data import pipeline, sources
+from ssl_jax.datasets import prepare
 
 _METHODS, _STEPS, _WARMUP, _DATA_DIR, _SIDE, _OUT = measure.define_flags(
     ["simclr", "moco", "rotnet", "pirl"], "end_to_end.json", "steps")

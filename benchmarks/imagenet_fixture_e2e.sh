@@ -13,7 +13,7 @@ M=${1:?usage: $0 METHOD [--config.x=y ...]}
 DATA="$OUT/tfds" W="$OUT/run_$M"
 if [ ! -d "$DATA/imagenet2012" ]; then
   PYTHONPATH=. $PY -c "from tests.imagenet_fixture import make_ilsvrc; make_ilsvrc('$OUT/manual')" >/dev/null
-  $PY -m ssl_jax.data.prepare --dataset imagenet2012 --manual_dir "$OUT/manual" --data_dir "$DATA"
+  $PY -m ssl_jax.prepare --dataset imagenet2012 --manual_dir "$OUT/manual" --data_dir "$DATA"
 fi
 ARGS=(--config "configs/$M.py:dataset=imagenet2012,runlocal" --workdir "$W" --config.data_dir="$DATA"
   --config.batch_size=32 --config.total_steps=20 --config.ckpt_every_steps=10 --config.log_every_steps=5

@@ -15,7 +15,8 @@ import time
 
 from absl import app, flags
 
-from ssl_jax.data import pipeline, prepare, sources
+from ssl_jax.data import pipeline, sources
+from ssl_jax.datasets import prepare
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; default TFDS's.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")

@@ -35,7 +35,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from ssl_jax.data import decode, pipeline, prepare, sources
+from ssl_jax.data import decode, pipeline, sources
+from ssl_jax.datasets import prepare
 
 _IMAGES = flags.DEFINE_integer("images", 400, "JPEGs to generate.")
 _SECONDS = flags.DEFINE_float("seconds", 6.0, "Measuring time per setting.")

@@ -2,7 +2,7 @@ r"""Which invariances each method's representation has (Purushwalkam & Gupta 202
 the invariance score of every encoder of benchmarks/quality.py, on the
 transformation sets made from Fashion-MNIST's test split.
 
-    python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist
+    python -m ssl_jax.prepare --dataset invariance_sets --source fashion_mnist
     python benchmarks/invariance.py [--root runs/quality] [--methods ...]
                                     [--per_stage simclr,supervised]
 

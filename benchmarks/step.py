@@ -245,7 +245,8 @@ def main(argv):
         measure.write_json(_OUT.value, {m: torch_side(m, _VIEWS.value, _STEPS.value, _WARMUP.value)
                                         for m in _METHODS.value})
         return
-    from ssl_jax.data import prepare, sources
+    from ssl_jax.data import sources
+    from ssl_jax.datasets import prepare
     host = measure.machine()
     data_dir = _DATA_DIR.value or sources.default_data_dir()
     prepare.prepare("fashion_mnist", data_dir)

@@ -28,7 +28,8 @@ from absl import app, flags
 import measure  # benchmarks/measure.py: Python imports from a script's own folder
 from ssl_jax import experiment, parallel
 from ssl_jax.config import load_file
-from ssl_jax.data import pipeline, prepare, sources
+from ssl_jax.data import pipeline, sources
+from ssl_jax.datasets import prepare
 
 _METHODS = flags.DEFINE_list("methods", ["simclr", "moco"], "Methods (configs/<name>.py).")
 _CONVS = flags.DEFINE_list("convs", ["xla", "im2col_wgrad"], "config.model.conv values.")

@@ -2,8 +2,8 @@ r"""Positives from video (Purushwalkam & Gupta 2020, section 5): MoCo v2 on the 
 videos and budget with three kinds of positive pair, scored by a linear probe, kNN
 and the invariance measurement.
 
-    python -m ssl_jax.data.prepare --dataset fashion_mnist_videos
-    python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist_videos \
+    python -m ssl_jax.prepare --dataset fashion_mnist_videos
+    python -m ssl_jax.prepare --dataset invariance_sets --source fashion_mnist_videos \
         --source_split train --sets_per_class 12
     python benchmarks/video_positives.py [--root runs/video] [--positives frame,temporal,region]
                                          [--seed 0]

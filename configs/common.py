@@ -21,13 +21,13 @@ DATASETS = {
                           # conv: the matmul weight gradient (models/conv.py), ~2x faster on CPUs.
                           model=dict(name="convnet", widths=(32, 64, 128, 256), dtype="float32",
                                      conv="im2col_wgrad")),
-    # Synthetic videos of Fashion-MNIST garments on a 64x64 canvas (data/videos.py): the
+    # Synthetic videos of Fashion-MNIST garments on a 64x64 canvas (datasets/videos.py): the
     # garment spans ~30 px. Views of 48 px: a 64 px view costs 1.8x more on a CPU.
     "fashion_mnist_videos": dict(crop_size=48, mean=(0.0627,), std=(0.1924,),
                                  test_split="test", mlp_hidden=200,
                                  model=dict(name="convnet", widths=(32, 64, 128, 256),
                                             dtype="float32", conv="im2col_wgrad")),
-    # Real video frames (data/video_folders.py: GOT-10k's layout, shorter side 256, sizes
+    # Real video frames (datasets/video_folders.py: GOT-10k's layout, shorter side 256, sizes
     # vary: decoded onto config.data.canvas); ImageNet's statistics and encoder.
     "got10k_videos": dict(crop_size=224, mean=(0.485, 0.456, 0.406),
                           std=(0.229, 0.224, 0.225), test_split="test", mlp_hidden=2048,
@@ -131,7 +131,7 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
 
 
 def video_positives(c: ml_collections.ConfigDict, positives: str) -> None:
-    """config.video: where a two-view method's positive pair comes from (data/videos.py).
+    """config.video: where a two-view method's positive pair comes from (datasets/videos.py).
 
     positives: "frame" (two crops of one image, the usual), "temporal" (two frames of
     one video at most max_gap frames apart) or "region" (the object's box cropped in

@@ -2,7 +2,7 @@ r"""MoCo v2 with positives from video (Purushwalkam & Gupta 2020, "Demystifying
 Contrastive Self-Supervised Learning", section 5): the same loss, queue and
 shuffle-BN as configs/moco.py -- only the positive pair changes.
 
-  python -m ssl_jax.data.prepare --dataset fashion_mnist_videos
+  python -m ssl_jax.prepare --dataset fashion_mnist_videos
   python -m ssl_jax.train --config configs/moco_video.py:positives=temporal \
       --workdir runs/moco_temporal
   python -m ssl_jax.evaluate --workdir runs/moco_temporal --eval linear,knn,invariance

@@ -226,7 +226,7 @@ def sets_dataset(run_dataset: str, run_data_dir: str | None, dataset: str | None
         where = data_dir or sources.default_data_dir()
         raise UserError(
             f"The transformation sets {dataset!r} are not prepared in {where}. Make them "
-            f"from the run's images with `python -m ssl_jax.data.prepare --dataset "
+            f"from the run's images with `python -m ssl_jax.prepare --dataset "
             f"invariance_sets --source {run_dataset} --data_dir {where}`, or name other "
             "prepared sets with --config.eval.invariance.dataset=NAME.") from None
 
@@ -250,7 +250,7 @@ def set_features(fn, variables, centre, key, split_kw, run_dataset: str,
         set_id = sources.column(dataset, split, data_dir, "set_id")
     except UserError as e:
         raise UserError(f"{e} Invariance is scored on transformation sets, whose images "
-                        "carry a set_id: python -m ssl_jax.data.prepare --dataset "
+                        "carry a set_id: python -m ssl_jax.prepare --dataset "
                         "invariance_sets makes them.") from None
     source = sources.open_source(dataset, split, data_dir, decode=centre)
     key = key and dict(key, dataset=dataset, data_dir=str(storage.path(

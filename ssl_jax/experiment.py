@@ -47,7 +47,7 @@ import optax
 
 from ssl_jax import checkpoint, errors, faults, methods, optim, parallel
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import decode, sources, videos
+from ssl_jax.data import decode, sources, video_sampler
 from ssl_jax.dataspec import DataSpec
 from ssl_jax.eval import features, online
 from ssl_jax.methods import network
@@ -196,7 +196,7 @@ class Experiment:
             self.sample = canvas.Canvas(self.sample, jax.ShapeDtypeStruct((b, 2), jnp.int32,
                                                                           sharding=shard))
         # Video positives (config.video): the data brings each example's two images.
-        self.positives = videos.positives(config)
+        self.positives = video_sampler.positives(config)
         if self.positives != "frame":
             if not self.method.takes_pairs:
                 raise errors.UserError(
@@ -205,7 +205,7 @@ class Experiment:
                     "the two-view methods simclr and moco do. Use one of them, or positives="
                     "frame.")
             if self.positives == "region":  # crops of the object, one size, no canvas
-                r = videos.region_size(config, spec.image_shape)
+                r = video_sampler.region_size(config, spec.image_shape)
                 self.sample = jax.ShapeDtypeStruct((b, r, r, spec.image_shape[-1]), jnp.uint8,
                                                    sharding=shard)
             self.sample = pair.Pair(self.sample, self.sample)

@@ -22,7 +22,7 @@ from absl import flags, logging
 
 from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import decode, pipeline, sources, videos
+from ssl_jax.data import decode, pipeline, sources, video_sampler
 from ssl_jax.progress import Progress, RunLog
 
 FLAGS = flags.FLAGS
@@ -73,7 +73,7 @@ def run(config, workdir: str, command: str | None = None):
         config.dataset, config.train_split, config.data_dir, skip_corrupt=skip,
         decode=decode.for_eval(config))
     # Video positives (config.video): each query frame's key is another frame of its video.
-    pairs = videos.pair_sampler(config, exp.spec.image_shape)
+    pairs = video_sampler.pair_sampler(config, exp.spec.image_shape)
     if pairs is not None and is_main:
         log.say(pairs.describe())
     workers = pipeline.worker_count(config.data.worker_count, source)

@@ -71,7 +71,7 @@ def fake_idx_dir(tmp_path):
     Returns (dir, {split: (images (N, 28, 28) uint8, labels (N,) uint8)}),
     40 train and 12 test examples.
     """
-    from ssl_jax.data import fashion_mnist
+    from ssl_jax.datasets import fashion_mnist
 
     rng = np.random.default_rng(0)
     src = tmp_path / "idx"
@@ -92,7 +92,7 @@ def fashion_mnist_dir(tmp_path_factory) -> str:
     """A data_dir holding fashion_mnist built from the real Debian files (once per session)."""
     if not os.path.isdir(FASHION_MNIST_SOURCE):
         pytest.skip(f"{FASHION_MNIST_SOURCE} is absent: apt-get install dataset-fashion-mnist")
-    from ssl_jax.data import prepare
+    from ssl_jax.datasets import prepare
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     prepare.prepare("fashion_mnist", data_dir, FASHION_MNIST_SOURCE)
@@ -107,7 +107,7 @@ def tiny_dataset(tmp_path_factory):
     96 train and 37 test examples. Pixel (0, 0, 0) of image i is i % 256, so
     records can be told apart.
     """
-    from ssl_jax.data import arrays
+    from ssl_jax.datasets import arrays
 
     rng = np.random.default_rng(1)
     data = {}
@@ -133,7 +133,7 @@ def tiny_data(tmp_path_factory):
             r, c = divmod(int(y), 5)
             images[i, 4 + 12 * r:12 + 12 * r, 1 + 5 * c:6 + 5 * c] = 250
         return images, labels
-    from ssl_jax.data import arrays
+    from ssl_jax.datasets import arrays
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     arrays.build_from_arrays("tiny_squares", data_dir, {"train": make(256), "test": make(128)},

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from PIL import Image
 
-from ssl_jax.data import imagenet
+from ssl_jax.datasets import imagenet
 
 
 def class_image(rng: np.random.Generator, label: int, num_classes: int) -> Image.Image:

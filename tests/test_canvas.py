@@ -199,7 +199,7 @@ def photos(tmp_path_factory):
     """An image_folder dataset `photos` of JPEGs of varying size (24-90 px, aspect
     0.5-2, a greyscale one): 4 classes told apart by colour, 48 train, 16 val.
     Returns its data_dir."""
-    from ssl_jax.data import prepare
+    from ssl_jax.datasets import prepare
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("photos_src")

@@ -39,7 +39,7 @@ def _cases(tmp, tiny_data):
             ["ssl_jax.train", "--config", "configs/simclr.py:dataset=cifar10",
              f"--config.data_dir={empty}", "--workdir", str(tmp / "w1")],
             f"Dataset 'cifar10' is not prepared in {empty}. Prepare it with `python -m "
-            f"ssl_jax.data.prepare --dataset cifar10 --data_dir {empty}`", tmp / "w1", {}),
+            f"ssl_jax.prepare --dataset cifar10 --data_dir {empty}`", tmp / "w1", {}),
         "unknown config key": (
             ["ssl_jax.train", "--config", SIMCLR, "--config.optimizer.lrr=0.1",
              "--workdir", str(tmp / "w2")],

@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ssl_jax import errors
-from ssl_jax.data import arrays, fashion_mnist, pipeline, prepare, sources
+from ssl_jax.data import pipeline, sources
+from ssl_jax.datasets import arrays, fashion_mnist, prepare
 from tests.conftest import FASHION_MNIST_SOURCE, write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +122,7 @@ def test_corrupt_idx_file_raises_clear_error(fake_idx_dir, tmp_path, corrupt, me
 def test_prepare_cli_builds_once(fake_idx_dir, tmp_path):
     source_dir, _ = fake_idx_dir
     data_dir = str(tmp_path / "tfds")
-    cmd = [sys.executable, "-m", "ssl_jax.data.prepare", "--dataset", "fashion_mnist",
+    cmd = [sys.executable, "-m", "ssl_jax.prepare", "--dataset", "fashion_mnist",
            "--data_dir", data_dir, "--source_dir", source_dir]
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -134,10 +135,10 @@ def test_prepare_cli_builds_once(fake_idx_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "no_such_dataset"])
 def test_missing_dataset_names_the_prepare_command(tmp_path, name):
-    cmd = f"python -m ssl_jax.data.prepare --dataset {name} --data_dir {tmp_path}"
+    cmd = f"python -m ssl_jax.prepare --dataset {name} --data_dir {tmp_path}"
     with pytest.raises(sources.DatasetNotFoundError, match=cmd.replace(".", r"\.")):
         sources.open_source(name, "train", str(tmp_path))
-    with pytest.raises(ValueError, match="ssl_jax.data.prepare"):
+    with pytest.raises(ValueError, match="ssl_jax.prepare"):
         sources.dataset_info(name, str(tmp_path))
 
 

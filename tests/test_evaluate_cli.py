@@ -9,7 +9,7 @@ from etils import epath
 
 from ssl_jax import encoders, errors, evaluation
 from ssl_jax import config as cfg_lib
-from ssl_jax.data import arrays
+from ssl_jax.datasets import arrays
 from tests.test_train import tiny_config
 
 

@@ -246,7 +246,7 @@ def test_images_with_another_channel_count_than_the_config_are_refused(tiny_data
 def corrupt_data(tmp_path):
     """A 600-record dataset with 50 bytes flipped in the middle of its train shard:
     -> (data_dir, images (600, 28, 28, 1))."""
-    from ssl_jax.data import arrays
+    from ssl_jax.datasets import arrays
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (600, 28, 28, 1), dtype=np.uint8)
     data = {"train": (images, rng.integers(0, 10, 600)),

@@ -1,5 +1,5 @@
 """ImageNet (the ILSVRC2012 tars) and folders of images prepared as TFDS datasets,
-offline, without TensorFlow: ssl_jax/data/imagenet.py, image_folder.py, prepare.py."""
+offline, without TensorFlow: ssl_jax/datasets/imagenet.py, image_folder.py, prepare.py."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +16,8 @@ from PIL import Image
 from tensorflow_datasets.core import shuffle
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as tfds_imagenet
 
-from ssl_jax.data import decode, imagenet, prepare, sources
+from ssl_jax.data import decode, sources
+from ssl_jax.datasets import base, imagenet, prepare
 from ssl_jax.errors import UserError
 from tests import imagenet_fixture as fx
 
@@ -224,7 +225,7 @@ def test_failure_half_way_keeps_what_was_prepared_and_prepares_nothing(tmp_path,
     # folder) by the time preparation fails.
     fx.make_ilsvrc(tmp_path / "manual", synsets=2, train_per_class=4, val=6,
                    edit={"ILSVRC2012_val_00000006.JPEG": _truncate})
-    seen, fix_image = [], imagenet.fix_image
+    seen, fix_image = [], base.fix_image
 
     def spy(data, quality):  # what the dataset's folder holds while images are checked
         folder = data_dir / "imagenet2012"
@@ -265,7 +266,7 @@ def test_image_folder_labels_from_sorted_folders(tmp_path, monkeypatch):
     assert len(shards) > 2
     assert shards[0] == f"my_images-train.array_record-00000-of-{len(shards):05d}"
     ours = tfds.builder_from_directory(path).info.features
-    imagenet_features = imagenet.features(["ant", "moth", "zebra"])
+    imagenet_features = base.features(["ant", "moth", "zebra"])
     assert ours.to_json() == imagenet_features.to_json()
     for split, key in (("train", "train"), ("validation", "val")):
         records = raw_records("my_images", split, data_dir)
@@ -326,7 +327,7 @@ def test_option_errors(tmp_path, dataset, name, message):
 def test_cli_prepares_and_says_where(tmp_path):
     fx.make_ilsvrc(tmp_path / "manual", synsets=2, train_per_class=3, val=4)
     data_dir = str(tmp_path / "tfds")
-    cmd = [sys.executable, "-m", "ssl_jax.data.prepare", "--dataset", "imagenet2012",
+    cmd = [sys.executable, "-m", "ssl_jax.prepare", "--dataset", "imagenet2012",
            "--manual_dir", str(tmp_path / "manual"), "--data_dir", data_dir]
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

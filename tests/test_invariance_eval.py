@@ -13,7 +13,8 @@ import pytest
 
 from ssl_jax import config as cfg_lib
 from ssl_jax import errors, evaluation
-from ssl_jax.data import prepare, sources
+from ssl_jax.data import sources
+from ssl_jax.datasets import prepare
 from ssl_jax.eval import invariance, report
 from tests.test_train import tiny_config
 
@@ -118,7 +119,7 @@ def test_missing_sets_and_datasets_without_set_ids_are_named(run, tiny_data, tmp
     os.makedirs(other)
     cfg_lib.save(config, other)
     with pytest.raises(errors.UserError, match=r"transformation sets 'tiny_squares_invariance' "
-                       r"are not prepared in .*python -m ssl_jax.data.prepare --dataset "
+                       r"are not prepared in .*python -m ssl_jax.prepare --dataset "
                        r"invariance_sets --source tiny_squares"):
         evaluation.evaluate(other, ("invariance",), random_init=True)
     with pytest.raises(errors.UserError, match=r"tiny_squares has no 'set_id' feature.*"

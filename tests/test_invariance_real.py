@@ -1,4 +1,4 @@
-"""The real benchmarks' transformation sets: ssl_jax/data/invariance_real.py, on tiny
+"""The real benchmarks' transformation sets: ssl_jax/datasets/invariance_real.py, on tiny
 copies of their layouts (tests/invariance_real_fixture.py): the shared helpers, ALOI
 and bad input here; GOT-10k and PASCAL3D+ (box crops) in test_invariance_real_boxes.py."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ssl_jax.data import decode, invariance_sets, prepare, sources
+from ssl_jax.data import decode, sources
+from ssl_jax.datasets import invariance_sets, prepare
 from ssl_jax.errors import UserError
 from tests import invariance_real_fixture as fx
 
@@ -195,7 +196,7 @@ def test_bad_images_stop_or_are_left_out_and_counted(tmp_path):
 
 def test_prepare_command_prints_the_counts_and_writes_the_same_bytes(aloi, tmp_path):
     folder, data_dir, _ = aloi
-    cmd = [sys.executable, "-m", "ssl_jax.data.prepare", "--dataset", ALOI,
+    cmd = [sys.executable, "-m", "ssl_jax.prepare", "--dataset", ALOI,
            "--manual_dir", str(folder), "--data_dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=300)

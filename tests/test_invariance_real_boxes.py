@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_jax.data import invariance_real, sources
-from ssl_jax.data import invariance_real_layouts as layouts
+from ssl_jax.data import sources
+from ssl_jax.datasets import invariance_real
+from ssl_jax.datasets import invariance_real_layouts as layouts
 from ssl_jax.errors import UserError
 from tests import invariance_real_fixture as fx
 from tests.test_invariance_real import (GOT, PASCAL, build, check_sets, close, prepared,

@@ -1,5 +1,5 @@
-"""The transformation sets of Purushwalkam & Gupta 2020: ssl_jax/data/invariance_sets.py
-(the dataset) and ssl_jax/data/transforms.py (the frames of one image)."""
+"""The transformation sets of Purushwalkam & Gupta 2020: ssl_jax/datasets/invariance_sets.py
+(the dataset) and ssl_jax/datasets/transforms.py (the frames of one image)."""
 from __future__ import annotations
 
 import glob
@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from ssl_jax.data import arrays, decode, invariance_sets, prepare, sources, transforms
+from ssl_jax.data import decode, sources
+from ssl_jax.datasets import arrays, invariance_sets, prepare, transforms
 from ssl_jax.errors import UserError
 from tests import imagenet_fixture as fx
 
@@ -209,8 +210,8 @@ def _shards(path: str) -> dict[str, bytes]:
 
 
 def _command(*args: str) -> subprocess.CompletedProcess:
-    """Runs `python -m ssl_jax.data.prepare --dataset invariance_sets --source SOURCE args`."""
-    cmd = [sys.executable, "-m", "ssl_jax.data.prepare", "--dataset", "invariance_sets",
+    """Runs `python -m ssl_jax.prepare --dataset invariance_sets --source SOURCE args`."""
+    cmd = [sys.executable, "-m", "ssl_jax.prepare", "--dataset", "invariance_sets",
            "--source", SOURCE, *args]
     return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=300)

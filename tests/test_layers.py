@@ -4,7 +4,8 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ENTRY_POINTS = {"ssl_jax.train", "ssl_jax.evaluate", "ssl_jax.export"}
+ENTRY_POINTS = {"ssl_jax.train", "ssl_jax.evaluate", "ssl_jax.export", "ssl_jax.prepare"}
+BUILDERS, PIPELINE = "ssl_jax.datasets", "ssl_jax.data"
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -13,6 +14,10 @@ def _modules() -> dict[str, pathlib.Path]:
         name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
         out[name.removesuffix(".__init__")] = f
     return out
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -38,8 +43,12 @@ def test_imports_point_down_the_layers():
         if name.startswith("ssl_jax.methods"):
             bad += [f"{name} imports {d}" for d in deps
                     if d.startswith(("ssl_jax.eval", "ssl_jax.data", "ssl_jax.experiment"))]
-        if not name.startswith(("ssl_jax.train", "ssl_jax.evaluate", "ssl_jax.export")):
+        if name not in ENTRY_POINTS:
             bad += [f"{name} imports {d}" for d in deps & ENTRY_POINTS]
+        # The builders run once, offline; training and evaluation read only what they
+        # wrote, through the pipeline. Only the prepare command imports a builder.
+        if name != "ssl_jax.prepare" and not _within(name, BUILDERS):
+            bad += [f"{name} imports the builder {d}" for d in deps if _within(d, BUILDERS)]
     assert not bad, "\n".join(bad)
 
 
@@ -63,3 +72,18 @@ def test_no_import_circle_between_modules():
 def test_modules_stay_small():
     big = {n: len(f.read_text().splitlines()) for n, f in _modules().items()}
     assert not {n: k for n, k in big.items() if k > 400}, "split modules by what they hold"
+
+
+def test_the_pipeline_and_the_builders_are_apart():
+    """The input pipeline (ssl_jax/data) holds no builder, and the builders (ssl_jax/datasets)
+    hold no pipeline stage: a module named for the other side is in the wrong package."""
+    mods = _modules()
+    pipeline = {n.rsplit(".", 1)[-1] for n in mods if n.startswith(PIPELINE + ".")}
+    builders = {n.rsplit(".", 1)[-1] for n in mods if n.startswith(BUILDERS + ".")}
+    assert {"sources", "pipeline", "decode", "shm_slots", "video_pairs"} <= pipeline
+    assert {"base", "prepare", "fashion_mnist", "imagenet", "videos"} <= builders
+    for name, path in mods.items():
+        if _within(name, PIPELINE):
+            text = path.read_text()
+            assert "GeneratorBasedBuilder" not in text and "StreamingBuilder" not in text, \
+                f"{name} defines or uses a dataset builder: it belongs in {BUILDERS}"

@@ -15,7 +15,7 @@ import pytest
 import scipy.optimize
 
 from ssl_jax import evaluation, models
-from ssl_jax.data import arrays
+from ssl_jax.datasets import arrays
 from ssl_jax.eval import linear
 from ssl_jax.views import augment
 

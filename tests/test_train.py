@@ -160,5 +160,5 @@ def test_bad_batch_and_queue_sizes_fail_before_compiling(tiny_data, tmp_path):
 def test_missing_dataset_names_the_prepare_command(tmp_path):
     c = tiny_config("simclr", str(tmp_path / "empty"))
     from ssl_jax.data.sources import DatasetNotFoundError
-    with pytest.raises(DatasetNotFoundError, match="ssl_jax.data.prepare"):
+    with pytest.raises(DatasetNotFoundError, match="ssl_jax.prepare"):
         train.train(c, str(tmp_path / "w"))

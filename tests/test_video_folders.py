@@ -1,4 +1,4 @@
-"""got10k_videos (data/video_folders.py): real videos in GOT-10k's layout, on a tiny copy
+"""got10k_videos (datasets/video_folders.py): real videos in GOT-10k's layout, on a tiny copy
 of that layout written at test time: a rectangle moving on a flat background, its colour
 naming the frame, groundtruth.txt its box."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ssl_jax.data import prepare, sources, video_folders, videos
+from ssl_jax.data import sources, video_sampler
+from ssl_jax.datasets import prepare, video_folders
 from ssl_jax.errors import UserError
 from tests import invariance_real_fixture as fx
 
@@ -240,7 +241,7 @@ def test_report_counts_what_was_left_out(small):
 
 def test_video_index_reads_the_videos(small):
     data_dir, _ = small
-    index = videos.video_index(DATASET, "train", str(data_dir))
+    index = video_sampler.video_index(DATASET, "train", str(data_dir))
     np.testing.assert_array_equal(np.diff(index.starts), [6, 5, 5])
     np.testing.assert_array_equal(index.video_ids, [0, 1, 2])
 
@@ -248,7 +249,7 @@ def test_video_index_reads_the_videos(small):
 def test_prepare_command_writes_the_same_bytes_and_prints_the_report(small, layout,
                                                                     tmp_path):
     data_dir, _ = small
-    cmd = [sys.executable, "-m", "ssl_jax.data.prepare", "--dataset", DATASET,
+    cmd = [sys.executable, "-m", "ssl_jax.prepare", "--dataset", DATASET,
            "--manual_dir", str(layout), "--data_dir", str(tmp_path), "--frame_size", str(SMALL)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
                          capture_output=True, text=True, timeout=300)

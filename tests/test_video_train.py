@@ -11,7 +11,8 @@ import pytest
 
 from ssl_jax import config as cfg_lib
 from ssl_jax import evaluation, experiment, parallel, train
-from ssl_jax.data import pipeline, sources, video_pairs, videos
+from ssl_jax.data import pipeline, sources, video_pairs, video_sampler
+from ssl_jax.datasets import videos
 from ssl_jax.errors import UserError
 from ssl_jax.methods import moco, simclr
 from ssl_jax.views import pair
@@ -28,7 +29,7 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def sampler(data_dir, max_gap=2, region=False, seed=0):
-    index = videos.video_index(videos.DATASET, "train", data_dir)
+    index = video_sampler.video_index(videos.DATASET, "train", data_dir)
     boxes = (np.stack(sources.column(videos.DATASET, "train", data_dir, "box"))
              if region else None)
     return video_pairs.PairSampler(index, max_gap=max_gap, seed=seed, boxes=boxes)
@@ -213,7 +214,7 @@ def test_bad_video_settings_are_named(data_dir, tiny_data, tmp_path):
     def refused(config, match):
         with pytest.raises(UserError, match=match):
             experiment.Experiment(config, spec, mesh)
-            videos.pair_sampler(config, spec.image_shape)
+            video_sampler.pair_sampler(config, spec.image_shape)
 
     config = tiny_video_config(data_dir, "sideways")
     refused(config, r"positives='sideways' unknown; valid: frame, temporal, region")
@@ -242,7 +243,7 @@ def test_invariance_sets_of_videos_take_one_frame_a_video(data_dir, tmp_path):
     hold different videos' garments, so only each video's first frame is drawn."""
     import shutil
 
-    from ssl_jax.data import prepare
+    from ssl_jax.datasets import prepare
 
     own = str(tmp_path / "data")
     shutil.copytree(data_dir, own)

@@ -1,4 +1,4 @@
-"""fashion_mnist_videos (data/videos.py) and the video pair sampler (data/video_pairs.py),
+"""fashion_mnist_videos (datasets/videos.py) and the video pair sampler (data/video_pairs.py),
 on a small fake Fashion-MNIST of bright blobs."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ssl_jax.data import fashion_mnist, prepare, video_pairs, videos
+from ssl_jax.data import video_pairs, video_sampler
+from ssl_jax.datasets import fashion_mnist, prepare, videos
 from ssl_jax.errors import UserError
 from tests.conftest import write_idx
 
@@ -134,10 +135,10 @@ def test_other_settings_and_too_few_garments_are_named(data_dir, tmp_path_factor
 
 
 def test_video_index_of_a_dataset(data_dir, tiny_dataset):
-    index = videos.video_index(videos.DATASET, "test", data_dir)
+    index = video_sampler.video_index(videos.DATASET, "test", data_dir)
     assert len(index.lengths) == 10
     with pytest.raises(UserError, match="no 'video_id' feature.*fashion_mnist_videos"):
-        videos.video_index("tiny_rgb", "train", tiny_dataset[0])
+        video_sampler.video_index("tiny_rgb", "train", tiny_dataset[0])
 
 
 # ------------------------------------------------------------------ the sampler

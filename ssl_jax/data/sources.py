@@ -48,7 +48,7 @@ def default_data_dir() -> str:
 def _prepared_builder(dataset: str, data_dir: str | None):
     data_dir = data_dir or default_data_dir()
     hint = (f"Dataset {dataset!r} is not prepared in {data_dir}. Prepare it with "
-            f"`python -m ssl_jax.data.prepare --dataset {dataset} --data_dir {data_dir}`.")
+            f"`python -m ssl_jax.prepare --dataset {dataset} --data_dir {data_dir}`.")
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -62,7 +62,7 @@ def _prepared_builder(dataset: str, data_dir: str | None):
         if others:
             hint = (f"Dataset {dataset!r} version {builder.version} is not prepared in "
                     f"{data_dir} (found version(s) {others} there, which this code does not "
-                    f"read). Prepare it with `python -m ssl_jax.data.prepare --dataset "
+                    f"read). Prepare it with `python -m ssl_jax.prepare --dataset "
                     f"{dataset} --data_dir {data_dir}`.")
         raise DatasetNotFoundError(hint)
     return builder, data_dir
@@ -208,7 +208,7 @@ def read_records(src, ix: list[int], name: str, skip: bool) -> tuple[list[dict],
                 raise CorruptRecordError(
                     f"Record {i} of {name} cannot be read: {type(e).__name__}: {e}. The prepared "
                     "files are damaged: delete the dataset's folder and prepare it again "
-                    "(python -m ssl_jax.data.prepare), or set --config.data.skip_corrupt=True "
+                    "(python -m ssl_jax.prepare), or set --config.data.skip_corrupt=True "
                     "to skip unreadable records.") from e
             logging.warning("Skipping corrupt record %d of %s (%s: %s).", i, name,
                             type(e).__name__, e)

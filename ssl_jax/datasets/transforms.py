@@ -1,4 +1,4 @@
-"""The transformations of the invariance sets (data/invariance_sets.py), as pure functions.
+"""The transformations of the invariance sets (datasets/invariance_sets.py), as pure functions.
 
 Purushwalkam & Gupta, "Demystifying Contrastive Self-Supervised Learning"
 (2020), measure how much an encoder's features stay put when one image is

@@ -1,6 +1,6 @@
 r"""Short synthetic videos of real garments: Fashion-MNIST in motion, one record a frame.
 
-    python -m ssl_jax.data.prepare --dataset fashion_mnist_videos \
+    python -m ssl_jax.prepare --dataset fashion_mnist_videos \
         [--videos_per_class 100] [--seed 0] [--data_dir D]
 
 made from the prepared `fashion_mnist` in the same data_dir (prepare it first).
@@ -25,7 +25,7 @@ frame, records grouped by video and in frame order:
 The garments of a class are drawn without replacement from a Generator seeded
 by (seed, split); a video's motion from one seeded by (seed, split, video_id).
 The same arguments give byte-identical records. video_pairs.py samples the
-(query, key) frame pairs; video_index() reads a split's VideoIndex.
+(query, key) frame pairs; data/video_sampler.py reads a split's VideoIndex.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ssl_jax.data import arrays, imagenet, sources, transforms, video_pairs
+from ssl_jax.data import sources
+from ssl_jax.datasets import arrays, base, transforms
 from ssl_jax.errors import UserError
 
 DATASET, SOURCE = "fashion_mnist_videos", "fashion_mnist"
@@ -149,7 +150,7 @@ def choose_garments(labels: np.ndarray, num_classes: int, count: int, seed: int,
     return out
 
 
-class FashionMnistVideos(imagenet.StreamingBuilder, skip_registration=True):
+class FashionMnistVideos(base.StreamingBuilder, skip_registration=True):
     """The `fashion_mnist_videos` builder (see the module doc)."""
 
     byte_identical = True  # the same arguments give the same files
@@ -208,74 +209,3 @@ class FashionMnistVideos(imagenet.StreamingBuilder, skip_registration=True):
                 for t, (frame, box) in enumerate(zip(frames, boxes)):
                     yield {"image": arrays.encode_png(frame), "label": c, "video_id": video_id,
                            "frame_index": t, "box": box}
-
-
-def video_index(dataset: str, split: str, data_dir: str | None = None
-                ) -> video_pairs.VideoIndex:
-    """The VideoIndex of a prepared split, from its video_id and frame_index columns."""
-    columns = {}
-    for feature in ("video_id", "frame_index"):
-        try:
-            columns[feature] = sources.column(dataset, split, data_dir, feature)
-        except sources.DatasetNotFoundError:
-            raise
-        except UserError as e:
-            raise UserError(f"{e} Video pairs need `video_id` and `frame_index` per record: "
-                            f"use a video dataset (e.g. `python -m ssl_jax.data.prepare "
-                            f"--dataset {DATASET}`), or add those features to {dataset}."
-                            ) from e
-    return video_pairs.VideoIndex.from_columns(columns["video_id"], columns["frame_index"],
-                                               name=f"{dataset} {split}")
-
-
-def positives(config) -> str:
-    """config.video.positives, checked: "frame" (two crops of one image: every dataset,
-    and runs without a video block), "temporal" or "region" (video_pairs.py)."""
-    video = config.get("video")
-    value = "frame" if video is None else video.get("positives", "frame")
-    if value not in video_pairs.POSITIVES:
-        raise UserError(f"config.video.positives={value!r} unknown; valid: "
-                        f"{', '.join(video_pairs.POSITIVES)} (frame: two crops of one frame; "
-                        "temporal: two frames of one video; region: the object's box in both).")
-    return value
-
-
-def region_size(config, image_shape) -> int:
-    """The side region crops are resized to: config.video.region_size, or the stored
-    frames' side (for images of varying size, the canvas side)."""
-    size = config.video.get("region_size") or image_shape[0]
-    if isinstance(size, bool) or not isinstance(size, int) or size < max(config.aug.crop_size):
-        raise UserError(f"config.video.region_size={size!r} must be an integer >= the crop "
-                        f"{max(config.aug.crop_size)}: the views are cropped from the region.")
-    return size
-
-
-def pair_sampler(config, image_shape) -> video_pairs.PairSampler | None:
-    """The train split's PairSampler for config.video (None for "frame" positives):
-    its VideoIndex, and for "region" its per-record boxes. Raises UserError naming
-    the missing feature (a dataset that is not a video dataset) or the bad value."""
-    kind = positives(config)
-    if kind == "frame":
-        return None
-    if config.data.get("skip_corrupt", False):
-        raise UserError("config.data.skip_corrupt cannot be used with video positives: a "
-                        "skipped frame would leave its video's keys pointing at nothing. "
-                        "Re-prepare the dataset (or drop its bad frames) instead.")
-    index = video_index(config.dataset, config.train_split, config.data_dir)
-    boxes = None
-    if kind == "region":
-        try:
-            boxes = np.stack(sources.column(config.dataset, config.train_split,
-                                            config.data_dir, "box")).astype(np.float32)
-        except UserError as e:
-            raise UserError(f"{e} Region positives crop each frame's object box: use a "
-                            "dataset with a `box` feature, or --config.video.positives="
-                            "temporal.") from e
-        if boxes.shape != (len(index.order), 4):
-            raise UserError(f"{config.dataset} box feature has shape {boxes.shape[1:]} per "
-                            "record; region positives need (top, left, bottom, right).")
-    region = {} if boxes is None else dict(  # the crop settings only region reads
-        boxes=boxes, context=config.video.get("context", 0.25),
-        region_size=region_size(config, image_shape))
-    return video_pairs.PairSampler(index, max_gap=config.video.max_gap, seed=config.seed,
-                                   **region)

@@ -5,7 +5,7 @@
 checksums TFDS registers, so TFDS's own builder cannot use them; this one
 writes the same dataset (name, version, features, splits) without TensorFlow:
 
-    python -m ssl_jax.data.prepare --dataset fashion_mnist --data_dir DIR
+    python -m ssl_jax.prepare --dataset fashion_mnist --data_dir DIR
 
 Unlike TFDS's builder it keeps file order: record i of a split is example i
 of the IDX files, so a dataset index means the same thing everywhere.
@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ssl_jax.data import arrays
+from ssl_jax.datasets import arrays
 
 SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL = "apt-get install dataset-fashion-mnist"

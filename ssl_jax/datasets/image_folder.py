@@ -1,6 +1,6 @@
 r"""A folder of one's own images (the ImageFolder layout) as a TFDS dataset.
 
-    python -m ssl_jax.data.prepare --dataset image_folder --manual_dir DIR --name NAME
+    python -m ssl_jax.prepare --dataset image_folder --manual_dir DIR --name NAME
 
 DIR/train/<class>/*.jpg (and optionally DIR/val/ or DIR/validation/ -> split
 `validation`, DIR/test/ -> `test`, each with class folders), or DIR/<class>/*.jpg
@@ -11,7 +11,7 @@ features: `image` (JPEG; other formats and CMYK are converted to RGB JPEG at
 quality 95, RGB and greyscale JPEGs are kept byte for byte), `label` (a
 ClassLabel of the train split's class folder names, sorted), `file_name` (the
 path under the split folder, e.g. "cat/0001.jpg"). Records are sorted by
-file_name. Every image is decoded once as a check (imagenet.check_images).
+file_name. Every image is decoded once as a check (base.check_images).
 EXIF orientation is not applied (TFDS does not either).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ssl_jax.data import imagenet
+from ssl_jax.datasets import base
 from ssl_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
@@ -83,7 +83,7 @@ def list_images(folder: str) -> dict[str, list[str]]:
     return out
 
 
-class _ImageFolder(imagenet.StreamingBuilder, skip_registration=True):
+class _ImageFolder(base.StreamingBuilder, skip_registration=True):
     """Base of the builders that ImageFolder() makes, one class per dataset name."""
 
     VERSION = tfds.core.Version(DATASET_VERSION)
@@ -110,7 +110,7 @@ class _ImageFolder(imagenet.StreamingBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self, description=f"Images of {self.manual_dir}, by class folder.",
-            features=imagenet.features(self.class_names), supervised_keys=("image", "label"),
+            features=base.features(self.class_names), supervised_keys=("image", "label"),
             disable_shuffling=True)  # record i == the i-th file name in sorted order
 
     def _split_generators(self, dl_manager):
@@ -128,7 +128,7 @@ class _ImageFolder(imagenet.StreamingBuilder, skip_registration=True):
                 with open(path, "rb") as f:
                     data = f.read()
                 yield (path, {"image": data, "label": label, "file_name": file_name})
-        yield from imagenet.check_images(
+        yield from base.check_images(
             items(), quality=QUALITY, skip=self.skip_bad_images, bad=self.bad_images,
             fix="Replace or delete the file")
 

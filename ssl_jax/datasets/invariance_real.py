@@ -2,11 +2,11 @@ r"""The real benchmarks on which Purushwalkam & Gupta (2020), "Demystifying Cont
 Self-Supervised Learning", measure invariance, read from folders the user downloaded
 (nothing is downloaded here) into transformation-set datasets like invariance_sets':
 
-    python -m ssl_jax.data.prepare --dataset aloi_invariance --manual_dir DIR \
+    python -m ssl_jax.prepare --dataset aloi_invariance --manual_dir DIR \
         [--aloi_objects N] [--frames_per_set K] [--skip_bad_images] [--data_dir D]
-    python -m ssl_jax.data.prepare --dataset got10k_occlusion --manual_dir DIR \
+    python -m ssl_jax.prepare --dataset got10k_occlusion --manual_dir DIR \
         [--frames_per_set 8] [--max_tracks N]
-    python -m ssl_jax.data.prepare --dataset pascal3d_instance --manual_dir DIR \
+    python -m ssl_jax.prepare --dataset pascal3d_instance --manual_dir DIR \
         [--frames_per_set K]
 
 Each dataset, version 1.0.0, has one split per transformation and the features
@@ -92,9 +92,9 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from ssl_jax.data import imagenet, invariance_sets
-from ssl_jax.data import invariance_real_layouts as layouts
-from ssl_jax.data.imagenet import BadImageError
+from ssl_jax.datasets import base, invariance_sets
+from ssl_jax.datasets import invariance_real_layouts as layouts
+from ssl_jax.datasets.base import BadImageError
 from ssl_jax.errors import UserError
 
 DATASET_VERSION = "1.0.0"
@@ -180,7 +180,7 @@ def check_count(option: str, value: int | None, least: int) -> None:
         raise UserError(f"--{option} {value} must be at least {least}{why}.")
 
 
-class _RealSets(imagenet.StreamingBuilder, skip_registration=True):
+class _RealSets(base.StreamingBuilder, skip_registration=True):
     """Base of the three builders: reads DIR's layout (a layouts.Plan) when made, checks
     that a prepared copy was made from the same settings, writes the sets."""
 

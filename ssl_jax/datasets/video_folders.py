@@ -2,7 +2,7 @@ r"""Real videos for positive pairs from video: a tracking dataset downloaded in 
 layout, one record a frame, stored as fashion_mnist_videos (videos.py) stores its
 synthetic ones, so video_pairs.py samples both alike.
 
-    python -m ssl_jax.data.prepare --dataset got10k_videos --manual_dir DIR \
+    python -m ssl_jax.prepare --dataset got10k_videos --manual_dir DIR \
         [--frame_size 256] [--max_tracks N] [--skip_bad_images] [--data_dir D]
 
 DIR is GOT-10k (http://got-10k.aitestbed.com/) unpacked: DIR/train/GOT-10k_Train_000001/
@@ -38,7 +38,7 @@ makes no pair: it is skipped and counted. --max_tracks N reads the first N track
 of each split (sorted), to try it on a part. An unreadable frame stops preparation
 with its name, or with --skip_bad_images is left out (counted). report() gives what
 was kept and left out. The same arguments give byte-identical records;
-videos.video_index("got10k_videos", split) reads a split's VideoIndex.
+ssl_jax.data.video_sampler.video_index("got10k_videos", split) reads a split's VideoIndex.
 """
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from ssl_jax.data import imagenet, invariance_real
-from ssl_jax.data.imagenet import BadImageError
-from ssl_jax.data.invariance_real_layouts import _lines, check_folder
+from ssl_jax.datasets import base, invariance_real
+from ssl_jax.datasets.base import BadImageError
+from ssl_jax.datasets.invariance_real_layouts import _lines, check_folder
 from ssl_jax.errors import UserError
 
 DATASET, DATASET_VERSION = "got10k_videos", "1.0.0"
@@ -189,7 +189,7 @@ def stored_box(xywh: np.ndarray, size: tuple[int, int], stored: tuple[int, int]
     return np.array([top, left, bottom, right], np.float32)
 
 
-class Got10kVideos(imagenet.StreamingBuilder, skip_registration=True):
+class Got10kVideos(base.StreamingBuilder, skip_registration=True):
     """The `got10k_videos` builder (see the module doc)."""
 
     byte_identical = True  # the same arguments give the same files

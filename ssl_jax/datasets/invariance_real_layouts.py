@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from ssl_jax.data.invariance_sets import MIN_SET_SIZE
+from ssl_jax.datasets.invariance_sets import MIN_SET_SIZE
 from ssl_jax.errors import UserError
 
 CONTEXT = 0.1  # crops: the box grown by 10% of its width and height on each side

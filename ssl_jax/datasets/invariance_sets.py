@@ -1,7 +1,7 @@
 r"""The transformation sets of Purushwalkam & Gupta (2020), "Demystifying Contrastive
 Self-Supervised Learning", made from any prepared image dataset with labels.
 
-    python -m ssl_jax.data.prepare --dataset invariance_sets --source fashion_mnist \
+    python -m ssl_jax.prepare --dataset invariance_sets --source fashion_mnist \
         [--source_split test] [--sets_per_class 30] [--set_size 8] [--seed 0] [--data_dir D]
 
 writes the dataset `<source>_invariance` (fashion_mnist_invariance), version
@@ -42,7 +42,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from ssl_jax.data import arrays, imagenet, sources, transforms
+from ssl_jax.data import sources
+from ssl_jax.datasets import arrays, base, transforms
 from ssl_jax.errors import UserError
 
 DATASET_VERSION = "1.0.0"
@@ -126,7 +127,7 @@ def choose_images(labels: np.ndarray, class_names: list[str], sets_per_class: in
     return out
 
 
-class _InvarianceSets(imagenet.StreamingBuilder, skip_registration=True):
+class _InvarianceSets(base.StreamingBuilder, skip_registration=True):
     """Base of the builders that InvarianceSets() makes, one class per dataset name."""
 
     byte_identical = True  # the same arguments give the same files
