@@ -42,25 +42,43 @@ DATASETS = {
 }
 
 
+# How a boolean config argument may be spelt (as absl's boolean flags, plus yes/no);
+# anything else is refused: `runlocal=on` read as False started the full run.
+TRUE, FALSE = ("true", "t", "1", "yes"), ("false", "f", "0", "no")
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """'dataset=cifar10,runlocal' -> ConfigDict(dataset='cifar10', runlocal=True, ...).
 
-    Only keys given in `defaults` are accepted; values take the default's type.
+    Only keys given in `defaults` are accepted; values take the default's type. A
+    boolean is a bare name (`runlocal`) or name=true|false (also t/f, 1/0, yes/no);
+    any other value of any type is a UserError naming the argument.
     """
     out = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
         if key not in defaults:
             raise UserError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
         default = defaults[key]
-        if not _:  # a bare name is a flag: 'runlocal'
-            out[key] = True
-        elif isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif default is None:
+        if isinstance(default, bool):
+            if not eq or value.lower() in TRUE:
+                out[key] = True
+            elif value.lower() in FALSE:
+                out[key] = False
+            else:
+                raise UserError(f"Config argument {item!r}: {key} is true or false; write "
+                                f"{key} (or {key}=true) to set it, {key}=false to unset it.")
+        elif not eq:
+            raise UserError(f"Config argument {key!r} needs a value: {key}=VALUE "
+                            f"(default {default!r}).")
+        elif default is None or isinstance(default, str):
             out[key] = value
         else:
-            out[key] = type(default)(value)
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise UserError(f"Config argument {item!r}: {key} takes a "
+                                f"{type(default).__name__} (default {default!r}).") from None
     return ml_collections.ConfigDict(out)
 
 
@@ -144,13 +162,26 @@ def video_positives(c: ml_collections.ConfigDict, positives: str) -> None:
                    region_size=config_dict.placeholder(int))
 
 
+def set_steps(node: ml_collections.ConfigDict, name: str, steps: int | None) -> None:
+    """node.{name}_steps = steps, and the interval's other units cleared: a preset that
+    counts it in epochs (imagenet2012's ckpt_every_epochs) must not keep both."""
+    for unit in ("epochs", "examples"):
+        node[f"{name}_{unit}"] = None
+    node[f"{name}_steps"] = steps
+
+
 def runlocal(c: ml_collections.ConfigDict) -> None:
     """Shrinks a run to a minute on a laptop: tiny model, a few dozen steps,
     at least one intermediate checkpoint, evaluation on a subset."""
     c.batch_size = 64
-    c.total_steps, c.total_epochs = 30, None
-    c.log_every_steps = 10
-    c.ckpt_every_steps = 20
+    set_steps(c, "total", 30)
+    set_steps(c, "log_every", 10)
+    set_steps(c, "ckpt_every", 20)
+    # A preset's warm-up is epochs of the full run (imagenet2012: 10): all 30 steps would
+    # be warm-up, at a rate near zero. A tenth of the run exercises the schedule instead.
+    opt = c.optimizer
+    if any(opt.get(f"warmup_{u}") for u in ("steps", "epochs", "examples")):
+        set_steps(opt, "warmup", 3)
     if c.model.name == "convnet":
         c.model.widths = (8, 16, 32, 64)
     else:

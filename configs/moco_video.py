@@ -2,10 +2,17 @@ r"""MoCo v2 with positives from video (Purushwalkam & Gupta 2020, "Demystifying
 Contrastive Self-Supervised Learning", section 5): the same loss, queue and
 shuffle-BN as configs/moco.py -- only the positive pair changes.
 
+  python -m ssl_jax.prepare --dataset fashion_mnist          # the garments the videos show
   python -m ssl_jax.prepare --dataset fashion_mnist_videos
+  python -m ssl_jax.prepare --dataset invariance_sets --source fashion_mnist_videos \
+      --source_split train --sets_per_class 12                # for --eval invariance
   python -m ssl_jax.train --config configs/moco_video.py:positives=temporal \
       --workdir runs/moco_temporal
   python -m ssl_jax.evaluate --workdir runs/moco_temporal --eval linear,knn,invariance
+
+(The invariance sets take one frame, the first, of each video; the test split has 20
+videos a class, fewer than the default 30 sets of 8, so they come from the 100 train
+videos a class: 12 sets of 8 different garments a class.)
 
 Arguments after the colon: positives=frame|temporal|region, dataset=NAME (a video
 dataset: records with video_id and frame_index, and box for region; default

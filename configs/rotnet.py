@@ -74,13 +74,16 @@ def get_config(arg=None):
         # ~2x the ConvNet's (256-d) here. 2 epochs of 4 x 60k images ~ 10 minutes;
         # decays at the reference's 30/60/80 % of the run. Reflect-padded 2 px crops, BN and
         # biases undecayed: ours, as measured (benchmarks/RESULTS.md).
-        c.model.update(widths=(32, 64, 128, 256), conv="im2col_wgrad")
+        if c.model.name == "convnet":  # not the ResNet of a dataset of large images
+            c.model.update(widths=(32, 64, 128, 256), conv="im2col_wgrad")
         c.batch_size = 128
         c.total_epochs = 2.0
         c.optimizer.update(decay_epochs=(0.6, 1.2, 1.6), decay_bn=False, decay_bias=False)
         c.aug.update(crop_pad=2, crop_pad_mode="reflect")
         c.ckpt_every_steps = 200
 
+    if a.dataset == "got10k_videos":  # frames of varying size: the ImageNet preset's crop
+        c.aug.update(crop="resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3))
     if a.model:
         c.model = _model(a.model, a.dataset)
     if a.runlocal:

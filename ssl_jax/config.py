@@ -100,6 +100,35 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if colon else module.get_config()
 
 
+def config_files() -> list[str]:
+    """The config files shipped in the checkout's configs/ ('configs/simclr.py', ...):
+    those with a get_config (common.py is a building block)."""
+    folder = os.path.join(_CHECKOUT, "configs")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [f"configs/{n}" for n in names if n.endswith(".py")
+            and "def get_config" in open(os.path.join(folder, n)).read()]
+
+
+def file_doc(spec: str) -> str:
+    """The docstring of the config file `spec` names (its commands and arguments)."""
+    path = spec.partition(":")[0]
+    found = _find(path)
+    return (load_module(found).__doc__ or "").strip() if found else ""
+
+
+def fields(config, prefix: str = "") -> list[tuple[str, object, type]]:
+    """[(dotted key, value, type)] of every leaf field of a ConfigDict, sorted: what
+    --config.<key>=value can set (a placeholder's value is None, its type the one set)."""
+    out = []
+    for key in sorted(config.keys()):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            out += fields(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value, config.get_type(key)))
+    return out
+
+
 # ---------------------------------------------------------- command-line rules
 
 def nearest_keys(key: str, valid) -> str:

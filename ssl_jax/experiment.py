@@ -54,12 +54,13 @@ from ssl_jax.methods import network
 from ssl_jax.views import augment, canvas, pair
 
 
-def data_spec(config) -> DataSpec:
+def data_spec(config, info: dict | None = None) -> DataSpec:
     """The train split's facts from the prepared dataset's metadata, without
     decoding it (a sliced split, e.g. "train[:10%]", is opened to count it).
     Images of varying size are decoded onto config.data.canvas-sized canvases.
-    Raises sources.DatasetNotFoundError when it is not prepared."""
-    info = sources.dataset_info(config.dataset, config.data_dir)
+    info: that metadata as sources.dataset_info gives it (default: read from the
+    prepared dataset; raises sources.DatasetNotFoundError when it is not prepared)."""
+    info = info or sources.dataset_info(config.dataset, config.data_dir)
     n, shape = info["num_examples"].get(config.train_split), tuple(info["image_shape"])
     varying = None in shape[:2]
     if varying:
