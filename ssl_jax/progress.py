@@ -1,14 +1,16 @@
 """What a run tells people: a progress line for long loops (step, loss, images/s,
-ETA) and the run's own log.
+ETA), the run's own log, and its TensorBoard scalars.
 
 Progress rewrites one line on a terminal; prints one line per update in a log
 file (SLURM, CI), where carriage returns would make an unreadable log.
 RunLog prints a line and appends it, timestamped, to WORKDIR/train.log: the
 run's story (command, start, resumes, progress, online evaluations, the end)
-without the libraries' INFO lines.
+without the libraries' INFO lines. Scalars writes TensorBoard events in the
+caller's thread.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -88,3 +90,51 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class Scalars:
+    """TensorBoard scalars in `logdir` (local or gs://): add(step, {tag: value}) at log
+    steps, close() at the end.
+
+    Written in the caller's thread with tensorboardX's EventsWriter, not its
+    SummaryWriter, whose writes and flushes run in a thread of their own: there a full
+    disk raised an OSError no one could catch (a thread's traceback, and a queue that
+    stops draining). Here a failed write is logged once and the run goes on; the
+    run's own error on the same disk (the checkpoint's) is the one the user sees.
+    """
+
+    def __init__(self, logdir, flush_s: float = 60.0):
+        self.logdir, self.flush_s, self._failed = logdir, flush_s, False
+        self._events, self._last_flush = None, time.time()
+        self._safely(self._open)
+
+    def _open(self):
+        from tensorboardX.event_file_writer import EventsWriter
+        storage.path(self.logdir).mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(os.path.join(os.fspath(self.logdir), "events"))
+
+    def _safely(self, write) -> None:
+        try:
+            write()
+        except OSError as e:
+            if not self._failed:
+                logging.warning("TensorBoard events in %s not written: %s", self.logdir, e)
+            self._failed = True
+
+    def add(self, step: int, scalars: dict) -> None:
+        if self._events is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v))
+                                 for k, v in scalars.items()])
+        self._safely(lambda: self._events.write_event(
+            Event(wall_time=time.time(), step=int(step), summary=summary)))
+        if time.time() - self._last_flush > self.flush_s:
+            self._last_flush = time.time()
+            self._safely(self._events.flush)
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._safely(self._events.close)
+            self._events = None

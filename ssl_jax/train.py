@@ -23,7 +23,7 @@ from absl import flags, logging
 from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import decode, pipeline, sources, video_sampler
-from ssl_jax.progress import Progress, RunLog
+from ssl_jax.progress import Progress, RunLog, Scalars
 
 FLAGS = flags.FLAGS
 
@@ -103,8 +103,7 @@ def run(config, workdir: str, command: str | None = None):
     # ---------------------------------------------------------------- loop
     writer = metrics_log = None
     if is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(storage.path(workdir) / "tb"))  # gs:// too
+        writer = Scalars(storage.path(workdir) / "tb")  # TensorBoard; gs:// too
         # One JSON object per log step (and per online evaluation): what sweeps and
         # scripts read, without parsing TensorBoard events. Appended on resume.
         metrics_log = storage.path(workdir) / "metrics.jsonl"
@@ -116,7 +115,7 @@ def run(config, workdir: str, command: str | None = None):
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
-    step, finished = start, False
+    step, finished, t_loop = start, False, time.perf_counter()
     try:
         with jax.set_mesh(mesh):
             for step in range(start + 1, total_steps + 1):
@@ -132,8 +131,7 @@ def run(config, workdir: str, command: str | None = None):
                     if writer is not None:
                         scalars = dict(metrics, skipped_steps=nonfinite.skipped,
                                        images_per_sec=progress.rate)
-                        for k, v in scalars.items():
-                            writer.add_scalar(f"train/{k}", float(v), step)
+                        writer.add(step, {f"train/{k}": v for k, v in scalars.items()})
                         _log_line(metrics_log, step, {f"train/{k}": v for k, v in scalars.items()})
                 if hook is not None and hook.due(step, last):
                     # online_knn (+ online_linear) on the test split; every process
@@ -143,8 +141,7 @@ def run(config, workdir: str, command: str | None = None):
                     if is_main:
                         log.say("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
                                 + f" at step {step}")
-                        for k, v in scalars.items():
-                            writer.add_scalar(k, v, step)
+                        writer.add(step, scalars)
                         _log_line(metrics_log, step, scalars)
                 if save:
                     ckpt.save(step, state, data_iter, force=True)
@@ -170,8 +167,16 @@ def run(config, workdir: str, command: str | None = None):
             n = nonfinite.skipped
             skipped = f" ({n} non-finite steps skipped)" if n else ""
             log.say(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}")
-        log.say(f"Checkpointing: {ckpt.saves} saves blocked training for {ckpt.blocked_s:.1f} s "
-                "in all (arrays are copied to host, then written in the background).")
+        # Saves are written in the background; only the copy to host blocks the loop.
+        # Worth a console line only when that is a real share of the run.
+        blocked = (f"Checkpoint saves ({ckpt.saves}) blocked training for "
+                   f"{ckpt.blocked_s:.1f} s")
+        share = ckpt.blocked_s / max(time.perf_counter() - t_loop, 1e-9)
+        if ckpt.blocked_s > 10 and share > 0.05:
+            log.say(f"{blocked}, {share:.0%} of the run: save less often "
+                    "(config.ckpt_every_*) or on a faster disk.")
+        else:
+            log.say(blocked + ".", log_only=True)
     return state, stopped_by
 
 
@@ -192,10 +197,7 @@ def _close(ckpt, writer, failing: bool) -> None:
                         type(e).__name__, e)
     finally:
         if writer is not None:
-            try:
-                writer.close()
-            except OSError as e:  # a full disk must not hide the checkpoint's error
-                logging.warning("TensorBoard writer: %s", e)
+            writer.close()  # a full disk is logged there, not raised
 
 
 def _log_line(path, step: int, scalars: dict) -> None:

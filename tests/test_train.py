@@ -1,6 +1,7 @@
 """One tiny end-to-end run per method: train, checkpoint, resume, evaluate."""
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -80,6 +81,10 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
         printed = capsys.readouterr().out
         assert printed.count("online_knn/top1") == 3  # steps 3, 6; the resumed run: 6
         assert "online_linear/top1" in printed
+        # How long saves blocked training is said only when it matters (train.log has it).
+        assert "blocked training" not in printed and "Checkpointing" not in printed
+        with open(os.path.join(workdir, "train.log")) as f:
+            assert re.search(r"Checkpoint saves \(\d\) blocked training for \d", f.read())
         w = resumed["online"]["params"]["w"]
         np.testing.assert_array_equal(w, full["online"]["params"]["w"])  # resumed exactly
         assert np.abs(w).sum() > 0
