@@ -171,6 +171,48 @@ def complete_steps(workdir) -> list[int]:
     return sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit() and d.is_dir())
 
 
+def saved_shapes(workdir) -> tuple[int, dict[str, tuple]] | None:
+    """(step, leaf_shapes of its train state) of WORKDIR's newest complete checkpoint
+    whose metadata reads, without restoring or writing anything; None when none does."""
+    for step in reversed(complete_steps(workdir)):
+        item = storage.path(workdir) / "checkpoints" / str(step) / "state"
+        try:
+            tree = ocp.PyTreeCheckpointHandler().metadata(item)
+        except Exception:  # noqa: BLE001 -- unreadable: restore() sets it aside
+            continue
+        return step, leaf_shapes(tree)
+    return None
+
+
+def misfits(workdir, shapes) -> tuple[int, list[str]] | None:
+    """(step, what differs) between the train state of WORKDIR's newest readable
+    checkpoint and `shapes` (a pytree of the state to restore into), by leaf path and
+    shape; None when they agree or no checkpoint's metadata reads."""
+    saved = saved_shapes(workdir)
+    if saved is None:
+        return None
+    step, have = saved
+    want = leaf_shapes(shapes)
+    differ = [f"{k} not in it" for k in want if k not in have]
+    differ += [f"{k} {have[k]} there, {want[k]} here" for k in want
+               if k in have and have[k] != want[k]]
+    differ += [f"{k} only there" for k in have if k not in want]
+    return (step, differ) if differ else None
+
+
+def leaf_shapes(tree) -> dict[str, tuple]:
+    """{"opt_state/0/mu/encoder/conv1/kernel": shape} of a pytree's leaves (arrays,
+    ShapeDtypeStructs, or a checkpoint's metadata, which stores a named tuple as a
+    dict: every key is written as a string, so both name a leaf alike)."""
+    def name(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def abstract(tree, sharding) -> object:
     """ShapeDtypeStructs of `tree` (arrays or shapes) placed with `sharding`:
     one Sharding for every leaf, or a pytree of them with tree's structure."""

@@ -228,9 +228,36 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     path = storage.path(workdir) / "config.json"
     if not path.exists():
         raise NoRunError(
-            f"{path} not found: {workdir} is not a training workdir. Train first with "
-            f"`python -m ssl_jax.train --config configs/simclr.py --workdir {workdir}`.")
+            f"{path} not found: {workdir} is not a training workdir (no run was started "
+            "there; python -m ssl_jax.train writes config.json when it starts). Point "
+            "--workdir at a training run's folder, or train one there first.")
     return ml_collections.ConfigDict(to_tuples(json.loads(path.read_text())))
+
+
+RESUME_OVERRIDE = "--config.resume_from_different_config=True"
+# What the override is for: a change that keeps every array of the train state.
+COMPATIBLE = ("the length, intervals and learning rate, the batch size, data_dir, the "
+              "evaluation settings")
+
+
+def check_same_config(config, stored) -> list[str]:
+    """A workdir belongs to one config: resuming under another silently mixes runs.
+    stored: the config.json of the workdir's run (None: no run). -> the differing
+    keys ("a.b: old -> new"), which config.resume_from_different_config allows."""
+    if stored is None:
+        return []
+    # Keys that change how a run reads, not what it computes: the worker processes
+    # give the same batches (tests/test_data.py), so a resume may use other ones.
+    changed = [c for c in diff(stored, config)
+               if not c.startswith(("resume_from_different_config", "data.worker_count:"))]
+    if changed and not config.resume_from_different_config:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6
+                                         else "")
+        raise UserError(
+            f"the workdir holds a run of a different config (differing keys: {shown}). Use "
+            f"another --workdir; or, to go on with a change that keeps the state's arrays "
+            f"({COMPATIBLE}), pass {RESUME_OVERRIDE}.")
+    return changed
 
 
 def diff(a, b, prefix="") -> list[str]:

@@ -104,6 +104,22 @@ def check_images(config, image_shape) -> None:
                 f"--config.aug.mean and --config.aug.std with {c} values each.")
 
 
+def check_batch(config, spec: DataSpec, mesh) -> None:
+    """config.batch_size: a positive integer that splits over the devices and processes,
+    and that the train split can fill (an epoch of no step has no schedule)."""
+    b, n = config.batch_size, mesh.devices.size
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise errors.UserError(f"config.batch_size={b!r}: use a positive integer, the "
+                               f"global batch (a multiple of the {n} device(s)).")
+    parallel.check_batch_size(b, mesh)
+    if spec.num_examples < b:
+        fits = max(n, spec.num_examples // n * n)
+        raise errors.UserError(
+            f"A split of {spec.num_examples} examples ({config.dataset} {config.train_split}) "
+            f"cannot fill a batch of {b}: use --config.batch_size={fits} or less, or a "
+            "bigger split.")
+
+
 def check_accumulate_steps(config, mesh) -> int:
     """config.accumulate_steps (1 where a stored config predates it) -> A, checked: an
     integer >= 1 dividing the per-device batch, so every micro-batch splits evenly
@@ -125,20 +141,8 @@ def check_accumulate_steps(config, mesh) -> int:
     return a
 
 
-def check_same_config(config, stored) -> None:
-    """A workdir belongs to one config: resuming under another silently mixes runs.
-    stored: the config.json of the workdir (None: a new workdir)."""
-    if stored is None:
-        return
-    # Keys that change how a run reads, not what it computes: the worker processes
-    # give the same batches (tests/test_data.py), so a resume may use other ones.
-    changed = [c for c in cfg_lib.diff(stored, config)
-               if not c.startswith(("resume_from_different_config", "data.worker_count:"))]
-    if changed and not config.resume_from_different_config:
-        raise errors.UserError(
-            "the workdir holds a run of a different config; differing keys:\n  "
-            + "\n  ".join(changed)
-            + "\nUse another --workdir, or pass --config.resume_from_different_config=True.")
+# A workdir belongs to one config (config.check_same_config; tests import it here).
+check_same_config = cfg_lib.check_same_config
 
 
 def init_model(config, spec: DataSpec, images):
@@ -167,7 +171,7 @@ class Experiment:
     def __init__(self, config, spec: DataSpec, mesh):
         self.config, self.spec, self.mesh = config, spec, mesh
         self.method = methods.get(config.method)
-        parallel.check_batch_size(config.batch_size, mesh)
+        check_batch(config, spec, mesh)
         self.accumulate_steps = check_accumulate_steps(config, mesh)
         check_images(config, spec.image_shape)
         self.method.check(config, spec, mesh)

@@ -4,8 +4,9 @@ r"""The one training loop, for every method.
       --workdir runs/simclr [--config.optimizer.lr=0.3 ...]
 
 Re-running the same command resumes from the newest complete checkpoint in
---workdir. Sections, top to bottom: mesh and checks -> workdir -> input ->
-state (restore or initialise) -> loop (log, online probes, checkpoint) -> end.
+--workdir. Sections, top to bottom: mesh and checks -> input -> workdir (nothing
+is written before the checks and the input have passed) -> state (restore or
+initialise) -> loop (log, online probes, checkpoint) -> end.
 What a run is made of (method, optimizer, state layout, the jitted step) is
 built by the setup layer, ssl_jax/experiment.py; this file only drives it.
 """
@@ -23,6 +24,7 @@ from absl import flags, logging
 from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import decode, pipeline, sources, video_sampler
+from ssl_jax.errors import UserError
 from ssl_jax.progress import Progress, RunLog, Scalars
 
 FLAGS = flags.FLAGS
@@ -39,16 +41,35 @@ def run(config, workdir: str, command: str | None = None):
     command: the command line that started it (saved in WORKDIR/command.txt: the
     hints that say "re-run" print it)."""
     # ------------------------------------------------------ mesh and checks
-    # Everything that can refuse the run does so before the workdir is touched.
+    # Everything that can refuse the run does so before the workdir is touched: the
+    # config and the method (Experiment), the run already in the workdir, and the data
+    # (below: the split, a video dataset's columns, a batch the split can fill). A start
+    # that fails leaves the workdir as it was.
     # (A multi-process run has joined jax.distributed before this: cli.join_processes.)
     mesh = parallel.make_mesh()
     # Every process must train the same thing: a host with other code or flags
     # would make the collectives combine different programs' values.
     parallel.agree(config.to_json(sort_keys=True), "configs")
     exp = experiment.Experiment(config, experiment.data_spec(config), mesh)
-    stored = storage.path(workdir) / "config.json"
-    experiment.check_same_config(config, cfg_lib.load(workdir) if stored.exists() else None)
+    check_workdir(exp, workdir)
     is_main = jax.process_index() == 0
+
+    # --------------------------------------------------------------- input
+    skip = config.data.get("skip_corrupt", False)
+    source = sources.open_source(config.dataset, config.train_split, config.data_dir,
+                                  skip_corrupt=skip, decode=decode.for_training(config))
+    # What the frozen-feature consumers (a memory bank's warm start, the online kNN)
+    # read: the same split, and for images of varying size the eval centre crop.
+    eval_source = source if not exp.spec.varying_size else sources.open_source(
+        config.dataset, config.train_split, config.data_dir, skip_corrupt=skip,
+        decode=decode.for_eval(config))
+    # Video positives (config.video): each query frame's key is another frame of its video.
+    pairs = video_sampler.pair_sampler(config, exp.spec.image_shape)
+    workers = pipeline.worker_count(config.data.worker_count, source)
+    data_iter = pipeline.train_iterator(  # lazy: no batch is read, no worker started yet
+        source, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=workers, pairs=pairs)
 
     # ------------------------------------------------------------- workdir
     # Local or a bucket (gs://: a pod's workers share it). Process 0 writes the
@@ -62,29 +83,13 @@ def run(config, workdir: str, command: str | None = None):
         if command:
             (storage.path(workdir) / "command.txt").write_text(command + "\n")
             log.say(f"command: {command}", log_only=True)
-
-    # --------------------------------------------------------------- input
-    skip = config.data.get("skip_corrupt", False)
-    source = sources.open_source(config.dataset, config.train_split, config.data_dir,
-                                  skip_corrupt=skip, decode=decode.for_training(config))
-    # What the frozen-feature consumers (a memory bank's warm start, the online kNN)
-    # read: the same split, and for images of varying size the eval centre crop.
-    eval_source = source if not exp.spec.varying_size else sources.open_source(
-        config.dataset, config.train_split, config.data_dir, skip_corrupt=skip,
-        decode=decode.for_eval(config))
-    # Video positives (config.video): each query frame's key is another frame of its video.
-    pairs = video_sampler.pair_sampler(config, exp.spec.image_shape)
-    if pairs is not None and is_main:
-        log.say(pairs.describe())
-    workers = pipeline.worker_count(config.data.worker_count, source)
-    if is_main and workers:
-        each = f" in each of the {jax.process_count()} processes" if jax.process_count() > 1 else ""
-        log.say(f"Reading with {workers} grain worker processes{each} "
-                f"(config.data.worker_count={config.data.worker_count}).")
-    data_iter = pipeline.train_iterator(
-        source, global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=workers, pairs=pairs)
+        if pairs is not None:
+            log.say(pairs.describe())
+        if workers:
+            each = (f" in each of the {jax.process_count()} processes"
+                    if jax.process_count() > 1 else "")
+            log.say(f"Reading with {workers} grain worker processes{each} "
+                    f"(config.data.worker_count={config.data.worker_count}).")
 
     # --------------------------------------------------------------- state
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_ckpts)
@@ -178,6 +183,33 @@ def run(config, workdir: str, command: str | None = None):
         else:
             log.say(blocked + ".", log_only=True)
     return state, stopped_by
+
+
+def check_workdir(exp: experiment.Experiment, workdir: str) -> None:
+    """Refuses, before anything is written, to resume a run this config cannot continue:
+    another config's (config.check_same_config), or, with
+    config.resume_from_different_config, one whose saved state does not fit this
+    config's arrays (read from the checkpoint's metadata: restoring it would fail with
+    orbax's tree of every mismatch, after config.json was rewritten). A workdir without
+    a complete checkpoint holds no run (a start that failed or stopped before its first
+    save): any config may start there."""
+    if not checkpoint.complete_steps(workdir):
+        return
+    stored = storage.path(workdir) / "config.json"
+    stored = cfg_lib.load(workdir) if stored.exists() else None
+    if not cfg_lib.check_same_config(exp.config, stored) and stored is not None:
+        return
+    found = checkpoint.misfits(workdir, exp.shapes)
+    if not found:  # it fits, or no readable metadata (restore() reports that)
+        return
+    step, differ = found
+    was = f" of a {stored.method} run" if stored is not None else ""
+    raise UserError(
+        f"The checkpoint in {workdir} (step {step}{was}) does not fit this "
+        f"{exp.config.method} config: {len(differ)} of its arrays differ "
+        f"({'; '.join(differ[:3])}). {cfg_lib.RESUME_OVERRIDE} only resumes a change that "
+        f"keeps the state's arrays ({cfg_lib.COMPATIBLE}); train this config in another "
+        "--workdir.")
 
 
 def _close(ckpt, writer, failing: bool) -> None:

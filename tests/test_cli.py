@@ -21,6 +21,7 @@ def _cases(tmp, tiny_data):
     """name -> (argv after `python -m`, what the error line must say, the
     directory nothing may be written to, extra environment)."""
     empty, norun, old = tmp / "empty", tmp / "norun", tmp / "old_export"
+    tiny = ["--config.dataset=tiny_squares", f"--config.data_dir={tiny_data}"]
     empty.mkdir()
     norun.mkdir()
     old.mkdir()
@@ -58,8 +59,34 @@ def _cases(tmp, tiny_data):
             "knn, mlp, lowshot, invariance.", None, {}),
         "a workdir without a run": (
             ["ssl_jax.export", "--workdir", str(norun), "--out", str(tmp / "out")],
-            f"{norun}/config.json not found: {norun} is not a training workdir. Train first",
+            f"{norun}/config.json not found: {norun} is not a training workdir (no run was "
+            "started there; python -m ssl_jax.train writes config.json when it starts). Point "
+            "--workdir at a training run's folder, or train one there first.",
             tmp / "out", {}),
+        # The data's checks run before anything is written too (it left config.json,
+        # command.txt and train.log, and the corrected command was then refused).
+        "video positives on images": (
+            ["ssl_jax.train", "--config", "configs/simclr.py:runlocal,positives=temporal",
+             *tiny, "--workdir", str(tmp / "w5")],
+            "tiny_squares has no 'video_id' feature (it has ",
+            tmp / "w5", {}),
+        "a negative batch": (
+            ["ssl_jax.train", "--config", SIMCLR, *tiny, "--config.batch_size=-4",
+             "--workdir", str(tmp / "w6")],
+            "config.batch_size=-4: use a positive integer, the global batch", tmp / "w6", {}),
+        "a batch of 0": (
+            ["ssl_jax.train", "--config", SIMCLR, *tiny, "--config.batch_size=0",
+             "--workdir", str(tmp / "w7")],
+            "config.batch_size=0: use a positive integer", tmp / "w7", {}),
+        "a split smaller than a batch": (  # in epochs: a schedule of 0 steps an epoch
+            ["ssl_jax.train", "--config", "configs/moco.py:dataset=fashion_mnist", *tiny,
+             "--config.batch_size=512", "--workdir", str(tmp / "w8")],
+            "A split of 256 examples (tiny_squares train) cannot fill a batch of 512: use "
+            "--config.batch_size=256 or less, or a bigger split.", tmp / "w8", {}),
+        "a misspelt boolean argument": (
+            ["ssl_jax.train", "--config", "configs/simclr.py:runlocal=on", *tiny,
+             "--workdir", str(tmp / "w9")],
+            "Config argument 'runlocal=on': runlocal is true or false", tmp / "w9", {}),
     }
 
 
@@ -83,7 +110,10 @@ def runs(tmp_path_factory, tiny_data):
 @pytest.mark.parametrize("name", ["unprepared dataset", "unknown config key",
                                   "batch size for the devices", "unknown evaluator",
                                   "a workdir without a run", "two units of one length",
-                                  "an export over an export"])
+                                  "an export over an export", "video positives on images",
+                                  "a negative batch", "a batch of 0",
+                                  "a split smaller than a batch",
+                                  "a misspelt boolean argument"])
 def test_a_mistake_is_one_line_and_exit_status_2_with_nothing_written(runs, name):
     (_, says, untouched, _), returncode, stdout, stderr = runs[name]
     assert "Traceback" not in stdout + stderr, stderr

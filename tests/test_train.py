@@ -10,6 +10,7 @@ import pytest
 
 from ssl_jax import evaluation, train
 from ssl_jax import config as cfg_lib
+from ssl_jax.errors import UserError
 
 CONFIGS = ("moco", "simclr")  # trained end to end here; tiny_config takes any configs/<method>.py
 
@@ -143,15 +144,81 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
         assert again["stages"] == base["stages"]
 
 
-def test_resume_under_a_different_config_is_refused(tiny_data, tmp_path):
+def saved_run(config, workdir: str) -> dict:
+    """What a run leaves after its first checkpoint, without training: config.json and
+    the initial state saved as step 1. -> {file name: contents} of the workdir's files."""
+    from ssl_jax import checkpoint, experiment, parallel
+    os.makedirs(workdir)
+    cfg_lib.save(config, workdir)
+    exp = experiment.Experiment(config, experiment.data_spec(config), parallel.make_mesh())
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    ckpt.save(1, exp.initial_state())
+    ckpt.close()
+    return _files(workdir)
+
+
+def _files(workdir):
+    return {n: open(os.path.join(workdir, n)).read() for n in sorted(os.listdir(workdir))
+            if os.path.isfile(os.path.join(workdir, n))}
+
+
+@pytest.fixture(scope="module")
+def moco_run(tiny_data, tmp_path_factory):
+    """A MoCo workdir with a checkpoint (step 1): (its config, workdir, files)."""
+    config = tiny_config("moco", tiny_data, total_steps=3)
+    workdir = str(tmp_path_factory.mktemp("moco") / "w")
+    return config, workdir, saved_run(config, workdir)
+
+
+def test_resume_under_a_different_config_is_refused_in_one_line(moco_run):
+    config, workdir, files = moco_run
+    changed = config.copy_and_resolve_references()
+    changed.moco.temperature, changed.optimizer.lr = 0.5, 0.1
+    with pytest.raises(UserError) as e:
+        train.train(changed, workdir)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("the workdir holds a run of a different config (differing keys: "
+                              "moco.temperature: 0.2 -> 0.5; optimizer.lr: 0.002 -> 0.1). Use "
+                              "another --workdir; or"), message
+    assert "--config.resume_from_different_config=True" in message
+    assert _files(workdir) == files
+
+
+def test_the_override_refuses_a_state_that_does_not_fit_before_writing(moco_run, tiny_data):
+    """SimCLR on a MoCo workdir with --config.resume_from_different_config=True: one
+    line, before anything is written (it was orbax's two tracebacks, with config.json
+    and command.txt already rewritten to SimCLR's)."""
+    _, workdir, files = moco_run
+    other = tiny_config("simclr", tiny_data, total_steps=3, resume_from_different_config=True)
+    with pytest.raises(UserError, match=r"^The checkpoint in .* \(step 1 of a moco run\) does "
+                       r"not fit this simclr config: \d+ of its arrays differ \(.*\)\. "
+                       r"--config.resume_from_different_config=True only resumes a change "
+                       r"that keeps the state's arrays .*; train this config in another "
+                       r"--workdir\.$"):
+        train.run(other, workdir, command="python -m ssl_jax.train --config simclr")
+    assert _files(workdir) == files
+
+
+def test_the_override_accepts_a_change_that_keeps_the_arrays(moco_run):
+    from ssl_jax import experiment, parallel
+    config, workdir, _ = moco_run
+    longer = config.copy_and_resolve_references()
+    longer.total_steps, longer.optimizer.lr, longer.resume_from_different_config = 9, 0.1, True
+    train.check_workdir(experiment.Experiment(longer, experiment.data_spec(longer),
+                                              parallel.make_mesh()), workdir)  # no error
+
+
+def test_a_workdir_without_a_checkpoint_holds_no_run(tiny_data, tmp_path):
+    """A config.json with no checkpoint (a start that failed or stopped before its first
+    save) is not "a run of a different config": another config starts there."""
+    from ssl_jax import experiment, parallel
     workdir = str(tmp_path / "w")
     os.makedirs(workdir)
-    # What a first run leaves before its first step: the check needs nothing more.
-    cfg_lib.save(tiny_config("simclr", tiny_data, total_steps=3), workdir)
-    changed = tiny_config("simclr", tiny_data, total_steps=3)
-    changed.simclr.temperature = 0.5
-    with pytest.raises(ValueError, match="simclr.temperature"):
-        train.train(changed, workdir)
+    cfg_lib.save(tiny_config("simclr", tiny_data), workdir)
+    other = tiny_config("moco", tiny_data)
+    train.check_workdir(experiment.Experiment(other, experiment.data_spec(other),
+                                              parallel.make_mesh()), workdir)  # no error
 
 
 def test_bad_batch_and_queue_sizes_fail_before_compiling(tiny_data, tmp_path):
