@@ -18,12 +18,18 @@ given are flags.FLAGS["config"].override_values.
 A UserError (ssl_jax/errors.py), or a command line absl or ml_collections
 refuses, prints one line, `error: <message>`, on stderr and exits with status
 2, before or while main runs. Any other exception is a crash: its traceback stays.
+
+--help (also -h, --helpshort) prints, on stdout, the command's docstring, its own
+flags, the process flags where it has them, and the config's fields one a line
+(--config.a.b=value), then exits 0; --helpfull adds every library's flags. absl's
+own help exits 1 and shows a config flag's default as YAML.
 """
 from __future__ import annotations
 
 import os
 import re
 import sys
+import textwrap
 from typing import NoReturn
 
 import jax
@@ -106,6 +112,93 @@ def parse(argv, config=None, flag_values=flags.FLAGS):
     return rest
 
 
+HELP, HELPFULL = ("--help", "-help", "--helpshort", "-helpshort", "-h", "-?"), "--helpfull"
+PROCESS_FLAGS = ("coordinator", "num_processes", "process_id", "initialization_timeout",
+                 "heartbeat_timeout")
+
+
+def wants_help(argv) -> str | None:
+    """"short" or "full" when argv (before a "--") asks for help, else None."""
+    args = list(argv[1:])
+    args = args[:args.index("--")] if "--" in args else args
+    if any(a.split("=")[0] in (HELPFULL, HELPFULL[1:]) for a in args):
+        return "full"
+    return "short" if any(a in HELP or a == "--help=true" for a in args) else None
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+    return textwrap.fill(text, width=88, initial_indent=indent, subsequent_indent=indent + "    ",
+                         break_on_hyphens=False, break_long_words=False)
+
+
+def _flag_help(flag) -> str:
+    name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+    default = f" (default: {flag.default_as_str})" if flag.default is not None else ""
+    return _wrap(f"{name}: {flag.help}{default}")
+
+
+def _fields_help(config) -> list[str]:
+    out = []
+    for key, value, typ in cfg_lib.fields(config):
+        shown = repr(value) if value is not None else f"None ({typ.__name__})"
+        out.append(f"  --config.{key}={shown}")
+    return out
+
+
+def help_text(argv, config=None, flag_values=flags.FLAGS, full: bool = False) -> str:
+    """What --help prints (module docstring): the running module's docstring, its
+    flags, the process flags, and the fields --config.<key>=value may set. Raises
+    UserError for a --config file that does not load."""
+    main = sys.modules["__main__"]
+    lines = [(main.__doc__ or f"USAGE: {sys.argv[0]} [flags]").strip(), "", "Flags:"]
+    own = sorted((f for f in flag_values.get_key_flags_for_module(sys.argv[0])
+                  if f.name not in PROCESS_FLAGS + ("config",)), key=lambda f: f.name)
+    lines += [_flag_help(f) for f in own]
+    if isinstance(config, str) and config == FILE:
+        lines.append(_wrap("--config: A config file and its arguments, "
+                           "configs/<method>.py[:key=value,...]; then --config.a.b=value sets "
+                           "any of its fields."))
+    elif config is not None:
+        lines.append(_wrap("--config.<field>=value: changes a field of the stored config "
+                           "(below)."))
+    process = [flag_values[n] for n in PROCESS_FLAGS if n in flag_values]
+    if process:
+        lines += ["", "Multi-process runs (launch/ sets these; not needed on one host):"]
+        lines += [_flag_help(f) for f in process]
+    if isinstance(config, str) and config == FILE:
+        spec = _config_spec(argv)
+        if spec is None:
+            lines += ["", _wrap(f"Config files: {', '.join(cfg_lib.config_files())}. With "
+                                "--config FILE[:args], --help lists that config's fields.", "")]
+        else:
+            doc = textwrap.indent(cfg_lib.file_doc(spec), "  ")
+            lines += ["", f"--config {spec}:", doc, "",
+                      "Its fields (set any with --config.<field>=value):"]
+            lines += _fields_help(cfg_lib.load_file(spec))
+    elif config is not None:
+        lines += ["", _wrap("Fields (--config.<field>=value; a stored config's value is used "
+                            "unless given; the defaults shown):", "")]
+        lines += _fields_help(ml_collections.ConfigDict(config))
+    if full:
+        others = sorted(m for m in flag_values.flags_by_module_dict()
+                        if m not in (sys.argv[0], __name__))
+        lines += ["", "Every other flag (absl, JAX, the libraries):"]
+        lines += [flag_values.module_help(m) for m in others]
+    else:
+        lines += ["", "--helpfull: every other flag too (absl's, JAX's)."]
+    return "\n".join(lines) + "\n"
+
+
+def _config_spec(argv) -> str | None:
+    """The value of --config (--config=X or --config X) in argv, if given."""
+    for i, a in enumerate(argv):
+        if a.startswith(("--config=", "-config=")):
+            return a.split("=", 1)[1]
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def define_process_flags(flag_values=flags.FLAGS) -> None:
     """--coordinator/--num_processes/--process_id/--initialization_timeout of the
     commands that run on every host of a multi-process run (train, evaluate)."""
@@ -146,6 +239,10 @@ def run(main, config=None):
     or dict, or None) and a UserError or refused flag as one line and exit status 2."""
     def parse_or_fail(argv):
         try:
+            asked = wants_help(argv)
+            if asked:  # before parsing: --help needs no required flag, exits 0
+                sys.stdout.write(help_text(argv, config, full=asked == "full"))
+                sys.exit(0)
             return parse(argv, config)
         except (UserError, flags.Error) as e:
             _fail(e)

@@ -3,6 +3,7 @@ on disk is one line on stderr, `error: <what and the fix>`, exit status 2, no
 traceback, and (train) nothing written. Each case is a real process
 (`python -m ssl_jax.train|evaluate|export ...`), all started at once: each pays
 JAX's import, not each other's wait."""
+import importlib
 import os
 import re
 import subprocess
@@ -125,6 +126,66 @@ def test_a_mistake_is_one_line_and_exit_status_2_with_nothing_written(runs, name
     assert returncode == 2, stderr
     if untouched is not None:  # checks first: the workdir (or export) is not even made
         assert not os.path.exists(untouched) or not os.listdir(untouched), os.listdir(untouched)
+
+
+# ------------------------------------------------------------------ --help
+
+HELPS = {
+    "train": ["ssl_jax.train", "--help"],
+    "train with a config": ["ssl_jax.train", "--config", "configs/moco.py:dataset=imagenet2012",
+                            "-h"],
+    "evaluate": ["ssl_jax.evaluate", "--help"],
+    "export": ["ssl_jax.export", "--helpshort"],
+    "export, every flag": ["ssl_jax.export", "--helpfull"],
+}
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """name -> (returncode, stdout, stderr) of HELPS, run concurrently."""
+    procs = {name: subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
+                                    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in HELPS.items()}
+    return {name: (p.wait(timeout=300), p.stdout.read(), p.stderr.read())
+            for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("name", sorted(HELPS))
+def test_help_prints_the_commands_flags_and_exits_0(helps, name):
+    returncode, out, err = helps[name]
+    assert returncode == 0 and not [ln for ln in err.splitlines() if not LOG_RECORD.match(ln)], err
+    command = HELPS[name][0]
+    doc = importlib.import_module(command).__doc__.strip()
+    assert out.startswith(doc.splitlines()[0]) and "\nFlags:\n" in out, out
+    own = {"ssl_jax.train": ["--workdir", "--config"],
+           "ssl_jax.evaluate": ["--workdir", "--exported", "--eval", "--[no]random_init"],
+           "ssl_jax.export": ["--workdir", "--out", "--[no]overwrite"]}[command]
+    for flag in own:
+        assert f"\n  {flag}: " in out, (flag, out)
+    process = "\n  --coordinator: HOST:PORT of process 0" in out
+    assert process == (command != "ssl_jax.export"), out  # train, evaluate run on every host
+    assert "!!python" not in out and "(default: 'None')" not in out
+    assert ("absl.logging" in out) == (name == "export, every flag"), out
+
+
+def test_help_lists_the_configs_fields_readably(helps):
+    out = helps["train with a config"][1]
+    assert "--config configs/moco.py:dataset=imagenet2012:\n  MoCo v2 (He et al." in out
+    fields = [ln for ln in out.splitlines() if ln.startswith("  --config.")]
+    for field in ("  --config.batch_size=256", "  --config.total_epochs=200.0",
+                  "  --config.total_steps=None (int)", "  --config.aug.crop_size=(224, 224)",
+                  "  --config.optimizer.name='sgd'", "  --config.moco.queue_size=65536"):
+        assert field in fields, (field, out)
+    out = helps["train"][1]
+    assert "Config files: configs/jigsaw.py, configs/moco.py," in out
+    assert not [ln for ln in out.splitlines() if ln.startswith("  --config.")]
+    out = helps["evaluate"][1]  # the evaluators' defaults, one field a line
+    fields = [ln for ln in out.splitlines() if ln.startswith("  --config.")
+              and not ln.startswith("  --config.<field>")]
+    assert "  --config.eval.knn.also_k=(20,)" in fields
+    assert "  --config.eval.linear.lr=0.3" in fields
+    assert all(ln.startswith("  --config.eval.") for ln in fields), fields
 
 
 @pytest.mark.parametrize("args", [[], ["bogus"]])
