@@ -56,9 +56,11 @@ def test_every_preset_passes_the_train_commands_config_checks(path, dataset, run
     assert config.dataset == dataset
     exp = experiment.Experiment(config, experiment.data_spec(config, _info(dataset)), mesh)
     assert exp.total_steps >= 1 and exp.ckpt_every >= 1 and exp.log_every >= 1
-    if runlocal:  # a smoke run: short, with a checkpoint before the end
+    if runlocal:  # a smoke run: short, with a checkpoint before the end, past any warm-up
         assert exp.total_steps == 30 and exp.ckpt_every < exp.total_steps
-        assert exp.schedule(exp.total_steps // 2) > 0  # past the warm-up
+        warmup = cfg_lib.steps(config.optimizer, "warmup", steps_per_epoch=exp.steps_per_epoch,
+                               batch_size=config.batch_size, default=0)
+        assert warmup < exp.total_steps // 2, warmup
 
 
 # ------------------------------------------------------ the presets' arguments

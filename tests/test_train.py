@@ -146,13 +146,17 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
 
 def saved_run(config, workdir: str) -> dict:
     """What a run leaves after its first checkpoint, without training: config.json and
-    the initial state saved as step 1. -> {file name: contents} of the workdir's files."""
+    the initial state and data position saved as step 1. -> {file name: contents} of
+    the workdir's files."""
     from ssl_jax import checkpoint, experiment, parallel
+    from ssl_jax.data import pipeline, sources
     os.makedirs(workdir)
     cfg_lib.save(config, workdir)
     exp = experiment.Experiment(config, experiment.data_spec(config), parallel.make_mesh())
+    data = pipeline.train_iterator(sources.open_source(config.dataset, "train", config.data_dir),
+                                   global_batch_size=config.batch_size, seed=config.seed)
     ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-    ckpt.save(1, exp.initial_state())
+    ckpt.save(1, exp.initial_state(), data)
     ckpt.close()
     return _files(workdir)
 
