@@ -114,6 +114,9 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
             c[f"{name}_{unit}"] = config_dict.placeholder(typ)
     c.log_every_steps = 50
     c.keep_ckpts = 2
+    # True: resume the workdir's run under a changed config, for a change that keeps
+    # every array of the train state (the length, intervals and learning rate, the batch
+    # size, data_dir, evaluation); another method or model is refused (train.check_workdir).
     c.resume_from_different_config = False
     # A non-finite loss or gradient: "raise" (stop, naming the step) or "skip" (count it).
     c.nonfinite = "raise"

@@ -105,8 +105,10 @@ def config_files() -> list[str]:
     those with a get_config (common.py is a building block)."""
     folder = os.path.join(_CHECKOUT, "configs")
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return [f"configs/{n}" for n in names if n.endswith(".py")
-            and "def get_config" in open(os.path.join(folder, n)).read()]
+    def has_config(name):
+        with open(os.path.join(folder, name)) as f:
+            return "def get_config" in f.read()
+    return [f"configs/{n}" for n in names if n.endswith(".py") and has_config(n)]
 
 
 def file_doc(spec: str) -> str:
