@@ -26,19 +26,88 @@ ssl_jax/evaluation.py's `evaluate`; this module is its command line.
 """
 from __future__ import annotations
 
-from absl import flags
+import contextlib
+import ctypes
+import json
+import os
+import sys
+import threading
 
-from ssl_jax import cli
+import jax
+from absl import flags, logging
+
+from ssl_jax import cli, parallel
 from ssl_jax import eval as eval_lib
 from ssl_jax.errors import UserError
 from ssl_jax.eval import evaluators
-from ssl_jax.evaluation import EVALUATORS, evaluate
+from ssl_jax.evaluation import EVALUATORS, check_evals, evaluate
+
+
+# The flags that say what is evaluated (every process must be given the same).
+ARGUMENTS = ("workdir", "exported", "pool", "cache", "results_dir", "dataset", "data_dir",
+             "train_split", "test_split", "eval", "invariance", "stages", "random_init", "plot")
+
+
+def quiet_unless_first(process_index: int) -> None:
+    """A multi-process evaluation speaks once (process 0 logs): on every process but
+    0, stdout (its prints, and whatever C++ writes to file descriptor 1) goes to
+    /dev/null and absl logging keeps only errors. Errors (stderr) still come from
+    every process: each one's own may differ."""
+    if process_index == 0:
+        return
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    logging.set_verbosity(logging.ERROR)
+
+
+def is_gloo_chatter(line: bytes) -> bool:
+    """Whether a stdout line is (part of) what Gloo, the CPU collectives, writes from
+    C++ as each group of devices first connects: "[Gloo] Rank 0 is connected to 1
+    peer ranks. Expected number of connected peer ranks is : 1". Two devices of one
+    process connecting at once interleave theirs, leaving a tail ("1", or " peer
+    ranks. ...") on a line of its own."""
+    text = line.strip()
+    return b"[Gloo]" in text or b"peer ranks" in text or text.isdigit()
+
+
+@contextlib.contextmanager
+def without_gloo_chatter():
+    """For the block, file descriptor 1 (Python's prints and C++'s std::cout) is a
+    pipe whose lines a thread passes on to the real stdout, less Gloo's chatter."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    read, write = os.pipe()
+    os.dup2(write, 1)
+    os.close(write)
+
+    def forward():
+        rest = b""
+        while chunk := os.read(read, 1 << 16):
+            *lines, rest = (rest + chunk).split(b"\n")
+            kept = b"".join(line + b"\n" for line in lines if not is_gloo_chatter(line))
+            if kept:
+                os.write(real, kept)
+        if rest and not is_gloo_chatter(rest):
+            os.write(real, rest)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        ctypes.CDLL(None).fflush(None)  # C's stdio buffers (std::cout's)
+        os.dup2(real, 1)  # the pipe's last write end closes: the thread sees its end
+        thread.join(timeout=10)
+        os.close(read)
+        os.close(real)
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    cli.join_processes()  # every process extracts its share of the features
     evals, overrides = tuple(f.eval), dict(f["config"].override_values)  # {"eval.a.b": value}
     if f.invariance:  # which transformations (splits of the sets dataset) to score
         if "invariance" not in evals:
@@ -47,11 +116,23 @@ def main(argv):
                                 "invariance scores: add invariance to --eval.")
             evals = ("invariance",)
         overrides["eval.invariance.splits"] = tuple(f.invariance)
-    evaluate(f.workdir, evals, f.stages[0] if len(f.stages) == 1 else f.stages,
-             f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
-             results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
-             train_split=f.train_split, test_split=f.test_split, plot=f.plot,
-             overrides=overrides)
+    check_evals(evals)  # these before waiting for the other processes
+    cli.join_processes()  # every process extracts its share of the features
+    # Several processes: process 0 speaks, without Gloo's chatter (--verbosity, of any
+    # value: every process's output as it comes).
+    quiet = jax.process_count() > 1 and not f["verbosity"].present
+    if quiet:
+        quiet_unless_first(jax.process_index())
+    with (without_gloo_chatter() if quiet and jax.process_index() == 0
+          else contextlib.nullcontext()):
+        # Processes given different arguments would combine different extractions.
+        parallel.agree(json.dumps([{name: f[name].value for name in ARGUMENTS}, overrides],
+                                  default=str, sort_keys=True), "evaluate arguments")
+        evaluate(f.workdir, evals, f.stages[0] if len(f.stages) == 1 else f.stages,
+                 f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
+                 results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
+                 train_split=f.train_split, test_split=f.test_split, plot=f.plot,
+                 overrides=overrides)
 
 
 if __name__ == "__main__":
@@ -83,9 +164,6 @@ if __name__ == "__main__":
                       "nearest train images).")
     cli.define_process_flags()
     flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
-    flags.register_validator(
-        "eval", lambda names: not set(names) - set(EVALUATORS),
-        f"unknown evaluator; the evaluators are {', '.join(EVALUATORS)}.")
     # --config.eval.a.b=value: typed by the evaluators' defaults, applied to the
     # stored config by evaluate(); the rest of a stored config is not for changing.
     cli.run(main, config={"eval": eval_lib.defaults()})

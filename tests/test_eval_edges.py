@@ -1,0 +1,92 @@
+"""The rough edges of evaluate, eval.report and export.load: a mistake is one `error:`
+line (exit 2) that names the fix, written before anything is; a multi-process
+evaluation speaks once."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ssl_jax import config as cfg_lib
+from ssl_jax import encoders, errors, evaluation
+from ssl_jax import evaluate as evaluate_cli
+from tests.test_report import record, write_run
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    """A workdir holding a tiny SimCLR config and no checkpoint: evaluated at random
+    init (--random_init), which needs no training."""
+    workdir = str(tmp_path_factory.mktemp("edges") / "w")
+    os.makedirs(workdir)
+    cfg_lib.save(tiny_config("simclr", tiny_data), workdir)
+    return workdir
+
+
+def _command(module, *args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def _one_error(p, *expected):
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    for e in expected:
+        assert e in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ evaluate
+
+def test_no_stages_and_no_evaluators_are_refused_before_anything_is_written(run):
+    before = sorted(os.listdir(run))
+    for kwargs, match in ((dict(stages=[]), r"--stages is empty: give final .*, all, or "
+                                            r"stage names such as block2,block4"),
+                          (dict(stages=""), "--stages is empty"),
+                          (dict(evals=()), r"--eval is empty: name the evaluators to run, of "
+                                           r"linear, knn, mlp, lowshot, invariance")):
+        with pytest.raises(errors.UserError, match=match):
+            evaluation.evaluate(run, **dict(dict(evals=("knn",), random_init=True), **kwargs))
+    assert sorted(os.listdir(run)) == before  # no features/, no eval_*.json
+
+
+def test_an_unknown_evaluator_is_named_plainly_with_the_known_ones(run):
+    p = _command("ssl_jax.evaluate", "--workdir", run, "--eval", "linear,lineer")
+    line = _one_error(p, "--eval: 'lineer' is not an evaluator (did you mean linear?); the "
+                         "evaluators are linear, knn, mlp, lowshot, invariance.")
+    assert "['" not in line  # not absl's "--eval=['linear', 'lineer']"
+
+
+def test_gloo_chatter_is_told_from_what_evaluate_says():
+    gloo = [b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected "
+            b"peer ranks is : 1",
+            # Two devices of a process connecting at once: theirs interleave.
+            b"[Gloo] Rank [Gloo] Rank 0 is connected to 11 is connected to  peer ranks. "
+            b"1Expected number of connected peer ranks is : ", b"1", b" peer ranks. Expected"]
+    ours = [b"knn (offline, frozen block2): k=20: top-1 46.09%  top-5 98.44%  [tiny test]",
+            b"features: cached (train, /w/features/step2_train_c6675ba5ab46462c.npz)", b""]
+    assert [evaluate_cli.is_gloo_chatter(line) for line in gloo + ours] == [True] * 4 + [
+        False] * 3
+
+
+def test_two_processes_print_each_line_once_without_gloo(run, tmp_path):
+    """launch/local.sh --processes 2 evaluate: process 0 alone prints, and Gloo's
+    connection lines stay off the console (both went to stdout twice before)."""
+    results = str(tmp_path / "results")
+    p = subprocess.run([os.path.join(ROOT, "launch", "local.sh"), "--processes", "2",
+                        "--devices_per_process", "1", "evaluate", "--", "--workdir", run,
+                        "--eval", "knn", "--random_init", "--results_dir", results],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, SSL_JAX_PYTHON=sys.executable))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "features", "features", "Features of block2 8-d at step 0",
+        "knn (offline, frozen, random init block2)"], p.stdout
+    assert "Gloo" not in p.stdout + p.stderr
+    assert os.path.exists(os.path.join(results, "eval_knn_random_init.json"))
