@@ -90,3 +90,27 @@ def test_two_processes_print_each_line_once_without_gloo(run, tmp_path):
         "knn (offline, frozen, random init block2)"], p.stdout
     assert "Gloo" not in p.stdout + p.stderr
     assert os.path.exists(os.path.join(results, "eval_knn_random_init.json"))
+
+
+# -------------------------------------------------------------------- report
+
+@pytest.mark.parametrize("args, expected", [
+    (["--workdirs", "{tmp}/nowhere"], ["nowhere is not a directory: --workdirs takes"]),
+    (["--workdirs", "{tmp}/never_evaluated"], ["never_evaluated holds no evaluation records",
+                                               "python -m ssl_jax.evaluate --workdir"]),
+    (["--workdirs", "{tmp}/a,{tmp}/a", "--names", "A"], ["--names has 1 entries for 2 "
+                                                         "workdirs", "one name per workdir"]),
+    (["--workdirs", "{tmp}/a", "--stage", "block9"], ["--stage block9: no low-shot or "
+                                                      "invariance record has that stage"]),
+    ([], ["--workdirs is required (e.g. --workdirs runs/simclr,runs/moco)"]),
+    (["--workdirs", "{tmp}/a", "--out", ""], ["--out is required"]),
+], ids=["missing workdir", "no records", "names", "stage", "no workdirs", "no out"])
+def test_report_mistakes_are_one_line_and_write_nothing(tmp_path, args, expected):
+    write_run(tmp_path / "never_evaluated", "simclr", {})
+    write_run(tmp_path / "a", "simclr", {"linear": record({"block4": 80.0})})
+    out = tmp_path / "report"
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--out" not in args and args:
+        args += ["--out", str(out)]
+    _one_error(_command("ssl_jax.eval.report", *args, timeout=120), *expected)
+    assert not out.exists()
