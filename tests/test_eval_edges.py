@@ -114,3 +114,32 @@ def test_report_mistakes_are_one_line_and_write_nothing(tmp_path, args, expected
         args += ["--out", str(out)]
     _one_error(_command("ssl_jax.eval.report", *args, timeout=120), *expected)
     assert not out.exists()
+
+
+# -------------------------------------------------------------------- export
+
+@pytest.mark.parametrize("images, expected", [
+    (np.zeros((2, 28, 28), np.uint8), "got uint8 (2, 28, 28): add the channel axis "
+                                      "(images[..., None])."),
+    (np.zeros((28, 28, 1), np.uint8), "got uint8 (28, 28, 1): add a batch axis for one image "
+                                      "(images[None])."),
+    (np.zeros((28, 28), np.uint8), "got uint8 (28, 28): add a batch and a channel axis for "
+                                   "one image (images[None, ..., None])."),
+    ([[0, 1], [2, 3]], "takes an array of uint8 images (B, 28, 28, 1) like fashion_mnist's; got "
+                       "a list: pass np.asarray(images, np.uint8)."),
+    (np.zeros((2, 32, 32, 3), np.uint8), "got uint8 (2, 32, 32, 3): images of another dataset "
+                                         "than the export's (fashion_mnist): resize them"),
+    (np.zeros((2, 28, 28, 1), np.int64), "got int64 (2, 28, 28, 1): pass the raw pixels as "
+                                         "uint8 (images.astype(np.uint8))"),
+    (np.zeros((2, 28, 28, 1), np.float32), "got float32 (2, 28, 28, 1): pass the raw pixels "
+                                           "(e.g. np.uint8(x * 255) for floats in [0, 1])."),
+], ids=["no channel axis", "one image", "one image, no channel", "list", "other dataset",
+        "ints", "floats"])
+def test_features_fn_says_what_is_wrong_with_the_images_and_the_fix(images, expected):
+    """export.load's features_fn checks its input (encoders.check_images) with the
+    export's input shape and dataset (28x28x1 Fashion-MNIST here)."""
+    with pytest.raises(errors.UserError) as e:
+        encoders.check_images(images, (28, 28, 1), "fashion_mnist")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    encoders.check_images(np.zeros((2, 28, 28, 1), np.uint8), (28, 28, 1), "fashion_mnist")
+    encoders.check_images(np.zeros((1, 40, 30, 3), np.uint8), (None, None, 3))  # any size
