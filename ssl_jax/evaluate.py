@@ -23,6 +23,11 @@ checkpoint again skips extraction (--nocache: neither read nor write them);
 the results printed, written to RESULTS/eval_<name>[_<pool>][_random_init].json
 and appended as rows to the Markdown table RESULTS/results.md. The work is
 ssl_jax/evaluation.py's `evaluate`; this module is its command line.
+
+Several processes (`launch/local.sh --processes N evaluate -- ...`, the process
+flags) extract a share of the features each; process 0 alone prints, and the
+line Gloo (the CPU collectives) writes as the processes connect is dropped.
+--verbosity (any value) shows every process's output, as it comes.
 """
 from __future__ import annotations
 
