@@ -32,16 +32,12 @@ line Gloo (the CPU collectives) writes as the processes connect is dropped.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import os
-import sys
-import threading
 
 import jax
-from absl import flags, logging
+from absl import flags
 
-from ssl_jax import cli, parallel
+from ssl_jax import cli, parallel, process_output
 from ssl_jax import eval as eval_lib
 from ssl_jax.errors import UserError
 from ssl_jax.eval import evaluators
@@ -51,63 +47,6 @@ from ssl_jax.evaluation import EVALUATORS, check_evals, evaluate
 # The flags that say what is evaluated (every process must be given the same).
 ARGUMENTS = ("workdir", "exported", "pool", "cache", "results_dir", "dataset", "data_dir",
              "train_split", "test_split", "eval", "invariance", "stages", "random_init", "plot")
-
-
-def quiet_unless_first(process_index: int) -> None:
-    """A multi-process evaluation speaks once (process 0 logs): on every process but
-    0, stdout (its prints, and whatever C++ writes to file descriptor 1) goes to
-    /dev/null and absl logging keeps only errors. Errors (stderr) still come from
-    every process: each one's own may differ."""
-    if process_index == 0:
-        return
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-    logging.set_verbosity(logging.ERROR)
-
-
-def is_gloo_chatter(line: bytes) -> bool:
-    """Whether a stdout line is (part of) what Gloo, the CPU collectives, writes from
-    C++ as each group of devices first connects: "[Gloo] Rank 0 is connected to 1
-    peer ranks. Expected number of connected peer ranks is : 1". Two devices of one
-    process connecting at once interleave theirs, leaving a tail ("1", or " peer
-    ranks. ...") on a line of its own."""
-    text = line.strip()
-    return b"[Gloo]" in text or b"peer ranks" in text or text.isdigit()
-
-
-@contextlib.contextmanager
-def without_gloo_chatter():
-    """For the block, file descriptor 1 (Python's prints and C++'s std::cout) is a
-    pipe whose lines a thread passes on to the real stdout, less Gloo's chatter."""
-    sys.stdout.flush()
-    real = os.dup(1)
-    read, write = os.pipe()
-    os.dup2(write, 1)
-    os.close(write)
-
-    def forward():
-        rest = b""
-        while chunk := os.read(read, 1 << 16):
-            *lines, rest = (rest + chunk).split(b"\n")
-            kept = b"".join(line + b"\n" for line in lines if not is_gloo_chatter(line))
-            if kept:
-                os.write(real, kept)
-        if rest and not is_gloo_chatter(rest):
-            os.write(real, rest)
-
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        ctypes.CDLL(None).fflush(None)  # C's stdio buffers (std::cout's)
-        os.dup2(real, 1)  # the pipe's last write end closes: the thread sees its end
-        thread.join(timeout=10)
-        os.close(read)
-        os.close(real)
 
 
 def main(argv):
@@ -127,8 +66,8 @@ def main(argv):
     # value: every process's output as it comes).
     quiet = jax.process_count() > 1 and not f["verbosity"].present
     if quiet:
-        quiet_unless_first(jax.process_index())
-    with (without_gloo_chatter() if quiet and jax.process_index() == 0
+        process_output.quiet_unless_first(jax.process_index())
+    with (process_output.without_gloo_chatter() if quiet and jax.process_index() == 0
           else contextlib.nullcontext()):
         # Processes given different arguments would combine different extractions.
         parallel.agree(json.dumps([{name: f[name].value for name in ARGUMENTS}, overrides],

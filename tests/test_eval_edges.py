@@ -10,7 +10,7 @@ import pytest
 
 from ssl_jax import config as cfg_lib
 from ssl_jax import encoders, errors, evaluation
-from ssl_jax import evaluate as evaluate_cli
+from ssl_jax import process_output
 from tests.test_report import record, write_run
 from tests.test_train import tiny_config
 
@@ -70,7 +70,7 @@ def test_gloo_chatter_is_told_from_what_evaluate_says():
             b"1Expected number of connected peer ranks is : ", b"1", b" peer ranks. Expected"]
     ours = [b"knn (offline, frozen block2): k=20: top-1 46.09%  top-5 98.44%  [tiny test]",
             b"features: cached (train, /w/features/step2_train_c6675ba5ab46462c.npz)", b""]
-    assert [evaluate_cli.is_gloo_chatter(line) for line in gloo + ours] == [True] * 4 + [
+    assert [process_output.is_gloo_chatter(line) for line in gloo + ours] == [True] * 4 + [
         False] * 3
 
 
