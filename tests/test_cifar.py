@@ -322,10 +322,18 @@ def test_a_download_that_is_not_tfds_archive_is_refused(tmp_path):
 
 # ------------------------------------------------- the commands, end to end
 
+def run_command(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `python argv`; stdout and stderr decoded without text mode, whose universal
+    newlines would turn a progress bar's \r into \n."""
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True,
+                         timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT,
+                                                   JAX_PLATFORMS="cpu"))
+    out.stdout, out.stderr = out.stdout.decode(), out.stderr.decode()
+    return out
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    return run_command(["-m", *args])
 
 
 def _quiet(out: subprocess.CompletedProcess) -> None:

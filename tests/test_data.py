@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import subprocess
-import sys
 
 import grain
 import numpy as np
@@ -15,7 +13,7 @@ from ssl_jax import errors
 from ssl_jax.data import pipeline, sources
 from ssl_jax.datasets import arrays, fashion_mnist, prepare
 from tests.conftest import FASHION_MNIST_SOURCE, write_idx
-from tests.test_cifar import NOISE
+from tests.test_cifar import NOISE, run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,10 +124,8 @@ def test_corrupt_idx_file_raises_clear_error(fake_idx_dir, tmp_path, corrupt, me
 def test_prepare_cli_builds_once(fake_idx_dir, tmp_path):
     source_dir, _ = fake_idx_dir
     data_dir = str(tmp_path / "tfds")
-    cmd = [sys.executable, "-m", "ssl_jax.prepare", "--dataset", "fashion_mnist",
-           "--data_dir", data_dir, "--source_dir", source_dir]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = run_command(["-m", "ssl_jax.prepare", "--dataset", "fashion_mnist", "--data_dir",
+                       data_dir, "--source_dir", source_dir])
     assert out.returncode == 0, out.stderr
     assert f"Prepared fashion_mnist in {data_dir}/fashion_mnist/3.0.1" in out.stdout
     assert prepare.prepare("fashion_mnist", data_dir, source_dir)[1] is False

@@ -20,14 +20,16 @@ KNOWN = ", ".join(prepare.BUILDERS)
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
 
 
 def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    """-> (status, stdout, stderr), decoded without text mode's universal newlines,
+    which would turn a progress bar's \r into \n."""
     stdout, stderr = p.communicate(timeout=300)
-    return p.returncode, stdout, stderr
+    return p.returncode, stdout.decode(), stderr.decode()
 
 
 @pytest.fixture(scope="module")
