@@ -269,6 +269,10 @@ def main(argv=None) -> int:
         if args.summarize:
             if not os.path.isdir(args.root):
                 raise SweepError(f"--summarize: {args.root} is not a directory (no sweep there).")
+            if not summary.points(args.root)[0]:
+                raise SweepError(f"--summarize: {args.root} holds no sweep (no sweep.json, no "
+                                 f"point with {summary.POINT_FILE}): give the --root a sweep "
+                                 "ran in.")
             return report(args)
         points = prepare(args, extra)
     except SweepError as e:

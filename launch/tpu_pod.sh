@@ -29,6 +29,12 @@ usage() {
   exit 2
 }
 
+for arg in "$@"; do  # --help anywhere before train's arguments
+  case $arg in
+    --) break ;;
+    -h | --help) echo "$USAGE"; exit 0 ;;
+  esac
+done
 [ $# -ge 3 ] || usage "NAME, ZONE and PROJECT are required"
 name=$1 zone=$2 project=$3
 shift 3

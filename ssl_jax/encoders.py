@@ -194,28 +194,47 @@ def load_export(out: str, *, pool: str = "global", stages=None):
     view = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["preprocessing"]["view"]))
     fn = jax.jit(features.make_features_fn(encoder, view, pool, stages))
     shape = meta["preprocessing"].get("input_shape")  # absent: nothing to check against
+    dataset = meta.get("data", {}).get("dataset") or meta.get("source", {}).get("dataset")
 
     def features_fn(variables, images):
         if shape is not None:
-            check_images(images, tuple(shape))
+            check_images(images, tuple(shape), dataset)
         return fn(variables, images)
     return features_fn, variables
 
 
-def check_images(images, shape: tuple) -> None:
-    """An export's features_fn takes uint8 images (B, *shape) (None: any size); a
-    single image, float pixels or other channels would run silently or fail deep in
-    Flax: say what is expected instead."""
+def check_images(images, shape: tuple, dataset: str | None = None) -> None:
+    """An export's features_fn takes a numpy (or JAX) array of uint8 images (B, *shape)
+    (None: any size), shape (H, W, C) as export.json's preprocessing "input_shape"
+    says, of `dataset`'s kind; anything else would run silently or fail deep in Flax:
+    say what is expected, and the fix."""
     want = "(B, " + ", ".join("any" if d is None else str(d) for d in shape) + ")"
-    got = f"{getattr(images, 'dtype', type(images).__name__)} {tuple(np.shape(images))}"
-    if np.ndim(images) != len(shape) + 1:
-        fix = (": add a batch axis (images[None])" if np.ndim(images) == len(shape) else "")
-        raise errors.UserError(f"features_fn takes a batch of uint8 images {want} "
-                               f"(export.json's preprocessing); got {got}{fix}.")
-    if getattr(images, "dtype", None) != np.uint8:
+    like = f" like {dataset}'s" if dataset else ""
+    if not hasattr(images, "dtype"):  # a list of arrays or numbers
+        raise errors.UserError(f"features_fn takes an array of uint8 images {want}{like}; "
+                               f"got a {type(images).__name__}: pass "
+                               "np.asarray(images, np.uint8).")
+    dims = tuple(np.shape(images))
+    got = f"{images.dtype} {dims}"
+
+    def fits(d) -> bool:
+        return len(d) == len(shape) and all(w is None or w == g for w, g in zip(shape, d))
+    if not fits(dims[1:]):
+        if fits(dims):
+            fix = "add a batch axis for one image (images[None])"
+        elif shape[-1] == 1 and fits(dims[1:] + (1,)):
+            fix = "add the channel axis (images[..., None])"
+        elif shape[-1] == 1 and fits(dims + (1,)):
+            fix = "add a batch and a channel axis for one image (images[None, ..., None])"
+        else:
+            fix = (f"images of another dataset than the export's{f' ({dataset})' if dataset else ''}"
+                   ": resize them to its height and width, with its channels, first")
+        raise errors.UserError(f"features_fn takes a batch of uint8 images {want}{like} "
+                               f"(export.json's preprocessing); got {got}: {fix}.")
+    if images.dtype != np.uint8:
+        floats = np.issubdtype(images.dtype, np.floating)
         raise errors.UserError(f"features_fn takes uint8 pixels in [0, 255] {want} (it "
-                               f"normalises them itself); got {got}: pass the raw images "
-                               "(e.g. np.uint8(x * 255) for floats in [0, 1]).")
-    if any(d is not None and d != g for d, g in zip(shape, np.shape(images)[1:])):
-        raise errors.UserError(f"features_fn takes uint8 images {want} (export.json's "
-                               f"preprocessing), got {got}.")
+                               f"normalises them itself); got {got}: pass the raw pixels"
+                               + (" (e.g. np.uint8(x * 255) for floats in [0, 1])." if floats
+                                  else " as uint8 (images.astype(np.uint8)) if they are "
+                                  "in [0, 255]."))

@@ -23,22 +23,35 @@ checkpoint again skips extraction (--nocache: neither read nor write them);
 the results printed, written to RESULTS/eval_<name>[_<pool>][_random_init].json
 and appended as rows to the Markdown table RESULTS/results.md. The work is
 ssl_jax/evaluation.py's `evaluate`; this module is its command line.
+
+Several processes (`launch/local.sh --processes N evaluate -- ...`, the process
+flags) extract a share of the features each; process 0 alone prints, and the
+line Gloo (the CPU collectives) writes as the processes connect is dropped.
+--verbosity (any value) shows every process's output, as it comes.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+
+import jax
 from absl import flags
 
-from ssl_jax import cli
+from ssl_jax import cli, parallel, process_output
 from ssl_jax import eval as eval_lib
 from ssl_jax.errors import UserError
 from ssl_jax.eval import evaluators
-from ssl_jax.evaluation import EVALUATORS, evaluate
+from ssl_jax.evaluation import EVALUATORS, check_evals, evaluate
+
+
+# The flags that say what is evaluated (every process must be given the same).
+ARGUMENTS = ("workdir", "exported", "pool", "cache", "results_dir", "dataset", "data_dir",
+             "train_split", "test_split", "eval", "invariance", "stages", "random_init", "plot")
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    cli.join_processes()  # every process extracts its share of the features
     evals, overrides = tuple(f.eval), dict(f["config"].override_values)  # {"eval.a.b": value}
     if f.invariance:  # which transformations (splits of the sets dataset) to score
         if "invariance" not in evals:
@@ -47,11 +60,23 @@ def main(argv):
                                 "invariance scores: add invariance to --eval.")
             evals = ("invariance",)
         overrides["eval.invariance.splits"] = tuple(f.invariance)
-    evaluate(f.workdir, evals, f.stages[0] if len(f.stages) == 1 else f.stages,
-             f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
-             results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
-             train_split=f.train_split, test_split=f.test_split, plot=f.plot,
-             overrides=overrides)
+    check_evals(evals)  # these before waiting for the other processes
+    cli.join_processes()  # every process extracts its share of the features
+    # Several processes: process 0 speaks, without Gloo's chatter (--verbosity, of any
+    # value: every process's output as it comes).
+    quiet = jax.process_count() > 1 and not f["verbosity"].present
+    if quiet:
+        process_output.quiet_unless_first(jax.process_index())
+    with (process_output.without_gloo_chatter() if quiet and jax.process_index() == 0
+          else contextlib.nullcontext()):
+        # Processes given different arguments would combine different extractions.
+        parallel.agree(json.dumps([{name: f[name].value for name in ARGUMENTS}, overrides],
+                                  default=str, sort_keys=True), "evaluate arguments")
+        evaluate(f.workdir, evals, f.stages[0] if len(f.stages) == 1 else f.stages,
+                 f.random_init, exported=f.exported, pool=f.pool, cache=f.cache,
+                 results_dir=f.results_dir, dataset=f.dataset, data_dir=f.data_dir,
+                 train_split=f.train_split, test_split=f.test_split, plot=f.plot,
+                 overrides=overrides)
 
 
 if __name__ == "__main__":
@@ -83,9 +108,6 @@ if __name__ == "__main__":
                       "nearest train images).")
     cli.define_process_flags()
     flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
-    flags.register_validator(
-        "eval", lambda names: not set(names) - set(EVALUATORS),
-        f"unknown evaluator; the evaluators are {', '.join(EVALUATORS)}.")
     # --config.eval.a.b=value: typed by the evaluators' defaults, applied to the
     # stored config by evaluate(); the rest of a stored config is not for changing.
     cli.run(main, config={"eval": eval_lib.defaults()})

@@ -14,6 +14,7 @@ and appended as rows to the Markdown table RESULTS/results.md.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import time
@@ -33,11 +34,17 @@ from ssl_jax.methods import network
 EVALUATORS = tuple(evaluators.REGISTRY)  # --eval's names
 
 
+def _stage_names(stages) -> list[str]:
+    """--stages as given ('final', 'all', 'block2,block4' split by the flag, or a list)
+    -> its names, empty ones dropped (a trailing comma)."""
+    return [n for n in ([stages] if isinstance(stages, str) else list(stages)) if n]
+
+
 def _stages(config, stages) -> list[str]:
     """'final' | 'all' | [names, 'final' among them] -> stage names, shallow to deep;
     errors list the valid ones."""
     valid = models.stages(config.model.name, **network.encoder_kwargs(config.model))
-    names = [stages] if isinstance(stages, str) else list(stages)
+    names = _stage_names(stages)
     if "all" in names:
         return valid
     # 'final' is a name of the deepest stage, alone or in a list (final,block2).
@@ -71,14 +78,28 @@ def _num_classes(config, evals) -> int:
     return n
 
 
-def _check_arguments(workdir, exported, evals, pool, random_init, data_args) -> None:
-    """Errors in evaluate's arguments, each raised before anything is loaded."""
+def check_evals(evals) -> None:
+    """A UserError unless evals names at least one evaluator, each a known one."""
+    if not evals:
+        raise UserError(f"--eval is empty: name the evaluators to run, of "
+                        f"{', '.join(EVALUATORS)} (default: {','.join(evaluators.DEFAULT)}).")
+    for name in evals:
+        if name not in EVALUATORS:
+            close = difflib.get_close_matches(name, EVALUATORS, n=1)
+            raise UserError(f"--eval: {name!r} is not an evaluator"
+                            + (f" (did you mean {close[0]}?)" if close else "")
+                            + f"; the evaluators are {', '.join(EVALUATORS)}.")
+
+
+def _check_arguments(workdir, exported, evals, stages, pool, random_init, data_args) -> None:
+    """Errors in evaluate's arguments, each raised before anything is loaded or written."""
     if (workdir is None) == (exported is None):
         raise UserError("Give exactly one of --workdir (a training run) or --exported (an "
                          "encoder written by `python -m ssl_jax.export`).")
-    unknown = [e for e in evals if e not in EVALUATORS]
-    if unknown:
-        raise UserError(f"--eval {unknown} unknown; valid: {list(EVALUATORS)}.")
+    check_evals(evals)
+    if not _stage_names(stages):
+        raise UserError("--stages is empty: give final (the default: the deepest stage), "
+                        "all, or stage names such as block2,block4.")
     features.pool_grid(pool)
     if workdir is not None and any(v is not None for v in data_args.values()):
         given = [f"--{k}" for k, v in data_args.items() if v is not None]
@@ -115,7 +136,7 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
     """
     data_args = dict(dataset=dataset, data_dir=data_dir, train_split=train_split,
                      test_split=test_split)
-    _check_arguments(workdir, exported, evals, pool, random_init, data_args)
+    _check_arguments(workdir, exported, evals, stages, pool, random_init, data_args)
 
     # ---------------------------------------------------------------- encoder
     mesh = parallel.make_mesh()

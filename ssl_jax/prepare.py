@@ -2,6 +2,7 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
 
     python -m ssl_jax.prepare --dataset fashion_mnist [--data_dir ~/tensorflow_datasets]
     python -m ssl_jax.prepare --dataset imagenet2012 --manual_dir DIR [--skip_bad_images]
+    python -m ssl_jax.prepare --dataset cifar10 [--manual_dir DIR]      # cifar100 the same
     python -m ssl_jax.prepare --dataset image_folder --manual_dir DIR --name NAME
     python -m ssl_jax.prepare --dataset invariance_sets --source fashion_mnist
     python -m ssl_jax.prepare --dataset aloi_invariance --manual_dir DIR [--aloi_objects N]
@@ -13,6 +14,9 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
 - imagenet2012: TFDS's imagenet2012, from ILSVRC2012_img_train.tar and
   ILSVRC2012_img_val.tar downloaded from https://image-net.org/download-images
   into --manual_dir (default <data_dir>/downloads/manual, as TFDS) (datasets/imagenet.py).
+- cifar10, cifar100: TFDS's, from cifar-10-python.tar.gz or cifar-10-binary.tar.gz
+  (cifar-100-...) of https://www.cs.toronto.edu/~kriz/cifar.html in --manual_dir
+  (default <data_dir>/downloads/manual), else downloaded (datasets/cifar.py).
 - image_folder: a folder of one's own images, DIR/train/<class>/*.jpg (and
   val/, test/) or DIR/<class>/*.jpg, as the dataset NAME (datasets/image_folder.py).
 - invariance_sets: the occlusion, viewpoint, illumination and instance sets of
@@ -33,36 +37,42 @@ r"""Prepares a dataset on disk, offline, as TFDS array_record files.
 The builders are in ssl_jax/datasets/ (prepare.py: which module makes which
 dataset). Every image is decoded once; a bad one stops preparation with its name, or is
 left out with --skip_bad_images (counted at the end). A failed preparation
-leaves nothing that reads as prepared. Running it again on a prepared dataset
+leaves nothing behind, not even an empty folder. Running it again on a prepared dataset
 does nothing: delete its folder (printed) to prepare it anew. Other datasets
-that TFDS itself downloads (cifar10, ...) are prepared in the same format by
-TFDS's own tool: `tfds build cifar10 --file_format=array_record`.
+that TFDS itself defines (mnist, svhn_cropped, ...) are prepared in the same format
+by TFDS's own tool: `tfds build NAME --file_format=array_record`.
+
+A mistake (no or an unknown --dataset, a missing file) is one `error:` line, exit
+status 2 (ssl_jax/cli.py). The console holds what was made: TFDS's INFO lines,
+its "Downloading and preparing ..." line and, when stderr is not a terminal, its
+progress bars are kept off.
 """
 from __future__ import annotations
 
 import sys
 import time
 
-from absl import app, flags, logging
+import tensorflow_datasets as tfds
+from absl import flags
 
-from ssl_jax.datasets import fashion_mnist, invariance_real, invariance_sets, video_folders, videos
+from ssl_jax import cli
+from ssl_jax.datasets import invariance_real, invariance_sets, video_folders, videos
 from ssl_jax.datasets import prepare as datasets
 from ssl_jax.errors import UserError
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected argument(s) {argv[1:]}: every option is a --flag "
+                        "(see --help).")
     f, t = flags.FLAGS, time.perf_counter()
-    if not f["verbosity"].present:  # TFDS's INFO lines are not for the console
-        logging.set_verbosity(logging.WARNING)
-    try:
-        builder = datasets.make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
-                               **{o: f[o].value for o in datasets.ALL_OPTIONS})
-        path, built = datasets.build(builder)
-    except (UserError, fashion_mnist.IdxError) as e:  # the user can fix it: one line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if not f.dataset:
+        raise UserError(f"--dataset is required: one of {', '.join(datasets.BUILDERS)}.")
+    if not sys.stderr.isatty():  # progress bars redrawn in a log file are noise
+        tfds.disable_progress_bar()
+    builder = datasets.make_builder(f.dataset, f.data_dir, f.source_dir, manual_dir=f.manual_dir,
+                                    **{o: f[o].value for o in datasets.ALL_OPTIONS})
+    path, built = datasets.build(builder)
     name = builder.name
     if not built:
         print(f"{name} is already prepared in {path}; nothing to do "
@@ -79,12 +89,14 @@ def main(argv):
 
 if __name__ == "__main__":
     # Flags live here so that importing prepare() defines none.
-    flags.DEFINE_enum("dataset", None, list(datasets.BUILDERS), "Dataset to prepare.")
+    flags.DEFINE_string("dataset", None, f"Dataset to prepare: {', '.join(datasets.BUILDERS)}.")
     flags.DEFINE_string("data_dir", None,
                         "TFDS data directory; default $TFDS_DATA_DIR or ~/tensorflow_datasets.")
     flags.DEFINE_string("manual_dir", None,
                         "Folder of the files downloaded by hand (imagenet2012: the ILSVRC2012 "
-                        "tars; image_folder: the images; fashion_mnist: the IDX files; "
+                        "tars; cifar10, cifar100: cifar-10-python.tar.gz or "
+                        "cifar-10-binary.tar.gz, or cifar-100-...; image_folder: the images; "
+                        "fashion_mnist: the IDX files; "
                         "aloi_invariance, got10k_occlusion, pascal3d_instance: the "
                         "benchmark's unpacked download; got10k_videos: the tracking "
                         "dataset, in GOT-10k's layout). "
@@ -120,5 +132,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("frame_size", None, "got10k_videos: the frames' shorter side once "
                          "stored, never enlarged "
                          f"(default {video_folders.DEFAULTS['frame_size']}).")
-    flags.mark_flag_as_required("dataset")
-    app.run(main)
+    cli.run(main)

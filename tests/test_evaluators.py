@@ -56,7 +56,7 @@ def test_records_are_printed_and_written_with_their_extra_rows(tmp_path, capsys)
         results.show(name, r, evaluator, "tiny", "test")
         results.write(str(tmp_path), config, name, r, evaluator)
     printed = capsys.readouterr().out
-    assert "knn (offline, frozen, random init block1, avg2x2): top-1" in printed
+    assert "knn (offline, frozen, random init block1, avg2x2): k=10: top-1" in printed
     assert "    k=3: top-1" in printed and "    k=1: " in printed  # kNN's extra k, low-shot curve
     with open(tmp_path / "eval_knn_avg2x2_random_init.json") as f:
         r = json.load(f)
@@ -120,3 +120,29 @@ def test_a_record_merges_with_the_same_steps_and_keeps_earlier_steps_aside():
     later = results.merge(a, rec(9, block2={"top1": 70.0, "top5": 97.0}), ["block1", "block2"])
     assert list(later["stages"]) == ["block2"] and later["previous_steps"] == {"6": a["stages"]}
     assert results.merge(None, b) is b
+
+
+def test_knn_says_the_k_it_used_when_the_train_split_is_smaller(tmp_path, capsys):
+    """k larger than the train split is clipped to it: the printed line, eval_knn.json
+    and results.md say which k ran (and the line that it was clipped)."""
+    s = settings()
+    s.knn.update(k=100000, also_k=(3, 500))  # 500 clipped to 200 too: reported once
+    config = ml_collections.ConfigDict(dict(method="simclr", dataset="tiny", eval=s))
+    evaluator = evaluators.REGISTRY["knn"]
+    per_stage = evaluator.run(inputs([]), dict(s.knn))
+    r = results.record(per_stage, "block2", pool="global", step=6, random_init=False,
+                       seconds=1.0)
+    results.show("knn", r, evaluator, "tiny", "test")
+    results.write(str(tmp_path), config, "knn", r, evaluator)
+    assert ("knn (offline, frozen block2): k=200 (k=100000 asked: clipped to the 200 train "
+            "examples): top-1 ") in capsys.readouterr().out
+    with open(tmp_path / "eval_knn.json") as f:
+        stage = json.load(f)["stages"]["block2"]
+    assert (stage["k"], stage["k_asked"], list(stage["also"])) == (200, 100000, ["k=3"])
+    with open(tmp_path / "results.md") as f:
+        rows = f.read().splitlines()[2:]
+    assert ["| knn k=200 (offline) | block2 |" in rows[2],
+            "| knn k=3 (offline) | block2 |" in rows[3]] == [True, True], rows
+    # A k the split holds is not "asked": the record says only the k.
+    s.knn.update(k=10, also_k=())
+    assert "k_asked" not in evaluator.run(inputs([]), dict(s.knn))["block2"]

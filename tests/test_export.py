@@ -103,7 +103,7 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     with open(os.path.join(results, "eval_knn.json")) as f:
         assert json.load(f)["top1"] == first["top1"]
     with open(os.path.join(results, "results.md")) as f:
-        assert "| simclr | tiny_squares | 6 | knn (offline) | block2 |" in f.read()
+        assert "| simclr | tiny_squares | 6 | knn k=20 (offline) | block2 |" in f.read()
     assert len(os.listdir(os.path.join(results, "features"))) == 2
     # VISSL's grid pooling: 2 x 2 x 16 features, named in the record and the table.
     grid = evaluation.evaluate(exported=out, evals=("knn",), pool="avg2x2")["knn"]
@@ -111,7 +111,7 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     with open(os.path.join(out, "eval_knn_avg2x2.json")) as f:
         assert json.load(f)["pool"] == "avg2x2"
     with open(os.path.join(out, "results.md")) as f:
-        assert "| knn (offline) | block2 (avg2x2) |" in f.read()
+        assert "| knn k=20 (offline) | block2 (avg2x2) |" in f.read()
 
     # An export into a folder that holds one is refused; --overwrite replaces it whole,
     # results evaluated on the old encoder included; a folder of other files never is.

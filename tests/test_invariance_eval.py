@@ -79,7 +79,7 @@ def test_scores_every_transformation_and_stage_as_the_metric_does(run):
         lines = f.read().splitlines()
     headers = [i for i, line in enumerate(lines) if line.startswith("| date |")]
     assert len(headers) == 2 and lines[headers[1]].endswith("| top-1 | top-5 |")
-    assert lines[headers[1] - 1] == "" and "| knn (offline) | block2 |" in lines[-1]
+    assert lines[headers[1] - 1] == "" and "| knn k=20 (offline) | block2 |" in lines[-1]
 
     # The report: invariance columns beside the accuracy ones, and the grouped bars.
     got = report.report([workdir], os.path.join(workdir, "report"))
@@ -145,3 +145,33 @@ def test_an_export_scores_as_its_run_does(run, tmp_path, fast_prng, compilation_
     got = evaluation.evaluate(exported=out, evals=("invariance",))["invariance"]
     assert got["stages"] == want["stages"] and got["exported"] == os.path.abspath(out)
     assert os.path.exists(os.path.join(out, "eval_invariance.json"))
+
+
+def test_a_later_evaluation_of_some_transformations_keeps_the_others(run, tmp_path):
+    """eval_invariance.json merges by transformation as every record merges by stage:
+    `--invariance occlusion` again must not drop viewpoint and instance, which the
+    report reads from it."""
+    workdir, _ = run
+    results = str(tmp_path / "results")
+
+    def scored(*splits):
+        return evaluation.evaluate(workdir, ("invariance",), random_init=True,
+                                   results_dir=results,
+                                   overrides={"eval.invariance.splits": splits})["invariance"]
+    first = scored("instance", "occlusion")
+    again = scored("occlusion")
+    assert list(again["stages"]["block2"]["scores"]) == ["occlusion"]  # what ran
+    with open(os.path.join(results, "eval_invariance_random_init.json")) as f:
+        kept = json.load(f)["stages"]["block2"]
+    # The paper's order, whatever order they were scored in; each from its newest run.
+    assert list(kept["scores"]) == list(kept["images"]) == list(kept["sets"]) == [
+        "occlusion", "instance"]
+    assert kept["scores"]["instance"] == first["stages"]["block2"]["scores"]["instance"]
+    assert kept["scores"]["occlusion"] == again["stages"]["block2"]["scores"]["occlusion"]
+    table = report.compare_table(report.load_rows([results]))
+    assert "invariance block2 instance K=10" in table
+    # Sets of another dataset replace the record: their scores are another benchmark's.
+    assert invariance.merge({"dataset": "a", "scores": {"instance": {}}, "images": {},
+                             "sets": {}},
+                            {"dataset": "b", "scores": {"occlusion": {}}, "images": {},
+                             "sets": {}})["scores"] == {"occlusion": {}}

@@ -260,8 +260,8 @@ def _unlabelled(data_dir) -> None:
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"source": "no_such"}, r"--source no_such: .*python -m ssl_jax\.data\.prepare "
-                            r"--dataset no_such"),
+    ({"source": "no_such"}, r"--source no_such: .*python -m ssl_jax\.prepare "
+                            r"--dataset image_folder .*--name no_such"),
     ({"source": None}, "needs --source"),
     ({"set_size": 2}, "needs at least 3 images a set"),
     ({"sets_per_class": 0}, "--sets_per_class 0 must be at least 1"),
@@ -279,7 +279,7 @@ def test_bad_input_says_what_to_do(prepared, tmp_path, options, message):
     with pytest.raises(UserError, match=message):
         prepare.prepare("invariance_sets", str(tmp_path), **{
             "source": SOURCE, "sets_per_class": SETS_PER_CLASS, "set_size": SET_SIZE, **options})
-    assert not os.path.exists(tmp_path / SETS / "1.0.0")  # nothing that looks prepared
+    assert not os.path.exists(tmp_path / SETS)  # not even an empty folder
 
 
 def test_options_of_invariance_sets_are_refused_elsewhere(tmp_path):

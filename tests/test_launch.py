@@ -76,6 +76,17 @@ def test_a_wrong_command_line_prints_the_usage_and_exits_2(name, args):
     assert not p.stdout
 
 
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(name, flag):
+    p = _launch(name, flag)
+    assert p.returncode == 0 and p.stdout.startswith("usage: "), p.stdout + p.stderr
+    assert f"launch/{name}" in p.stdout.splitlines()[0] and not p.stderr
+    if name == "tpu_pod.sh":  # after NAME ZONE PROJECT too, as anywhere before --
+        p = _launch(name, "my-pod", "us-central2-b", "my-proj", flag)
+        assert p.returncode == 0 and p.stdout.startswith("usage: "), p.stdout + p.stderr
+
+
 # -------------------------------------------------------------------- dry runs
 
 def test_tpu_pod_dry_run_copies_installs_and_trains_on_every_worker():

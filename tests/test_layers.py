@@ -1,4 +1,4 @@
-"""The import layering of ssl_jax (README, "Layout"), pinned so that a shortcut
+"""The import layering of ssl_jax (docs/extending.md, "Layout"), pinned so that a shortcut
 import fails CI instead of slowly turning the layers into a web."""
 import ast
 import pathlib

@@ -58,6 +58,20 @@ def test_other_refusals(capsys, tmp_path):
     assert not os.path.exists(root)
 
 
+def test_summarize_refuses_a_folder_that_holds_no_sweep(capsys, tmp_path):
+    """--summarize on a folder no sweep ran in (a typo, a run's workdir) is an error,
+    not an empty table with exit 0; it writes no summary there."""
+    (tmp_path / "some_run").mkdir()
+    (tmp_path / "some_run" / "config.json").write_text("{}")
+    for root in (tmp_path, tmp_path / "some_run"):
+        rc, out, err = _main(capsys, "--root", str(root), "--summarize")
+        assert rc == 2 and not out, out
+        assert err == (f"error: --summarize: {root} holds no sweep (no sweep.json, no point "
+                       "with sweep_point.json): give the --root a sweep ran in.\n")
+    assert sorted(os.listdir(tmp_path)) == ["some_run"]
+    assert sorted(os.listdir(tmp_path / "some_run")) == ["config.json"]
+
+
 def test_command_line_exit_status(tmp_path):
     p = subprocess.run([sys.executable, "launch/sweep.py", "--config", CONFIG, "--sweep",
                         "config.optimizer.nope=1", "--root", str(tmp_path / "r")],

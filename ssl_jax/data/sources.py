@@ -18,6 +18,7 @@ on a list costs several times less per record than `__getitem__`.
 from __future__ import annotations
 
 import dataclasses
+import logging as py_logging
 import os
 import time
 from collections.abc import Sequence
@@ -30,6 +31,61 @@ from ssl_jax.errors import UserError
 
 MEMORY_LIMIT = 2 * 2**30  # decoded bytes; splits at most this big are held in memory
 _CHUNK = 1024  # records per read when decoding a split into memory
+
+
+class _QuietTfds(py_logging.Filter):
+    """Drops two TFDS warnings that ask nothing of the user, keeping every other one:
+    OpenCV is missing (images decode with PIL here, on purpose), and a version folder
+    without dataset_info.json (logged whenever TFDS looks for a dataset not prepared
+    yet; DatasetNotFoundError then names the fix, in one line)."""
+    NOISE = ("OpenCV is not installed", "Variant folder %s has no %s")
+
+    def filter(self, record) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.NOISE))
+
+
+# TFDS logs through absl's Python logger, for every reader (train, evaluate) and builder.
+_ABSL_LOGGER = py_logging.getLogger("absl")
+if not any(isinstance(f, _QuietTfds) for f in _ABSL_LOGGER.filters):
+    _ABSL_LOGGER.addFilter(_QuietTfds())
+
+# What follows `python -m ssl_jax.prepare --dataset NAME --data_dir D` for each dataset
+# the prepare command makes, and a note on its download. This layer may not import the
+# builders (DESIGN.md): tests/test_prepare_cli.py checks this against their registry.
+_CIFAR = ("(offline: add --manual_dir DIR, DIR holding {0}-python.tar.gz or "
+          "{0}-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html)")
+_UNPACKED = (" --manual_dir DIR", "(DIR: the benchmark's download, unpacked)")
+PREPARE_ARGS = {
+    "fashion_mnist": ("", "(from `apt-get install dataset-fashion-mnist`, or add "
+                          "--manual_dir DIR holding its IDX files)"),
+    "cifar10": ("", _CIFAR.format("cifar-10")),
+    "cifar100": ("", _CIFAR.format("cifar-100")),
+    "imagenet2012": (" --manual_dir DIR", "(DIR holding ILSVRC2012_img_train.tar and "
+                     "ILSVRC2012_img_val.tar from https://image-net.org/download-images)"),
+    "aloi_invariance": _UNPACKED, "got10k_occlusion": _UNPACKED,
+    "pascal3d_instance": _UNPACKED, "got10k_videos": _UNPACKED,
+    "fashion_mnist_videos": ("", "(from the prepared fashion_mnist)"),
+}
+INVARIANCE_SUFFIX = "_invariance"  # invariance_sets --source S makes S_invariance
+
+
+def prepare_command(dataset: str, data_dir: str, known_to_tfds: bool = True) -> str:
+    """How to prepare `dataset` in data_dir: a sentence naming a command that does."""
+    name = dataset.split(":")[0]
+    here = f"python -m ssl_jax.prepare --dataset {{}} --data_dir {data_dir}"
+    if name in PREPARE_ARGS:
+        args, note = PREPARE_ARGS[name]
+        return f"Prepare it with `{here.format(name)}{args}` {note}."
+    if name.endswith(INVARIANCE_SUFFIX):
+        source = name[:-len(INVARIANCE_SUFFIX)]
+        return (f"Prepare it with `{here.format('invariance_sets')} --source {source}` "
+                f"(from the prepared {source}).")
+    if known_to_tfds:
+        return (f"No builder here makes it; TFDS's own does: `tfds build {name} --data_dir "
+                f"{data_dir} --file_format=array_record`.")
+    return (f"Neither this project nor TFDS knows a dataset {name!r}: check the name, or, "
+            "for a folder of your own images, prepare it with "
+            f"`{here.format('image_folder')} --name {name} --manual_dir DIR`.")
 
 
 class DatasetNotFoundError(UserError):
@@ -47,12 +103,11 @@ def default_data_dir() -> str:
 
 def _prepared_builder(dataset: str, data_dir: str | None):
     data_dir = data_dir or default_data_dir()
-    hint = (f"Dataset {dataset!r} is not prepared in {data_dir}. Prepare it with "
-            f"`python -m ssl_jax.prepare --dataset {dataset} --data_dir {data_dir}`.")
+    hint = f"Dataset {dataset!r} is not prepared in {data_dir}."
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise DatasetNotFoundError(hint) from e
+        raise DatasetNotFoundError(f"{hint} {prepare_command(dataset, data_dir, False)}") from e
     # A name TFDS knows gives a builder even with no files behind it; reading
     # would then fail with a misleading file-format error.
     if not builder.is_prepared():
@@ -62,9 +117,8 @@ def _prepared_builder(dataset: str, data_dir: str | None):
         if others:
             hint = (f"Dataset {dataset!r} version {builder.version} is not prepared in "
                     f"{data_dir} (found version(s) {others} there, which this code does not "
-                    f"read). Prepare it with `python -m ssl_jax.prepare --dataset "
-                    f"{dataset} --data_dir {data_dir}`.")
-        raise DatasetNotFoundError(hint)
+                    "read).")
+        raise DatasetNotFoundError(f"{hint} {prepare_command(dataset, data_dir)}")
     return builder, data_dir
 
 

@@ -6,6 +6,7 @@ prepare.py                  BUILDERS and OPTIONS by dataset name; make_builder, 
 fashion_mnist.py            fashion_mnist, from Debian's IDX files
 arrays.py                   any dataset from in-memory numpy arrays (tests, custom data)
 imagenet.py                 imagenet2012, from the ILSVRC2012 tars, as TFDS's
+cifar.py                    cifar10, cifar100, from either archive format, as TFDS's
 image_folder.py             one's own images, DIR/<split>/<class>/*.jpg
 invariance_sets.py          <source>_invariance: Purushwalkam & Gupta's sets, generated
 transforms.py               the occlusion / viewpoint / illumination frames of one image

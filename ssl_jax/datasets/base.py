@@ -150,6 +150,14 @@ class StreamingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             f"not {settings} as asked: delete that folder to prepare it "
                             "anew, or use another --data_dir.")
 
+    # TFDS prints "Downloading and preparing dataset Unknown size (...)" before and
+    # "Dataset ... downloaded and prepared" after; the prepare command says what it made.
+    def _log_download_bytes(self) -> None:
+        logging.info("Preparing %s in %s.", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _generate_splits(self, dl_manager, download_config):
         del download_config  # none of its options apply
         if self.info.file_format.value != "array_record":

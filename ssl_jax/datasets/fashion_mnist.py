@@ -8,7 +8,8 @@ writes the same dataset (name, version, features, splits) without TensorFlow:
     python -m ssl_jax.prepare --dataset fashion_mnist --data_dir DIR
 
 Unlike TFDS's builder it keeps file order: record i of a split is example i
-of the IDX files, so a dataset index means the same thing everywhere.
+of the IDX files, so a dataset index means the same thing everywhere. Every
+file is read and checked before anything is written (base.StreamingBuilder).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ssl_jax.datasets import arrays
+from ssl_jax.datasets import arrays, base
+from ssl_jax.errors import UserError
 
 SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL = "apt-get install dataset-fashion-mnist"
@@ -32,7 +34,7 @@ FILES = {  # split: (images file, labels file)
 }
 
 
-class IdxError(ValueError):
+class IdxError(UserError):
     """An IDX file is missing, truncated or not what its header says."""
 
 
@@ -44,7 +46,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     """
     if not os.path.exists(path):
         raise IdxError(f"{path} not found: install it with `{INSTALL}` "
-                       "or point --source_dir at the directory that holds it")
+                       "or pass the folder that holds the IDX files as --manual_dir")
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
@@ -78,7 +80,7 @@ def read_split(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 # skip_registration: TFDS already registers a `fashion_mnist` (which needs
 # TensorFlow and the network); readers find ours from its files.
-class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class FashionMnist(base.StreamingBuilder, skip_registration=True):
     """Fashion-MNIST from local IDX files; TFDS's name, version and features."""
 
     VERSION = tfds.core.Version("3.0.1")
@@ -111,7 +113,5 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # nothing to download
         # Read and check every file before writing anything.
         data = {split: read_split(self.source_dir, split) for split in FILES}
-        return {split: self._generate_examples(*data[split]) for split in FILES}
-
-    def _generate_examples(self, images, labels):
-        yield from arrays.generate_examples(images, labels)
+        return {split: (example for _, example in arrays.generate_examples(*data[split]))
+                for split in FILES}

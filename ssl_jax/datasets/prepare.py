@@ -9,8 +9,11 @@ command's flags and what it prints are in ssl_jax/prepare.py.
 """
 from __future__ import annotations
 
+import tensorflow_datasets as tfds
+from etils import epath
+
 from ssl_jax.data import sources
-from ssl_jax.datasets import (fashion_mnist, image_folder, imagenet, invariance_real,
+from ssl_jax.datasets import (cifar, fashion_mnist, image_folder, imagenet, invariance_real,
                               invariance_sets, video_folders, videos)
 from ssl_jax.errors import UserError
 
@@ -18,6 +21,8 @@ from ssl_jax.errors import UserError
 BUILDERS = {
     "fashion_mnist": fashion_mnist.FashionMnist,
     "imagenet2012": imagenet.Imagenet2012,
+    "cifar10": cifar.Cifar10,
+    "cifar100": cifar.Cifar100,
     "image_folder": image_folder.ImageFolder,
     "invariance_sets": invariance_sets.InvarianceSets,
     "aloi_invariance": invariance_real.AloiInvariance,
@@ -30,6 +35,8 @@ BUILDERS = {
 OPTIONS = {
     "fashion_mnist": ("source_dir",),
     "imagenet2012": ("manual_dir", "skip_bad_images"),
+    "cifar10": ("manual_dir",),
+    "cifar100": ("manual_dir",),
     "image_folder": ("manual_dir", "name", "skip_bad_images"),
     "invariance_sets": ("source", "source_split", "sets_per_class", "set_size", "seed"),
     "aloi_invariance": ("manual_dir", "skip_bad_images", "aloi_objects", "frames_per_set"),
@@ -55,7 +62,8 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
     or "": not given, the builder's default). An option given to a dataset that does
     not take it is a UserError naming the datasets that do."""
     if dataset not in BUILDERS:
-        raise UserError(f"no offline builder for {dataset!r}; known: {sorted(BUILDERS)}")
+        raise UserError(f"--dataset {dataset!r} is not one this command prepares: "
+                        f"{', '.join(BUILDERS)}.{_tfds_builds(dataset, data_dir)}")
     unknown = sorted(set(options) - set(ALL_OPTIONS))
     if unknown:
         raise UserError(f"unknown preparation option(s) {unknown}; known: {list(ALL_OPTIONS)}")
@@ -82,11 +90,33 @@ def make_builder(dataset: str, data_dir: str | None = None, source_dir: str | No
     return BUILDERS[dataset](data_dir=data_dir or sources.default_data_dir(), **kwargs)
 
 
+def _tfds_builds(dataset: str, data_dir: str | None) -> str:
+    """For a dataset TFDS defines: a sentence naming TFDS's own command."""
+    try:
+        tfds.builder_cls(dataset)
+    except tfds.core.registered.DatasetNotFoundError:
+        return ""
+    where = f" --data_dir {data_dir}" if data_dir else ""
+    return (f" TFDS's own tool builds it: `tfds build {dataset}{where} "
+            "--file_format=array_record`.")
+
+
 def build(builder) -> tuple[str, bool]:
-    """Prepares the builder's dataset unless it is there -> (its folder, whether built now)."""
+    """Prepares the builder's dataset unless it is there -> (its folder, whether built now).
+    A failure leaves no folder that it made: TFDS makes the data_dir, downloads/extracted
+    and the dataset's folder before the builder reads its first file."""
     if builder.is_prepared():
         return str(builder.data_path), False
-    builder.download_and_prepare()
+    root = epath.Path(builder.data_dir_root)
+    made = [p for p in (builder.data_path, builder.data_path.parent, root / "downloads" /
+                        "extracted", root / "downloads", root) if not p.exists()]  # deepest first
+    try:
+        builder.download_and_prepare()
+    except BaseException:
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     return str(builder.data_path), True
 
 

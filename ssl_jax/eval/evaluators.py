@@ -59,6 +59,10 @@ def _no_lines(stage_record: dict) -> list[str]:
     return []
 
 
+def _newest(old_stage: dict, new_stage: dict) -> dict:
+    return new_stage
+
+
 def _accuracy(stage_record: dict) -> str:
     return f"top-1 {stage_record['top1']:.2f}%  top-5 {stage_record['top5']:.2f}%"
 
@@ -85,18 +89,22 @@ class Evaluator:
     # [(what, cells)], one row each (default: top-1/top-5 of the record and of extra).
     columns: tuple[str, ...] = ACCURACY_COLUMNS
     rows: Callable[[dict], list[tuple[str, tuple[str, ...]]]] | None = None
+    # (stage record in eval_<name>.json, this evaluation's record of the same stage and
+    # step) -> the record to keep (default: this evaluation's; invariance keeps the
+    # transformations not scored again).
+    merge: Callable[[dict, dict], dict] = _newest
 
 
 # name (--eval, config.eval.<name>, eval_<name>.json) -> evaluator; --eval's default
 # runs them all, in this order.
 REGISTRY: dict[str, Evaluator] = {
     "linear": Evaluator(linear.evaluate),
-    "knn": Evaluator(knn.evaluate, extra=knn.further_k),
+    "knn": Evaluator(knn.evaluate, extra=knn.further_k, summary=knn.summary, rows=knn.rows),
     "mlp": Evaluator(mlp.evaluate),
     "lowshot": Evaluator(lowshot.evaluate, details=lowshot.curve),
     "invariance": Evaluator(invariance.evaluate, details=invariance.details, needs="sets",
                             summary=invariance.summary, columns=invariance.COLUMNS,
-                            rows=invariance.rows),
+                            rows=invariance.rows, merge=invariance.merge),
 }
 # --eval's default: the classification evaluators (invariance needs a dataset of
 # transformation sets prepared beside the run's: it runs when asked for).

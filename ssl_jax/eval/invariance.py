@@ -207,6 +207,20 @@ def evaluate(inputs, settings: dict) -> dict[str, dict]:
     return out
 
 
+def merge(old: dict, new: dict) -> dict:
+    """A stage's record already written, and this evaluation's (same step) -> the one
+    to keep: records merge by transformation, as they merge by stage, so scoring
+    --invariance occlusion again keeps the other transformations' scores. Sets of
+    another dataset replace the old record whole (the scores would mix benchmarks)."""
+    if old.get("dataset") != new.get("dataset"):
+        return new
+    found = list(dict.fromkeys([*old["scores"], *new["scores"]]))
+    names = [t for t in ORDER if t in found] + [t for t in found if t not in ORDER]
+    return dict(new, **{field: {t: new[field].get(t, old[field].get(t)) for t in names
+                                if t in new[field] or t in old[field]}
+                        for field in ("scores", "images", "sets")})
+
+
 def summary(stage_record: dict) -> str:
     """One printed line per stage: each transformation's scores, K = top_k in order."""
     ks = next(iter(stage_record["scores"].values()))

@@ -122,17 +122,35 @@ def knn_classify(train_x, train_y, test_x, test_y, *, num_classes: int, k: int =
 def evaluate(inputs, settings: dict) -> dict[str, dict]:
     """The "knn" evaluator (eval/evaluators.py): inputs an evaluators.Inputs,
     settings config.eval.knn. -> {stage: {"top1", "top5", "k", "also": {"k=K":
-    {"top1", "top5"}}}}, one neighbour search per stage."""
+    {"top1", "top5"}}}}, one neighbour search per stage; k and each K are the ones
+    used, at most the number of train examples ("k_asked": the setting, when larger)."""
     out = {}
     for n in inputs.train:
         r = knn_classify(inputs.train[n], inputs.train_y, inputs.test[n], inputs.test_y,
                          num_classes=inputs.num_classes, **settings)
         out[n] = {"top1": float(r["top1"]), "top5": float(r["top5"]), "k": r["k"],
-                  "also": {label: {"top1": v["top1"], "top5": v["top5"]}
-                           for label, v in r["also"].items()}}
+                  "also": {f"k={v['k']}": {"top1": v["top1"], "top5": v["top5"]}
+                           for v in r["also"].values()}}
+        if settings.get("k") is not None and r["k"] != settings["k"]:
+            out[n]["k_asked"] = int(settings["k"])
     return out
 
 
 def further_k(stage_record: dict) -> dict[str, dict]:
     """A stage's results at the further k (also_k): {"k=K": {"top1", "top5"}}."""
     return stage_record["also"]
+
+
+def summary(stage_record: dict) -> str:
+    """The printed line of a stage: the k used first (a k larger than the train split
+    is clipped to its size, and said so)."""
+    k, asked = stage_record["k"], stage_record.get("k_asked")
+    clipped = f" (k={asked} asked: clipped to the {k} train examples)" if asked else ""
+    return (f"k={k}{clipped}: top-1 {stage_record['top1']:.2f}%  "
+            f"top-5 {stage_record['top5']:.2f}%")
+
+
+def rows(stage_record: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """results.md rows of a stage, each named by its k: "knn k=200", "knn k=20"."""
+    return [(f"knn {label}", (f"{v['top1']:.2f}", f"{v['top5']:.2f}")) for label, v in
+            [(f"k={stage_record['k']}", stage_record), *stage_record["also"].items()]]

@@ -28,9 +28,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 from typing import NamedTuple, Sequence
 
+from ssl_jax.errors import UserError
 # The figures are drawn in eval/figures.py.
 from ssl_jax.eval.figures import plot_accuracy_per_stage, plot_invariance, plot_lowshot
 
@@ -59,10 +59,12 @@ def load_records(workdir: str) -> tuple[dict, dict, dict]:
 
     Low-shot "per_k" keys come back as ints (JSON stores them as strings)."""
     if not os.path.isdir(workdir):
-        raise ValueError(f"{workdir} is not a directory (expected a training workdir).")
+        raise UserError(f"{workdir} is not a directory: --workdirs takes training workdirs "
+                        "(or exports, or --results_dir folders) that `python -m "
+                        "ssl_jax.evaluate` wrote eval_*.json into.")
     paths = sorted(glob.glob(os.path.join(workdir, "eval_*.json")))
     if not paths:
-        raise ValueError(
+        raise UserError(
             f"{workdir} holds no evaluation records (eval_*.json). Run "
             f"`python -m ssl_jax.evaluate --workdir {workdir} --eval linear,knn` first "
             f"(add --random_init for the baseline).")
@@ -73,7 +75,7 @@ def load_records(workdir: str) -> tuple[dict, dict, dict]:
             try:
                 record = json.load(f)
             except json.JSONDecodeError as e:  # e.g. copied while evaluate was writing it
-                raise ValueError(f"{path} is not valid JSON ({e}); re-run its evaluation.") from None
+                raise UserError(f"{path} is not valid JSON ({e}); re-run its evaluation.") from None
         for stage in record.get("stages", {}).values():
             if "per_k" in stage:
                 stage["per_k"] = {int(k): v for k, v in stage["per_k"].items()}
@@ -106,9 +108,13 @@ def load_rows(workdirs: Sequence[str], names: Sequence[str] | None = None,
     """A Row per workdir, each followed by "<name> (random init)" when random_init and
     the workdir has eval_*_random_init.json. Names default to config.json's method,
     with the workdir's basename added where two runs share a method."""
+    if not workdirs:
+        raise UserError("--workdirs is empty: name the evaluated workdirs to compare, "
+                        "--workdirs runs/simclr,runs/moco.")
     if names is not None and len(names) != len(workdirs):
-        raise ValueError(f"--names has {len(names)} entries for {len(workdirs)} workdirs: "
-                         f"{list(names)} vs {list(workdirs)}.")
+        raise UserError(f"--names has {len(names)} entries for {len(workdirs)} workdirs "
+                        f"({', '.join(names)} for {', '.join(workdirs)}): give one name per "
+                        "workdir, in the same order, or leave --names out.")
     loaded = [load_records(w) for w in workdirs]
     if names is None:
         methods = [info["method"] for info, _, _ in loaded]
@@ -221,6 +227,7 @@ def write_figures(workdir: str, random_init: bool = True, stage: str | None = No
     -> the paths written."""
     rows = [row._replace(records=newest_step_only(row.records))
             for row in load_rows([workdir], random_init=random_init)]
+    check_stage(rows, stage)
     out = os.path.join(workdir, "figures")
     os.makedirs(out, exist_ok=True)
     name = rows[0].info["method"]
@@ -229,11 +236,11 @@ def write_figures(workdir: str, random_init: bool = True, stage: str | None = No
         paths.append(os.path.join(out, "accuracy_per_stage.png"))
         plot_accuracy_per_stage(rows, _panels(rows), paths[0],
                                 title=f"{name}: top-1 accuracy per encoder stage")
-    if plot_lowshot(rows, os.path.join(out, "lowshot.png"), stage,
+    if plot_lowshot(_having(rows, "lowshot", stage), os.path.join(out, "lowshot.png"), stage,
                     title=f"{name}: low-shot linear probe"):
         paths.append(os.path.join(out, "lowshot.png"))
-    if plot_invariance(rows, os.path.join(out, "invariance.png"), stage,
-                       title=f"{name}: invariance of the top-K neurons"):
+    if plot_invariance(_having(rows, "invariance", stage), os.path.join(out, "invariance.png"),
+                       stage, title=f"{name}: invariance of the top-K neurons"):
         paths.append(os.path.join(out, "invariance.png"))
     return paths
 
@@ -243,6 +250,7 @@ def report(workdirs: Sequence[str], out: str, names: Sequence[str] | None = None
     """Writes compare.md, accuracy_per_stage.png and (with low-shot records) lowshot.png
     comparing `workdirs` into `out`. -> {"table": markdown, "paths": [written]}."""
     rows = load_rows(workdirs, names, random_init)
+    check_stage(rows, stage)
     os.makedirs(out, exist_ok=True)
     table = compare_table(rows)
     paths = [os.path.join(out, "compare.md"), os.path.join(out, "accuracy_per_stage.png")]
@@ -256,30 +264,57 @@ def report(workdirs: Sequence[str], out: str, names: Sequence[str] | None = None
         plot_accuracy_per_stage(rows, _panels(rows), paths[1])
     else:  # invariance records only
         paths.pop()
-    if plot_lowshot(rows, os.path.join(out, "lowshot.png"), stage):
+    if plot_lowshot(_having(rows, "lowshot", stage), os.path.join(out, "lowshot.png"), stage):
         paths.append(os.path.join(out, "lowshot.png"))
-    if plot_invariance(rows, os.path.join(out, "invariance.png"), stage):
+    if plot_invariance(_having(rows, "invariance", stage), os.path.join(out, "invariance.png"),
+                       stage):
         paths.append(os.path.join(out, "invariance.png"))
     return {"table": table, "paths": paths}
+
+
+def _having(rows: Sequence[Row], evaluator: str, stage: str | None) -> list[Row]:
+    """The rows whose `evaluator` record has `stage` (all rows when stage is None): a
+    figure of one stage leaves out the runs not evaluated there."""
+    return [r for r in rows if stage is None
+            or stage in r.records.get(evaluator, {}).get("stages", {})]
+
+
+def check_stage(rows: Sequence[Row], stage: str | None) -> None:
+    """--stage picks the stage of the low-shot curves and invariance bars: a UserError,
+    before anything is written, unless some such record has it."""
+    if stage is None:
+        return
+    have = {s for r in rows for e in ("lowshot", "invariance") if e in r.records
+            for s in r.records[e]["stages"]}
+    if stage not in have:
+        raise UserError(f"--stage {stage}: no low-shot or invariance record has that stage"
+                        + (f"; they have {', '.join(sorted(have))}." if have else
+                           " (there are none: --stage is for their figures)."))
 
 
 def main(argv):
     del argv
     from absl import flags
     f = flags.FLAGS
+    for name, example in (("workdirs", "runs/simclr,runs/moco"), ("out", "reports/fmnist")):
+        if not f[name].value:
+            raise UserError(f"--{name} is required (e.g. --{name} {example}): --workdirs the "
+                            "evaluated runs to compare, --out the folder for compare.md and "
+                            "the figures.")
     result = report(f.workdirs, f.out, f.names, f.random_init, f.stage)
     print(result["table"])
     print("Wrote " + ", ".join(result["paths"]))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from ssl_jax import cli
     flags.DEFINE_list("workdirs", None, "Workdirs evaluated with `python -m ssl_jax.evaluate`.")
     flags.DEFINE_list("names", None, "A row name per workdir (default: config.json's method).")
     flags.DEFINE_bool("random_init", True, "Add a '<name> (random init)' row for each workdir "
                       "with eval_*_random_init.json (--norandom_init: leave them out).")
-    flags.DEFINE_string("stage", None, "Stage of the low-shot curves (default: each record's "
-                        "final stage).")
+    flags.DEFINE_string("stage", None, "Stage of the low-shot curves and invariance bars "
+                        "(default: each record's final stage).")
     flags.DEFINE_string("out", None, "Directory for compare.md and the figures.")
-    flags.mark_flags_as_required(["workdirs", "out"])
-    sys.exit(app.run(main))
+    cli.run(main)

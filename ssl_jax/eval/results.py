@@ -74,26 +74,30 @@ def write(results_dir: str, config, name: str, r: dict, evaluator,
         old = json.loads(path.read_text()) if path.exists() else None
     except json.JSONDecodeError:  # a half-written file: this evaluation replaces it
         old = None
-    path.write_text(json.dumps(merge(old, r, stage_order), indent=2))
+    path.write_text(json.dumps(merge(old, r, stage_order, evaluator.merge), indent=2))
     rows = evaluator.rows or (lambda v: accuracy_rows(name, v, evaluator.extra))
     append_table(out / "results.md", config, r, rows, evaluator.columns)
 
 
-def merge(old: dict | None, new: dict, stage_order=None) -> dict:
+def merge(old: dict | None, new: dict, stage_order=None,
+          merge_stage=lambda old_stage, new_stage: new_stage) -> dict:
     """The record to keep when `new` is written where `old` was: a later evaluation of
     some stages must not erase the others' numbers, which report and --plot read.
 
     Same step (the same weights): old's stages updated with new's, ordered as
-    stage_order (the encoder's stages, shallow to deep) when given; the top level
-    names the deepest. Another step: new alone, with old's stages kept under
-    "previous_steps" {step: stages} (one evaluation's record per earlier step).
+    stage_order (the encoder's stages, shallow to deep) when given, a stage in both
+    becoming merge_stage(old's, new's) (the evaluator's `merge`: new's, or for
+    invariance old's transformations updated with new's); the top level names the
+    deepest. Another step: new alone, with old's stages kept under "previous_steps"
+    {step: stages} (one evaluation's record per earlier step).
     """
     if old is None or "stages" not in old:
         return new
     if old.get("step") != new["step"]:
         previous = dict(old.get("previous_steps", {}), **{str(old.get("step")): old["stages"]})
         return dict(new, previous_steps=previous)
-    stages = {**old["stages"], **new["stages"]}
+    stages = {**old["stages"], **{s: merge_stage(old["stages"][s], v) if s in old["stages"]
+                                  else v for s, v in new["stages"].items()}}
     rank = {s: i for i, s in enumerate(stage_order or ())}
     names = sorted(stages, key=lambda s: rank.get(s, len(rank)))  # stable: others keep order
     final = names[-1]
