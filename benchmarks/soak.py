@@ -114,7 +114,9 @@ def main(argv):
     leaked = sorted(w for w in workers if os.path.exists(f"/proc/{w}"))
     with open(log_path) as f:
         text = f.read()
-    done = [ln for ln in text.splitlines() if ln.startswith(("Preempted", "Checkpointing"))]
+    done = [ln for ln in text.splitlines() if ln.startswith("Preempted")]
+    with open(os.path.join(workdir, "train.log")) as f:  # the save-time line is kept there
+        done += [ln for ln in f.read().splitlines() if "Checkpoint saves" in ln]
 
     def at(minute):
         rows = [s for s in samples if s[1] is not None and s[0] <= 60 * minute]

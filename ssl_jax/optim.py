@@ -73,9 +73,11 @@ def learning_rate(opt_cfg, batch_size: int, total_steps: int, warmup_steps: int,
     if opt_cfg.schedule != "cosine":
         raise UserError(f"config.optimizer.schedule={opt_cfg.schedule!r}: "
                          "use 'cosine', 'constant' or 'step'.")
+    # optax decays over decay_steps - warmup_steps, which must be positive: a 1-step
+    # run (or one with no warm-up) still gets a 1-step warm-up and a 1-step decay.
+    warmup = max(warmup_steps, 1)
     return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup_steps=max(warmup_steps, 1),
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+        0.0, peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 
 
 def make_optimizer(opt_cfg, lr_schedule) -> optax.GradientTransformation:

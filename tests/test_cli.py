@@ -56,8 +56,8 @@ def _cases(tmp, tiny_data):
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}),
         "unknown evaluator": (
             ["ssl_jax.evaluate", "--workdir", str(norun), "--eval", "linear,lienar"],
-            "flag --eval=['linear', 'lienar']: unknown evaluator; the evaluators are linear, "
-            "knn, mlp, lowshot, invariance.", None, {}),
+            "--eval: 'lienar' is not an evaluator (did you mean linear?); the evaluators are "
+            "linear, knn, mlp, lowshot, invariance.", None, {}),
         "a workdir without a run": (
             ["ssl_jax.export", "--workdir", str(norun), "--out", str(tmp / "out")],
             f"{norun}/config.json not found: {norun} is not a training workdir (no run was "

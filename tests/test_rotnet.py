@@ -206,3 +206,12 @@ def test_train_resume_evaluate(tiny_data, tmp_path, compilation_cache, fast_prng
         assert 0.0 <= r["top1"] <= r["top5"] <= 100.0 and r["step"] == 6
         assert r["top1"] > 25.0  # chance 10%: a swapped split or labels scores ~10%
         assert sorted(r["stages"]) == ["block1", "block2"]
+
+
+def test_cosine_schedule_of_a_run_too_short_for_its_warm_up():
+    """--config.total_steps=1 (or no warm-up) is a valid run: optax refuses decay_steps
+    <= warmup_steps, so the schedule keeps one step of each instead of crashing."""
+    for total, warmup in ((1, 0), (1, 1), (2, 0), (3, 5)):
+        lr = optim.learning_rate(_opt_cfg(schedule="cosine"), 1, total, warmup)
+        values = [float(lr(s)) for s in range(total + 1)]
+        assert all(np.isfinite(values)) and max(values) <= 0.1 + 1e-7, (total, warmup, values)

@@ -106,7 +106,7 @@ def test_train_resume_evaluate(method, tiny_data, tmp_path, capsys, monkeypatch)
     with open(os.path.join(workdir, "results.md")) as f:  # the table people read
         rows = f.read().splitlines()
     assert rows[0].startswith("| date | method |") and len(rows) == 2 + 2 * 2
-    assert f"| {method} | tiny_squares | 6 | knn (offline) | block1 |" in rows[-2]
+    assert f"| {method} | tiny_squares | 6 | knn k=20 (offline) | block1 |" in rows[-2]
     with pytest.raises(ValueError, match=r"block9 is not a stage of this convnet; its stages "
                        r"are block1, block2 \(also 'final'"):
         evaluation.evaluate(workdir, ("knn",), stages=["block9"])
