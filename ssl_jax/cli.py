@@ -43,6 +43,7 @@ from ssl_jax.errors import UserError
 
 FILE = "file"  # config=FILE: --config names a config file
 EXIT_USAGE = 2  # the shell's convention for a command used wrongly (argparse's too)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class _Refused(flags.Error):
@@ -257,6 +258,13 @@ def run(main, config=None):
             return main(argv)
         except UserError as e:
             _fail(e)
+        except KeyboardInterrupt:
+            # Ctrl-C where a command does not catch it (train's first one stops with a
+            # checkpoint: faults.Preemption); the user asked for it: no traceback.
+            print("\nInterrupted (Ctrl-C): stopped at once. A training run keeps its newest "
+                  "complete checkpoint; re-run the same command to resume.",
+                  file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)
         except jax.errors.JaxRuntimeError as e:
             if jax.process_count() == 1 or not parallel.peer_lost(e):
                 raise

@@ -21,7 +21,9 @@ and training goes on from the last good state.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +39,8 @@ class Preemption:
     at the step every process stops at, and `signal` names what stopped it.
 
     Ctrl-C is a stop with a checkpoint too (train exits 130 after saving); a second
-    Ctrl-C while that step finishes is the usual KeyboardInterrupt, for a user who
-    will not wait (orbax's write-then-rename still keeps the previous checkpoint).
+    Ctrl-C while the run stops ends the process at once, for a user who will not wait
+    (one line; exit 130; orbax's write-then-rename keeps the previous checkpoint).
     In a multi-process run SIGINT keeps its default: a launcher or scheduler stops
     such runs with SIGTERM, which every process must agree on.
     """
@@ -55,9 +57,18 @@ class Preemption:
         del frame
         if signum == signal.SIGINT:
             if self.signal == "SIGINT":  # the second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            print("\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
-                  "(Ctrl-C again to stop at once).", flush=True)
+                # As a SIGKILL would: unwinding through an orbax save in flight can wait
+                # minutes on its threads, and orbax's write-then-rename already keeps the
+                # newest complete checkpoint whole.
+                print("\nCtrl-C again: stopped at once, without saving this step; the newest "
+                      "complete checkpoint is kept. Re-run the same command to resume.",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
+            # The host runs ahead of the device: the steps it already sent finish first.
+            print("\nCtrl-C: stopping once the steps already sent to the device are done, "
+                  "then saving a checkpoint (Ctrl-C again to stop at once, without it).",
+                  flush=True)
         self.signal = self.signal or signal.Signals(signum).name
 
     def requested(self, step: int) -> bool:

@@ -125,7 +125,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130_without_a_traceback(
     workdir = str(tmp_path / "w")
     rc, out = _run_until(_command(workdir, data_dir, 12, 100), _cache, 4, signal.SIGINT)
     assert rc == 130, out
-    assert "Ctrl-C: saving a checkpoint at the end of this step" in out, out
+    assert "Ctrl-C: stopping once the steps already sent to the device are done" in out, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     stopped = int(out.split("Stopped (Ctrl-C) at step ")[1].split("/")[0])
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
@@ -142,6 +142,17 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130_without_a_traceback(
                             f"{workdir}/checkpoints. Re-run the same command to resume.")
     with open(os.path.join(workdir, "command.txt")) as f:
         assert f.read().startswith("python -m ssl_jax.train --config configs/simclr.py")
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(reference, tmp_path, _cache):
+    """The second Ctrl-C lands while the first one's stop is under way: the run stops
+    at once, says so in one line (no KeyboardInterrupt traceback) and exits 130."""
+    _, data_dir = reference
+    rc, out = _run_until(_command(str(tmp_path / "w"), data_dir, 12, 100), _cache, 4,
+                         signal.SIGINT, repeat=2)
+    assert rc == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "Ctrl-C again: stopped at once" in out or "Stopped (Ctrl-C) at step" in out
 
 
 def test_sigkill_resumes_from_the_newest_complete_checkpoint(reference, tmp_path, _cache):
