@@ -164,6 +164,10 @@ def check_module(module: str, args: list[str], config_spec: str | None = None) -
             problems.append(f"{module}: --{name} {value}: not one of {info['enum']}")
         elif name == "config":
             config_spec = value
+        elif module in ("ssl_jax.prepare", "ssl_jax.data.prepare") and name == "dataset":
+            from ssl_jax.datasets.prepare import BUILDERS  # a string flag: the registry's names
+            if value not in BUILDERS and not value.isupper():
+                problems.append(f"{module}: --dataset {value}: not one of {sorted(BUILDERS)}")
         elif module == "ssl_jax.evaluate" and name == "eval":
             from ssl_jax.eval.evaluators import REGISTRY
             unknown = set(value.split(",")) - set(REGISTRY) - {""}
