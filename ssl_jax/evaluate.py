@@ -31,10 +31,8 @@ line Gloo (the CPU collectives) writes as the processes connect is dropped.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 
-import jax
 from absl import flags
 
 from ssl_jax import cli, parallel, process_output
@@ -64,11 +62,7 @@ def main(argv):
     cli.join_processes()  # every process extracts its share of the features
     # Several processes: process 0 speaks, without Gloo's chatter (--verbosity, of any
     # value: every process's output as it comes).
-    quiet = jax.process_count() > 1 and not f["verbosity"].present
-    if quiet:
-        process_output.quiet_unless_first(jax.process_index())
-    with (process_output.without_gloo_chatter() if quiet and jax.process_index() == 0
-          else contextlib.nullcontext()):
+    with process_output.one_voice(verbose=f["verbosity"].present):
         # Processes given different arguments would combine different extractions.
         parallel.agree(json.dumps([{name: f[name].value for name in ARGUMENTS}, overrides],
                                   default=str, sort_keys=True), "evaluate arguments")

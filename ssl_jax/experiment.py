@@ -141,10 +141,6 @@ def check_accumulate_steps(config, mesh) -> int:
     return a
 
 
-# A workdir belongs to one config (config.check_same_config; tests import it here).
-check_same_config = cfg_lib.check_same_config
-
-
 def init_model(config, spec: DataSpec, images):
     """images (B, H, W, C) uint8 -> (params, method_state) at step 0: stream 0 of
     the seed, split into the views' key and the initialisation's."""

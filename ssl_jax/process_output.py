@@ -1,8 +1,11 @@
 """What several processes of one command print: process 0 speaks, the others keep quiet,
 and Gloo's (the CPU collectives') connection lines are kept off the console.
 
-    quiet_unless_first(jax.process_index())   # processes 1.. : stdout to /dev/null
-    with without_gloo_chatter(): ...          # process 0: stdout less Gloo's lines
+    with one_voice(verbose=False): ...        # what a command does, on every process
+
+one_voice is both below, chosen by the process: processes 1.. send stdout to
+/dev/null (quiet_unless_first), process 0's stdout loses Gloo's lines
+(without_gloo_chatter); one process, or verbose, changes nothing.
 
 Gloo writes from C++ straight to file descriptor 1, so the filter sits on the
 descriptor (a pipe read by a thread), not on sys.stdout.
@@ -15,6 +18,7 @@ import os
 import sys
 import threading
 
+import jax
 from absl import logging
 
 
@@ -73,3 +77,15 @@ def without_gloo_chatter():
         thread.join(timeout=10)
         os.close(read)
         os.close(real)
+
+
+def one_voice(verbose: bool):
+    """A context in which a multi-process command speaks once: process 0's output
+    without Gloo's lines, the others' stdout silenced (for good: their stdout is
+    not theirs to reclaim once the command ends). verbose, or one process: as is."""
+    if verbose or jax.process_count() == 1:
+        return contextlib.nullcontext()
+    if jax.process_index() > 0:
+        quiet_unless_first(jax.process_index())
+        return contextlib.nullcontext()
+    return without_gloo_chatter()

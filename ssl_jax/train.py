@@ -197,7 +197,8 @@ def check_workdir(exp: experiment.Experiment, workdir: str) -> None:
         return
     stored = storage.path(workdir) / "config.json"
     stored = cfg_lib.load(workdir) if stored.exists() else None
-    if not cfg_lib.check_same_config(exp.config, stored) and stored is not None:
+    changed = cfg_lib.check_same_config(exp.config, stored)  # refused unless the override
+    if stored is not None and not changed:  # the run's own config: its state fits
         return
     found = checkpoint.misfits(workdir, exp.shapes)
     if not found:  # it fits, or no readable metadata (restore() reports that)

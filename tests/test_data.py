@@ -306,14 +306,14 @@ def test_worker_count_auto_reads_in_process_where_workers_cannot_help(tiny_datas
 
 def test_a_resume_may_read_with_other_worker_processes():
     """The workers change how batches are read, not which: no 'different config'."""
-    from ssl_jax import config as cfg_lib, experiment
+    from ssl_jax import config as cfg_lib
     config = cfg_lib.load_file("configs/simclr.py:dataset=fashion_mnist")
     stored = config.to_dict()
     stored["data"]["worker_count"] = 0
-    experiment.check_same_config(config, stored)
+    cfg_lib.check_same_config(config, stored)
     stored["optimizer"]["lr"] = 123.0
     with pytest.raises(errors.UserError, match="optimizer.lr"):
-        experiment.check_same_config(config, stored)
+        cfg_lib.check_same_config(config, stored)
 
 
 # ------------------------------------------------- eval_batches
