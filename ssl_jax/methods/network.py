@@ -41,9 +41,10 @@ def make_encoder(model_cfg, bn_groups: int | None = None) -> nn.Module:
 
 
 class EncoderHead(nn.Module):
-    """images (B, H, W, C) float32 -> (features {stage: (B, h, w, c)}, z (B, D) float32).
+    """images (B, H, W, C) float32 -> (features {stage: (B, h, w, c) or models.Tokens},
+    z (B, D) float32).
 
-    The head reads the globally pooled final stage.
+    The head reads the final stage's summary: a map's global average, a ViT's class token.
     """
     encoder: nn.Module
     head: nn.Module
@@ -51,7 +52,7 @@ class EncoderHead(nn.Module):
 
     def __call__(self, x, train: bool):
         feats = self.encoder(x, train=train)
-        pooled = jnp.mean(feats[self.stage].astype(jnp.float32), axis=(1, 2))
+        pooled = models.summary(feats[self.stage])
         return feats, self.head(pooled, train=train)
 
 

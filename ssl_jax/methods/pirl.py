@@ -120,7 +120,7 @@ class PirlNetwork(nn.Module):
     def __call__(self, images, tiles, train: bool):
         def pooled(x):
             feats = self.encoder(x, train=train)
-            return feats, jnp.mean(feats[self.stage].astype(jnp.float32), axis=(1, 2))
+            return feats, models.summary(feats[self.stage])
 
         feats, h = pooled(images)
         f = models.MLPHead(self.hidden, self.dim, self.layers, name="head")(h, train=train)

@@ -1,7 +1,8 @@
 """Encoders and heads; the registry of encoder names lives here.
 
 Every encoder maps images (B, H, W, C) to a dict of stage features
-{stage: (B, h, w, c)}, so probes can read any stage; `final_stage(name)` is
+{stage: (B, h, w, c)} (a ConvNet's maps) or {stage: Tokens} (a transformer's
+class, patch and register tokens: tokens.py), so probes can read any stage; `final_stage(name)` is
 the one the projection heads and the default evaluators read.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ssl_jax.models.heads import LinearHead, MLPHead
 from ssl_jax.models.nin import NIN
 from ssl_jax.models.norm import BatchNorm
 from ssl_jax.models.resnet import ResNet
+from ssl_jax.models.tokens import Tokens, summary
 
 ENCODERS = {
     "convnet": ConvNet,
@@ -58,5 +60,5 @@ def final_stage(name: str, **kwargs) -> str:
     return stages(name, **kwargs)[-1]
 
 
-__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet",
-           "final_stage", "make_encoder", "stages"]
+__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens",
+           "final_stage", "make_encoder", "stages", "summary"]
