@@ -90,6 +90,17 @@ def steady(run_one, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matmul rate through XLA, best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, a))
+    best = min(steady(lambda: jax.block_until_ready(dot(a, a)), repeats, 0))
+    return 2 * n**3 / best / 1e9
+
+
 def summary(times: list[float], items: int, stat: str = "median") -> dict:
     """Step times and items/s, with the spread (other jobs share the cores).
 

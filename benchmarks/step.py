@@ -59,17 +59,6 @@ def _peak_rss_mb() -> float:
 
 # ---------------------------------------------------------------- ssl_jax
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matmul rate through XLA, best of `repeats`."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    jax.block_until_ready(dot(a, a))
-    best = min(measure.steady(lambda: jax.block_until_ready(dot(a, a)), repeats, 0))
-    return 2 * n**3 / best / 1e9
-
-
 def jax_side(method: str, source, data_dir: str, steps: int, warmup: int, peak_gflops: float,
              views_dir: str) -> dict:
     """Times the model step; saves the views and indices to views_dir/<method>.npz."""
@@ -251,7 +240,7 @@ def main(argv):
     data_dir = _DATA_DIR.value or sources.default_data_dir()
     prepare.prepare("fashion_mnist", data_dir)
     source = sources.open_source("fashion_mnist", "train", data_dir)
-    peak = matmul_gflops()
+    peak = measure.matmul_gflops()
     print(f"float32 matmul 2048^2 (XLA): {peak:.1f} GFLOP/s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as views_dir:
