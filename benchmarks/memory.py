@@ -1,7 +1,11 @@
-r"""Per-device memory of the ImageNet presets (ResNet-50, 224 px), without allocating it.
+r"""Per-device memory of the ImageNet presets (ResNet-50, ViT-S/16, ViT-B/16; 224 px),
+without allocating it.
 
-    python benchmarks/memory.py [--methods simclr,moco,pirl,npid,supervised]
+    python benchmarks/memory.py [--methods simclr,moco,pirl,npid,supervised,simclr:vit_small]
                                 [--compile_batches 2] [--compile_methods simclr,moco]
+
+A method is a preset, configs/<method>.py:dataset=imagenet2012 (ResNet-50), or
+<method>:<model>, the same preset with model=<model> (the ViT presets: MoCo v3's recipe).
 
 1. The train state, per device, at 8, 64 and 256 devices: the shapes come from
    `jax.eval_shape` of the Experiment's state initialiser (Experiment.shapes, the
@@ -42,10 +46,12 @@ from ssl_jax import experiment, parallel  # noqa: E402
 from ssl_jax.config import load_file  # noqa: E402
 from ssl_jax.dataspec import DataSpec  # noqa: E402
 
-_METHODS = flags.DEFINE_list("methods", ["simclr", "moco", "pirl", "npid", "supervised"],
-                             "Presets: configs/<name>.py:dataset=imagenet2012.")
+VITS = ["simclr:vit_small", "simclr:vit_base", "moco:vit_small", "moco:vit_base"]
+_METHODS = flags.DEFINE_list("methods", ["simclr", "moco", "pirl", "npid", "supervised"] + VITS,
+                             "Presets: configs/<name>.py:dataset=imagenet2012, or "
+                             "<name>:<model> for model=<model> on it.")
 _COMPILE_METHODS = flags.DEFINE_list("compile_methods", ["simclr", "moco", "pirl", "npid",
-                                                         "supervised"],
+                                                         "supervised"] + VITS,
                                      "Methods whose train step is compiled (slow).")
 _BATCHES = flags.DEFINE_list("compile_batches", ["2"], "Per-device batches to compile at.")
 _OUT = flags.DEFINE_string(
@@ -58,7 +64,9 @@ MiB = 2 ** 20
 
 
 def preset(method: str):
-    return load_file(f"configs/{method}.py:dataset=imagenet2012")
+    """"simclr" -> the ImageNet preset; "simclr:vit_small" -> it with model=vit_small."""
+    name, _, model = method.partition(":")
+    return load_file(f"configs/{name}.py:dataset=imagenet2012" + (f",model={model}" if model else ""))
 
 
 def category(path: str) -> str:
