@@ -18,8 +18,9 @@ unsupported layout) or that the numbers on an accelerator equal the CPU's. No
 compilation, no training: abstract shapes only, a tiny config of each method.
 
 One fresh process with 8 CPU devices lowers every case (tests/multidevice.py);
-each case is its own test here. A case is (configs/ preset, encoder, options): adding a
-ViT or multi-crop case is one line of CASES once ENCODERS / OPTIONS know the name.
+each case is its own test here. A case is (configs/ preset, encoder, options):
+adding a ViT or multi-crop case is one line of CASES once ENCODERS / OPTIONS know
+the name.
 """
 from __future__ import annotations
 
@@ -209,26 +210,38 @@ def lower_all(out: dict, cases=None, feature_cases=None) -> None:
     jax.config.update("jax_threefry_partitionable", False)  # as conftest's fast_prng
     mesh = parallel.make_mesh()
     out["devices"] = len(jax.devices())
+
+    def train_step(case):
+        config = tiny_config(*case)
+        exp = experiment.Experiment(config, data_spec(case[2]), mesh)
+        return exp.train_step(), exp.abstract_state(), abstract_batch(exp)
+
+    def feature_step(case):
+        encoder, pool, augment = case
+        config = tiny_config("simclr", encoder)
+        exp = experiment.Experiment(config, data_spec(), mesh)
+        fn = features.make_features_fn(network.make_encoder(config.model),
+                                       features.eval_view_config(config), pool)
+        state = exp.abstract_state()
+        variables = network.encoder_variables(state["params"], state["method_state"])
+        step = features._jitted_step(fn, mesh, features.light_augment if augment else None)
+        b = abstract_batch(exp)  # what extract() feeds the step: + padding mask, seeds
+        batch = dict(image=b["image"], label=b["label"], index=b["index"], seed=b["index"],
+                     mask=jax.ShapeDtypeStruct(b["index"].shape, bool,
+                                               sharding=b["index"].sharding))
+        return step, variables, batch
+
+    todo = [(case_id(c), train_step, c) for c in (CASES if cases is None else cases)] + [
+        (feature_case_id(c), feature_step, c)
+        for c in (FEATURE_CASES if feature_cases is None else feature_cases)]
     with jax.set_mesh(mesh):
-        for case in CASES if cases is None else cases:
-            config = tiny_config(*case)
-            exp = experiment.Experiment(config, data_spec(case[2]), mesh)
-            out[case_id(case)] = portability_problems(
-                exp.train_step(), exp.abstract_state(), abstract_batch(exp))
-        for case in FEATURE_CASES if feature_cases is None else feature_cases:
-            encoder, pool, augment = case
-            config = tiny_config("simclr", encoder)
-            exp = experiment.Experiment(config, data_spec(), mesh)
-            fn = features.make_features_fn(network.make_encoder(config.model),
-                                           features.eval_view_config(config), pool)
-            state = exp.abstract_state()
-            variables = network.encoder_variables(state["params"], state["method_state"])
-            step = features._jitted_step(fn, mesh, features.light_augment if augment else None)
-            batch = abstract_batch(exp)
-            batch = {"image": batch["image"], "label": batch["label"], "index": batch["index"],
-                     "seed": batch["index"], "mask": jax.ShapeDtypeStruct(
-                         batch["index"].shape, bool, sharding=batch["index"].sharding)}
-            out[feature_case_id(case)] = portability_problems(step, variables, batch)
+        for name, build, case in todo:
+            try:  # a case that cannot even be built fails as itself, not the whole module
+                step, *args = build(case)
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"building the step failed: {type(e).__name__}: {e}"
+                continue
+            out[name] = portability_problems(step, *args)
 
 
 # ------------------------------------------------------------------- the tests
