@@ -1,4 +1,5 @@
-"""Every method's train step, and the evaluation's feature step, lower for TPU and CUDA.
+"""Every method's train step (and initialiser), and the evaluation's feature step,
+lower for TPU and CUDA.
 
 No accelerator is lent to this project, so this proves what can be proved without
 one: the jitted step -- as the setup layer builds it, over an 8-device mesh with its
@@ -200,7 +201,8 @@ def portability_problems(jitted, *args) -> str:
 
 def lower_all(out: dict, cases=None, feature_cases=None) -> None:
     """out[case id] = portability_problems of that case's train step (or feature
-    step), '' when it exports for PLATFORMS; out['devices'] = the device count."""
+    step; id + "-init": its initialiser, for cases without options), '' when it
+    exports for PLATFORMS; out['devices'] = the device count."""
     import jax
 
     from ssl_jax import experiment, parallel
@@ -215,6 +217,11 @@ def lower_all(out: dict, cases=None, feature_cases=None) -> None:
         config = tiny_config(*case)
         exp = experiment.Experiment(config, data_spec(case[2]), mesh)
         return exp.train_step(), exp.abstract_state(), abstract_batch(exp)
+
+    def initialiser(case):  # the first program a run executes (Experiment.initial_state)
+        config = tiny_config(*case)
+        exp = experiment.Experiment(config, data_spec(case[2]), mesh)
+        return jax.jit(exp.init_state, out_shardings=exp.state_sharding), exp.sample
 
     def feature_step(case):
         encoder, pool, augment = case
@@ -231,7 +238,9 @@ def lower_all(out: dict, cases=None, feature_cases=None) -> None:
                                                sharding=b["index"].sharding))
         return step, variables, batch
 
-    todo = [(case_id(c), train_step, c) for c in (CASES if cases is None else cases)] + [
+    cases = CASES if cases is None else cases
+    todo = [(case_id(c), train_step, c) for c in cases] + [
+        (case_id(c) + "-init", initialiser, c) for c in cases if not c[2]] + [
         (feature_case_id(c), feature_step, c)
         for c in (FEATURE_CASES if feature_cases is None else feature_cases)]
     with jax.set_mesh(mesh):
@@ -259,6 +268,14 @@ def test_train_step_lowers_for_tpu_and_cuda(case, lowered):
     assert lowered["devices"] == 8
     if lowered[case_id(case)]:
         pytest.fail(f"{case_id(case)}: {lowered[case_id(case)]}", pytrace=False)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c[2]], ids=case_id)
+def test_initialiser_lowers_for_tpu_and_cuda(case, lowered):
+    """The jitted init of the train state (once per encoder and method: options
+    change the step more than the initialiser)."""
+    if lowered[case_id(case) + "-init"]:
+        pytest.fail(f"{case_id(case)}-init: {lowered[case_id(case) + '-init']}", pytrace=False)
 
 
 @pytest.mark.parametrize("case", FEATURE_CASES, ids=feature_case_id)
