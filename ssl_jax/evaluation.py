@@ -314,8 +314,6 @@ def set_features(fn, variables, centre, key, split_kw, run_dataset: str,
 
 def _calibrated(encoder, view_cfg, variables, source, batch_size: int, mesh):
     """A random init's variables with BN statistics measured on source (features.calibrate_bn)."""
-    if not variables.get("batch_stats"):  # a ViT's LayerNorms keep no statistics
-        return variables
     with jax.set_mesh(mesh):
         return features.calibrate_bn(encoder, view_cfg, variables, source,
                                      batch_size=batch_size, mesh=mesh)

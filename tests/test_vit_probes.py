@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ssl_jax import evaluation, models
+from ssl_jax import evaluation, models, parallel
+from ssl_jax.data import sources
 from ssl_jax.errors import UserError
 from ssl_jax.eval import attention, features
 from ssl_jax.models.tokens import Tokens
@@ -187,6 +188,15 @@ def test_bad_pools_and_stages_are_refused_before_anything_is_written(vit_export,
                                             "fake_vit; its stages are block1, block2"):
             evaluation.evaluate(exported=vit_export, evals=("knn",), stages=stages)
     assert written(vit_export) == written(convnet_export) == []
+
+
+def test_a_random_init_vit_has_no_bn_statistics_to_calibrate(tiny_data):
+    enc = FakeViT()
+    variables = enc.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    source = sources.open_source("tiny_squares", "train", tiny_data)
+    got = features.calibrate_bn(enc, VIEW, variables, source, batch_size=32,
+                                mesh=parallel.make_mesh(), num_batches=1)
+    assert got is variables
 
 
 # --------------------------------------------------------------- attention

@@ -316,6 +316,8 @@ def calibrate_bn(encoder, view_cfg, variables, source, *, batch_size: int, mesh,
     the random baseline unfairly weak. BN's running averages use momentum 0.9,
     so after 50 batches the initial values weigh 0.9^50 < 1%.
     """
+    if not variables.get("batch_stats"):  # a ViT's LayerNorms keep no statistics: unchanged
+        return variables
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
