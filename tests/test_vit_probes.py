@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ssl_jax import evaluation, models, parallel
+from ssl_jax import evaluation, export, models, parallel
 from ssl_jax.data import sources
 from ssl_jax.errors import UserError
 from ssl_jax.eval import attention, features
@@ -173,6 +173,12 @@ def test_a_vits_default_is_its_class_token_a_convnets_stays_global(vit_export,
     mean = evaluation.evaluate(exported=vit_export, evals=("knn",), pool="global")["knn"]
     assert mean["pool"] == "mean" and "eval_knn_mean.json" in written(vit_export)
     assert len(os.listdir(os.path.join(vit_export, "features"))) == 4  # 2 pools x 2 splits
+    # An export's features_fn (export.load) defaults to the class token too.
+    fn, variables = export.load(vit_export)
+    images = np.random.default_rng(4).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    out = FakeViT().apply(variables, augment.batch_views(jax.random.key(0), images, VIEW))
+    np.testing.assert_allclose(fn(variables, images)["block5"], out["block5"].cls,
+                               rtol=1e-5, atol=1e-6)
     conv = evaluation.evaluate(exported=convnet_export, evals=("knn",))["knn"]
     assert conv["pool"] == "global" and written(convnet_export) == [
         "eval_knn.json", "features", "results.md"]
