@@ -182,10 +182,11 @@ def eval_config(out: str, meta: dict, *, dataset=None, data_dir=None, train_spli
     return config
 
 
-def load_export(out: str, *, pool: str = "global", stages=None):
+def load_export(out: str, *, pool: str | None = None, stages=None):
     """-> (features_fn, variables) of an exported encoder: features_fn(variables,
     images uint8 (B, H, W, C)) -> {stage: (B, D) float32}, the eval view (centre
-    crop, normalisation) and pooling included; pool and stages as
+    crop, normalisation) and pooling included; pool (None: the encoder's default, a
+    map's global average, a ViT's class token) and stages as
     features.make_features_fn takes them."""
     meta = read_meta(out)
     model = ml_collections.ConfigDict(cfg_lib.to_tuples(meta["model"]))

@@ -11,9 +11,12 @@ names the dataset, splits and eval settings, and --dataset, --data_dir,
 --train_split, --test_split fill in or override them), extracts the pooled
 features of its stages for the train and test splits, and runs each evaluator
 on each requested stage (`--stages final`, the default; `all`; or names such as
-`block2,block4`). --pool: `global` average (default), or `avg{s}x{s}` (e.g.
-avg2x2, avg3x3), VISSL's pooling of a conv stage to an s x s grid, s*s*C
-features. "Offline" means after pretraining, on a frozen encoder (the numbers
+`block2,block4`). --pool: of a ConvNet's stage, the `global` average (its
+default), or `avg{s}x{s}` (e.g. avg2x2, avg3x3), VISSL's pooling of a conv stage
+to an s x s grid, s*s*C features; of a ViT's block, its class token `cls` (its
+default, what ViT papers report), the `mean` patch token, `avg{s}x{s}` of the
+patch grid, or `dino`, DINO's linear-eval feature (the class tokens of the last
+4 blocks; ViT-B: the last block's, and its mean patch token). "Offline" means after pretraining, on a frozen encoder (the numbers
 papers report), as opposed to the online probes logged during training.
 
 Everything goes to RESULTS, which is --results_dir, else the workdir or the
@@ -77,9 +80,14 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and checkpoints).")
     flags.DEFINE_string("exported", None, "Instead of --workdir: an encoder written by "
                         "`python -m ssl_jax.export` (its OUT folder).")
-    flags.DEFINE_string("pool", "global", "How a stage's (H, W, C) map becomes features: "
-                        "global (average, C-d) or avg{s}x{s} (e.g. avg2x2: an s x s grid of "
-                        "averages, s*s*C-d, as VISSL probes conv stages).")
+    flags.DEFINE_string("pool", None, "How a stage becomes features. A ConvNet's (H, W, C) "
+                        "map: global (average, C-d; its default) or avg{s}x{s} (e.g. avg2x2: "
+                        "an s x s grid of averages, s*s*C-d, as VISSL probes conv stages). A "
+                        "ViT block's tokens: cls (the class token; its default), mean (of "
+                        "the patch tokens; global is the same), avg{s}x{s} (of the patch "
+                        "grid), or dino (DINO's linear eval: the class tokens of the last 4 "
+                        "blocks concatenated; for ViT-B, width 768, the last block's with "
+                        "its mean patch token).")
     flags.DEFINE_bool("cache", True, "Read and write the extracted features under "
                       "RESULTS/features/ (--nocache: extract afresh, write nothing).")
     flags.DEFINE_string("results_dir", None, "Where results and the feature cache go (default: "
@@ -98,8 +106,9 @@ if __name__ == "__main__":
     flags.DEFINE_bool("random_init", False, "Evaluate the run's encoder as initialised (BN "
                       "statistics measured on train): the baseline pretraining must beat.")
     flags.DEFINE_bool("plot", False, "Also write PNG figures to RESULTS/figures/: accuracy per "
-                      "stage, the low-shot curve, and a retrieval grid (test images and their "
-                      "nearest train images).")
+                      "stage, the low-shot curve, a retrieval grid (test images and their "
+                      "nearest train images) and, for a ViT, attention.png (each head's "
+                      "class-token attention of the last block on a few test images).")
     cli.define_process_flags()
     flags.mark_flags_as_mutual_exclusive(["workdir", "exported"], required=True)
     # --config.eval.a.b=value: typed by the evaluators' defaults, applied to the

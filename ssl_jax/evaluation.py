@@ -1,7 +1,8 @@
 """Offline evaluation of a frozen encoder, as a function: `evaluate(...)` loads
 the encoder (a training run's, its random init, or an export's), extracts the
 pooled features of the requested stages for the train and test splits (cached
-on disk), runs each requested evaluator of eval/evaluators.py on them and
+on disk; a ConvNet's maps globally averaged, a ViT's class token, unless --pool
+says otherwise), runs each requested evaluator of eval/evaluators.py on them and
 writes the records (eval/results.py). `python -m ssl_jax.evaluate` is its
 command line; benchmarks and notebooks call it directly.
 
@@ -30,6 +31,7 @@ from ssl_jax.errors import UserError
 from ssl_jax.eval import evaluators, features
 from ssl_jax.eval import results as results_lib
 from ssl_jax.methods import network
+from ssl_jax.views import augment
 
 EVALUATORS = tuple(evaluators.REGISTRY)  # --eval's names
 
@@ -111,7 +113,7 @@ def _check_arguments(workdir, exported, evals, stages, pool, random_init, data_a
 
 
 def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final",
-             random_init: bool = False, *, exported: str | None = None, pool: str = "global",
+             random_init: bool = False, *, exported: str | None = None, pool: str | None = None,
              cache: bool = True, results_dir: str | None = None, dataset: str | None = None,
              data_dir: str | None = None, train_split: str | None = None,
              test_split: str | None = None, plot: bool = False,
@@ -123,14 +125,18 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
     for every requested stage, and the "pool" that made the features.
 
     evals: names in eval/evaluators.py's REGISTRY.
-    pool: "global" or "avg{s}x{s}" (features.pool_stage).
+    pool: how a stage becomes a vector (features.pool_stage): None, the encoder's
+    default (a map's "global" average, a ViT block's class token "cls"); "global" or
+    "avg{s}x{s}" of a map; "cls", "mean" (of the patch tokens; "global" is read as it),
+    "avg{s}x{s}" of the patch grid or "dino" (DINO's linear-eval feature) of a ViT.
     random_init (workdir only): evaluate the run's encoder as initialised instead,
     with its BN statistics measured on the train split (features.calibrate_bn):
     the random baseline. Results then go to eval_<name>_random_init.json.
     cache: read and write the split's features under RESULTS/features/.
     results_dir: RESULTS, where everything is written (default: workdir or exported).
     dataset, data_dir, train_split, test_split (exported only): override export.json's.
-    plot: also write figures to RESULTS/figures/ (eval/results.py's `plot`).
+    plot: also write figures to RESULTS/figures/ (eval/results.py's `plot`, and for a ViT
+    its `plot_attention`).
     overrides: {"eval.a.b": "value"} (--config.eval.a.b=value): evaluation settings
     changed from the run's (or the export's) stored config.
     """
@@ -158,6 +164,7 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
         origin = {"step": int(step), "random_init": random_init}
     else:
         fn, variables = encoders.load_export(exported, pool=pool, stages=names)
+        encoder = network.make_encoder(config.model)  # its stages' kinds; --plot's attention
         view_cfg = meta["preprocessing"]["view"]
         step = meta["source"]["step"]
         origin = {"step": int(step), "source": meta["source"]}
@@ -168,6 +175,13 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
     data = {split: sources.open_source(config.dataset, split, config.data_dir, decode=centre)
             for split in ((config.train_split, config.eval.test_split) if on_splits
                           else (config.train_split,))}  # each decoded once
+    # The pool's name in records, files and cache keys, and the encoder's default (whose
+    # files have no _<pool>), from the kinds of its stages (maps or a ViT's tokens); a
+    # stage it lacks or a pool that does not fit a stage is refused here, before any
+    # work. fn, made with the pool as given, computes the same (features.canonical_pool).
+    outputs = _stage_outputs(encoder, view_cfg, variables,
+                             data[config.train_split][0]["image"].shape)
+    default_pool, pool = (features.resolve_pool(p, outputs, names) for p in (None, pool))
     # The variables features are extracted with, a zero-argument function called only
     # when some features must be extracted: a random init's BN statistics are then
     # measured, once; not at all when every split's features are cached.
@@ -212,13 +226,30 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
         results_lib.show(name, r, evaluator, config.dataset, config.eval.test_split)
         if jax.process_index() == 0:
             results_lib.write(results_dir, config, name, r, evaluator,
-                              stage_order=_stages(config, "all"))
+                              stage_order=_stages(config, "all"), default_pool=default_pool)
     if plot and on_splits and jax.process_index() == 0:
         results_lib.plot(results_dir, data[config.train_split],
                          data[config.eval.test_split], ftr[names[-1]], ytr, fte[names[-1]],
                          yte, random_init, method=config.method, class_names=sources.
                          dataset_info(config.dataset, config.data_dir)["class_names"])
+    if plot and jax.process_index() == 0:  # a ViT's attention maps (none for a ConvNet)
+        test = (data[config.eval.test_split] if on_splits else sources.open_source(
+            config.dataset, config.eval.test_split, config.data_dir, decode=centre))
+        path = results_lib.plot_attention(results_dir, encoder, extraction_variables(),
+                                          view_cfg, test, random_init, method=config.method)
+        if path:
+            print(f"Figures: {path}", flush=True)
     return results
+
+
+def _stage_outputs(encoder, view_cfg, variables, image_shape) -> dict:
+    """The encoder's outputs on the eval view of one uint8 image of `image_shape` (H, W,
+    C), as jax.eval_shape gives them ({stage: ShapeDtypeStruct | models.Tokens of them}):
+    which stages it has, of which kind, without running it."""
+    def f(v, images):
+        return encoder.apply(v, augment.batch_views(jax.random.key(0), images, view_cfg),
+                             train=False)
+    return jax.eval_shape(f, variables, jax.ShapeDtypeStruct((1, *image_shape), np.uint8))
 
 
 def _split_features(config, fn, variables, data, key, split_kw, pool):

@@ -2,9 +2,12 @@
 
 The encoder runs in eval mode (BN running statistics) on the deterministic
 eval view (centre crop + normalisation of config.aug), batched and sharded
-over the mesh; each stage's (H, W, C) map is pooled to a vector: globally
-averaged to (C,) by default, or, as VISSL's probes of conv stages do,
-averaged over an s x s grid and flattened to (s * s * C,) (pool "avg{s}x{s}").
+over the mesh; each stage is pooled to a vector (pool_stage): a (H, W, C) map
+globally averaged to (C,) by default, or, as VISSL's probes of conv stages do,
+averaged over an s x s grid and flattened to (s * s * C,) (pool "avg{s}x{s}");
+a ViT block's tokens (models.Tokens) to its class token by default, as ViT
+papers probe it, or its mean patch token, a grid of its patches, or DINO's
+linear-eval feature (pool "dino").
 
 Extracting a 60000-image split is the slow part of an evaluation, so the
 features go to an .npz whose name holds a digest of everything they depend on
@@ -26,9 +29,8 @@ from absl import logging
 from ssl_jax import parallel, storage
 from ssl_jax.data import decode, pipeline
 from ssl_jax.errors import UserError
+from ssl_jax.models.tokens import Tokens
 from ssl_jax.views import augment, canvas, ops
-
-POOLS = ("global", "avg2x2", "avg3x3")  # the usual ones; any avg{s}x{s} works
 
 
 def eval_view_config(config):
@@ -42,15 +44,61 @@ def eval_view_config(config):
                                     mean=tuple(aug.mean), std=tuple(aug.std))
 
 
-def pool_grid(pool: str) -> int | None:
-    """'global' -> None; 'avg{s}x{s}' -> s >= 1. Anything else: ValueError."""
-    if pool == "global":
-        return None
-    m = re.fullmatch(r"avg(\d+)x(\d+)", pool)
-    if not m or m[1] != m[2] or int(m[1]) < 1:
+# The usual pools (any avg{s}x{s} works): a map's global and grids; a ViT block's cls, mean
+# (of the patch tokens; "global" is the same average, and goes by "mean" on tokens), grids
+# of the patch tokens and dino (DINO's linear-eval feature, dino_stages).
+POOLS = ("global", "avg2x2", "avg3x3", "cls", "mean", "dino")
+# DINO's eval_linear.py: "n_last_blocks = 4 when evaluating ViT-Small and 1 with ViT-Base",
+# "avgpool_patchtokens: False for ViT-Small, True with ViT-Base". A ViT-Base is told by
+# its width (vit_base's 768), the one thing a block's tokens say about their model.
+DINO_BLOCKS, DINO_BASE_BLOCKS, DINO_BASE_WIDTH = 4, 1, 768
+
+
+def pool_grid(pool: str | None) -> int | None:
+    """'avg{s}x{s}' -> s >= 1; any other valid pool name (None: the encoder's default,
+    default_pool) -> None. Anything else: UserError naming the pools."""
+    m = re.fullmatch(r"avg(\d+)x(\d+)", pool or "")
+    if m and m[1] == m[2] and int(m[1]) >= 1:
+        return int(m[1])
+    if pool is not None and pool not in POOLS:
         raise UserError(f"pool={pool!r}: use 'global' or 'avg{{s}}x{{s}}' with s >= 1 "
-                         f"(e.g. {', '.join(POOLS)}).")
-    return int(m[1])
+                        "(e.g. avg2x2) on a ConvNet's maps; cls, mean, dino or avg{s}x{s} "
+                        "on a ViT's tokens.")
+    return None
+
+
+def default_pool(feature) -> str:
+    """The pool a stage is probed with unless another is asked for, what papers report:
+    a ViT block's (models.Tokens) class token, 'cls'; a map's global average, 'global'.
+    feature: the stage's output or its jax.eval_shape."""
+    return "cls" if isinstance(feature, Tokens) else "global"
+
+
+def canonical_pool(pool: str | None, feature) -> str:
+    """The name a pool of `feature`'s kind goes by in records, file names and cache keys:
+    None -> default_pool; 'global' and 'mean', one average over positions, are 'mean' on
+    tokens and 'global' on a map. UserError when the pool does not apply to the kind."""
+    pool = default_pool(feature) if pool is None else pool
+    pool_grid(pool)
+    tokens = isinstance(feature, Tokens)
+    if pool in ("global", "mean"):
+        return "mean" if tokens else "global"
+    if pool in ("cls", "dino") and not tokens:
+        raise UserError(f"pool={pool!r} reads a ViT's class tokens; this encoder's stages are "
+                        "maps (B, h, w, c): use global or avg{s}x{s}.")
+    return pool
+
+
+def dino_stages(stage: str, width: int) -> list[str]:
+    """The blocks whose class tokens DINO's linear-eval feature of `stage` ('block{k}')
+    concatenates: the DINO_BLOCKS last up to k (fewer below block DINO_BLOCKS), or for a
+    ViT-Base (width DINO_BASE_WIDTH) block k alone, which then adds its mean patch token."""
+    m = re.fullmatch(r"(\D*)(\d+)", stage)
+    if not m:
+        raise UserError(f"pool='dino' reads blocks numbered as 'block{{k}}'; got stage {stage!r}.")
+    n = DINO_BASE_BLOCKS if width == DINO_BASE_WIDTH else DINO_BLOCKS
+    k = int(m[2])
+    return [f"{m[1]}{j}" for j in range(max(1, k - n + 1), k + 1)]
 
 
 def _bins(length: int, size: int) -> np.ndarray:
@@ -76,26 +124,75 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
                       precision=jax.lax.Precision.HIGHEST)
 
 
-def pool_stage(x: jax.Array, pool: str = "global") -> jax.Array:
-    """One stage's map x: (B, H, W, C) -> (B, D) float32: D = C for 'global' (the
-    mean over H, W), D = s * s * C for 'avg{s}x{s}' (grid cells row-major, then C)."""
-    s = pool_grid(pool)
+def pool_stage(x, pool: str | None = None, earlier=()) -> jax.Array:
+    """One stage's output -> (B, D) float32; pool None: default_pool(x).
+
+    A map x (B, H, W, C): 'global' (or 'mean') its mean over H, W, D = C;
+    'avg{s}x{s}' the means of an s x s grid of cells, D = s * s * C (cells row-major,
+    then C). A ViT block's models.Tokens x (cls (B, C), patches (B, gh, gw, C)): 'cls'
+    its class token, D = C; 'mean' (or 'global') its mean patch token, D = C;
+    'avg{s}x{s}' its patch grid's cells as a map's; 'dino' the class tokens of
+    `earlier` (the Tokens of the blocks before x that dino_stages names, shallow to
+    deep) and of x concatenated, and for a ViT-Base x's mean patch token after them:
+    D = (len(earlier) + 1) * C (+ C). The registers are never read.
+    """
+    pool = canonical_pool(pool, x)
+    if isinstance(x, Tokens) and pool == "cls":
+        return x.cls.astype(jnp.float32)
+    if isinstance(x, Tokens) and pool == "dino":
+        # DINO's ViT-B feature interleaves (cls, mean) coordinate by coordinate; concatenated
+        # here: the same numbers in another order, which no probe here can tell apart.
+        parts = [t.cls for t in (*earlier, x)] + (
+            [jnp.mean(x.patches, axis=(1, 2))] if x.width == DINO_BASE_WIDTH else [])
+        return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
+    x, s = (x.patches if isinstance(x, Tokens) else x), pool_grid(pool)  # a map, or patches
     if s is None:
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     y = adaptive_avg_pool(x, s)
     return y.reshape(y.shape[0], -1)
 
 
-def make_features_fn(encoder, view_cfg, pool: str = "global", stages=None):
+def check_stages(outputs: dict, stages) -> None:
+    """UserError unless every name in `stages` (None: all) is a stage of the encoder's
+    outputs {stage: ...}; the error lists the ones it has."""
+    unknown = [s for s in stages or () if s not in outputs]
+    if unknown:
+        raise UserError(f"--stages: {', '.join(unknown)} is not a stage of this encoder; its "
+                        f"stages are {', '.join(outputs)} (also 'final', the deepest, and "
+                        "'all').")
+
+
+def _pooled(feats: dict, stage: str, pool: str | None) -> jax.Array:
+    """pool_stage of feats[stage], given the earlier blocks a 'dino' pool concatenates."""
+    x, earlier = feats[stage], ()
+    if pool == "dino" and isinstance(x, Tokens):
+        names = dino_stages(stage, x.width)[:-1]
+        check_stages(feats, names)
+        earlier = [feats[n] for n in names]
+    return pool_stage(x, pool, earlier)
+
+
+def resolve_pool(pool: str | None, outputs: dict, stages) -> str:
+    """--pool (None: the encoder's default) for `stages` of `outputs` (stage_outputs) ->
+    its canonical_pool name, the deepest stage's; UserError for a stage the encoder
+    lacks or a pool that does not apply to a stage's kind, before anything is extracted."""
+    check_stages(outputs, stages)
+    return [canonical_pool(pool, outputs[s]) for s in stages][-1]
+
+
+def make_features_fn(encoder, view_cfg, pool: str | None = None, stages=None):
     """-> f(variables, images (B, H, W, C) uint8) -> {stage: (B, D) float32}, D as
-    pool_stage gives it, for `stages` (None: every stage the encoder returns)."""
+    pool_stage gives it, for `stages` (None: every stage the encoder returns). pool
+    None: each stage's default_pool (a ViT's class token, a map's global average). A
+    stage the encoder lacks, or a pool that does not apply to a stage's kind, is a
+    UserError when f is traced, before any features exist."""
     pool_grid(pool)  # a bad name fails here, not at trace time
 
     def f(variables, images):
         x = augment.batch_views(jax.random.key(0), images, view_cfg)  # deterministic view
         feats = encoder.apply(variables, x, train=False)
-        return {k: pool_stage(v, pool) for k, v in feats.items()
-                if stages is None or k in stages}
+        check_stages(feats, stages)
+        return {k: _pooled(feats, k, pool) for k in feats if stages is None or k in stages}
     return f
 
 
@@ -219,6 +316,8 @@ def calibrate_bn(encoder, view_cfg, variables, source, *, batch_size: int, mesh,
     the random baseline unfairly weak. BN's running averages use momentum 0.9,
     so after 50 batches the initial values weigh 0.9^50 < 1%.
     """
+    if not variables.get("batch_stats"):  # a ViT's LayerNorms keep no statistics: unchanged
+        return variables
     parallel.check_batch_size(batch_size, mesh, "eval.batch_size")
     repl, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 

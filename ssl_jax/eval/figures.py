@@ -1,7 +1,7 @@
 """The figures of eval/report.py (matplotlib, imported only when drawing): accuracy
 per stage as grouped bars, the low-shot curve, invariance per transformation as
-grouped bars (Purushwalkam & Gupta 2020's figures), and the retrieval grid of
-`python -m ssl_jax.evaluate --plot`. Rows are report.Row: a run or its random-init
+grouped bars (Purushwalkam & Gupta 2020's figures), and the retrieval grid and a ViT's
+attention maps (DINO's figure) of `python -m ssl_jax.evaluate --plot`. Rows are report.Row: a run or its random-init
 baseline, with its evaluation records.
 """
 from __future__ import annotations
@@ -213,5 +213,41 @@ def retrieval_grid(query_images, neighbour_images, path: str, query_labels=None,
                 ax.set_title("query" if j == 0 else f"#{j}", fontsize=8)
     fig.suptitle(title + (" (red: label differs from the query's)"
                                          if query_labels is not None else ""), fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def attention_grid(views, attention, path: str, masks=None, cell_inches: float = 1.1,
+                   title: str = "Class-token attention of the last block") -> None:
+    """views (N, h, w, C) float in [0, 1] (C = 1 or 3), attention (N, heads, h, w) (already
+    at the view's size), masks None or bool (N, heads, h, w) -> a PNG at `path`: a row
+    per image, the image first, then each head's attention map (its own colour scale, as
+    DINO shows them), with the outline of its mask when given."""
+    views, attention = np.asarray(views), np.asarray(attention)
+    if (views.ndim != 4 or attention.ndim != 4 or attention.shape[0] != views.shape[0]
+            or attention.shape[2:] != views.shape[1:3] or views.shape[-1] not in (1, 3)):
+        raise ValueError(f"need views (N, h, w, C) with C 1 or 3 and attention (N, heads, h, "
+                         f"w); got {views.shape} and {attention.shape}.")
+    plt = _pyplot()
+    n, heads = attention.shape[:2]
+    # At least 4 inches wide: a model of few heads must not clip the title.
+    fig, axes = plt.subplots(n, heads + 1, squeeze=False, layout="constrained",
+                             figsize=(max(4.0, cell_inches * (heads + 1)), cell_inches * n + 0.6))
+    grey = views.shape[-1] == 1
+    for i in range(n):
+        axes[i, 0].imshow(views[i, ..., 0] if grey else views[i], cmap="gray" if grey else None,
+                          vmin=0.0, vmax=1.0, interpolation="nearest")
+        for h in range(heads):
+            ax = axes[i, h + 1]
+            ax.imshow(attention[i, h], cmap="viridis", interpolation="nearest")
+            if masks is not None and masks[i, h].any() and not masks[i, h].all():
+                ax.contour(masks[i, h].astype(float), levels=[0.5], colors="white",
+                           linewidths=0.8)
+        for j, ax in enumerate(axes[i]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("image" if j == 0 else f"head {j - 1}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Where offline evaluation results go: printed, written to
 RESULTS/eval_<name>[_<pool>][_random_init].json (one record per evaluator, what
-eval/report.py reads), appended as rows to the Markdown table RESULTS/results.md,
-and, with --plot, drawn into RESULTS/figures/.
+eval/report.py reads; _<pool> unless the encoder's default pool made the features:
+a ConvNet's global average, a ViT's class token), appended as rows to the Markdown
+table RESULTS/results.md, and, with --plot, drawn into RESULTS/figures/.
 """
 from __future__ import annotations
 
@@ -62,12 +63,13 @@ def show(name: str, r: dict, evaluator, dataset: str, test_split: str) -> None:
 
 
 def write(results_dir: str, config, name: str, r: dict, evaluator,
-          stage_order=None) -> None:
+          stage_order=None, default_pool: str = "global") -> None:
     """RESULTS/eval_<name>[_<pool>][_random_init].json, merged with what it holds
-    (`merge`), and rows of RESULTS/results.md (this evaluation's alone)."""
+    (`merge`), and rows of RESULTS/results.md (this evaluation's alone). default_pool:
+    the encoder's (features.default_pool), whose records have no _<pool>."""
     out = storage.path(results_dir)  # local, or a bucket's gs://
     out.mkdir(parents=True, exist_ok=True)
-    suffix = (("" if r["pool"] == "global" else f"_{r['pool']}")
+    suffix = (("" if r["pool"] == default_pool else f"_{r['pool']}")
               + ("_random_init" if r["random_init"] else ""))
     path = out / f"eval_{name}{suffix}.json"
     try:
@@ -158,3 +160,27 @@ def plot(results_dir: str, train, test, ftr, ytr, fte, yte, random_init: bool,
                            title=f"{method}{' (random init)' if random_init else ''}: "
                                  "nearest train images by the final stage's features")
     print("Figures: " + ", ".join(paths), flush=True)
+
+
+def plot_attention(results_dir: str, encoder, variables, view_cfg, source, random_init: bool,
+                   count: int = 4, method: str = "") -> str | None:
+    """--plot of a ViT: RESULTS/figures/attention[_random_init].png, the first `count`
+    images of `source` (the test split) as the encoder sees them and each head's
+    class-token attention of its last block over them (eval/attention.py), the patches
+    holding 60% of it outlined, as DINO shows them. -> its path; None, writing
+    nothing, when the encoder sows no such attention (a ConvNet)."""
+    from ssl_jax.eval import attention, figures  # matplotlib only when figures are asked for
+    images = np.stack([source[i]["image"] for i in range(min(count, len(source)))])
+    got = attention.cls_attention(encoder, variables, view_cfg, images)
+    if got is None:
+        return None
+    views, maps = got
+    os.makedirs(os.path.join(results_dir, "figures"), exist_ok=True)
+    path = os.path.join(results_dir, "figures",
+                        f"attention{'_random_init' if random_init else ''}.png")
+    figures.attention_grid(views, attention.upsample(maps, views.shape[1:3]), path,
+                           attention.upsample(attention.mass_mask(maps), views.shape[1:3]),
+                           title=f"{method}{' (random init)' if random_init else ''}: the "
+                                 "class token's attention in the last block,\nper head "
+                                 "(outlined: the patches holding 60% of it)")
+    return path
