@@ -67,9 +67,9 @@ def _pair(x, what: str) -> tuple[int, int]:
 def _check_counts(global_crops, local_crops) -> None:
     for name, n, least in (("global_crops", global_crops, 1), ("local_crops", local_crops, 0)):
         if isinstance(n, bool) or not isinstance(n, int) or n < least:
-            fix = ("set global_crops to 1 or more (2: two full views, as SimCLR's)"
-                   if least else "set local_crops to 0 (no local crops) or more")
-            raise UserError(f"multi-crop {name}={n!r}: {fix}.")
+            fix = ("set it to 1 or more (2: two full-size views, as SimCLR's)" if least
+                   else "set it to 0 (no local crops) or more")
+            raise UserError(f"multi-crop {name}={n!r} (config.multicrop.{name}): {fix}.")
 
 
 def _spec(global_size, local_size, global_recipes, local_recipes) -> Spec:
@@ -77,8 +77,8 @@ def _spec(global_size, local_size, global_recipes, local_recipes) -> Spec:
     l = _pair(local_size, "local_size") if local_recipes else None
     if l and (l[0] > g[0] or l[1] > g[1]):
         raise UserError(f"multi-crop local crops of {l[0]}x{l[1]} are larger than the global "
-                        f"crops of {g[0]}x{g[1]}: set local_size below global_size (DINO: 96 "
-                        "vs 224, i.e. about 3/7 of it).")
+                        f"crops of {g[0]}x{g[1]}: set local_size (config.multicrop.local_size) "
+                        "to at most the global size (DINO: 96 for 224, about 3/7 of it).")
     groups = [Group("global", g, tuple(dict(r, crop_size=g) for r in global_recipes))]
     if local_recipes:
         groups.append(Group("local", l, tuple(dict(r, crop_size=l) for r in local_recipes)))
