@@ -6,7 +6,10 @@ r"""SimCLR (Chen et al. 2020) — NT-Xent over the global batch.
 Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME
 (overrides the dataset's default encoder), runlocal (a one-minute smoke run),
 positives=frame|temporal|region (a video dataset's positive pairs, as in
-configs/moco_video.py; e.g. dataset=fashion_mnist_videos,positives=temporal).
+configs/moco_video.py; e.g. dataset=fashion_mnist_videos,positives=temporal),
+local_crops=L (multi-crop: 2 global + L local crops of each image, SwAV's; with
+local_size=S pixels, default 3/7 of the view's side, DINO's 96 for 224), e.g.
+  python -m ssl_jax.train --config configs/simclr.py:local_crops=6 --workdir runs/simclr_mc
 Any field can be overridden: --config.optimizer.lr=1e-3 --config.total_epochs=5.
 
 The cifar10 and imagenet2012 presets are the paper's (google-research/simclr's
@@ -20,7 +23,7 @@ common = sibling(__file__, "common")
 
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False,
-                         positives="")
+                         positives="", local_crops=0, local_size=0)
     c = common.base("simclr", a.dataset)
     if a.positives:
         common.video_positives(c, a.positives)
@@ -65,6 +68,17 @@ def get_config(arg=None):
                            warmup_epochs=0.2, schedule="constant")
         c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
         c.ckpt_every_steps = 200
+
+    if a.local_crops:
+        # Multi-crop (SwAV, Caron et al. 2020): every crop of an image a positive of every
+        # other. SwAV's SimCLR run: 2 x 224 crops of scale (0.14, 1) + 6 x 96 of (0.05, 0.14);
+        # the local crops cover the scales below the global ones' smallest. Fashion-MNIST
+        # keeps its (0.2, 1) view.
+        side = c.aug.crop_size[0]
+        lo = c.aug.crop_scale[0] if a.dataset == "fashion_mnist" else 0.14
+        c.multicrop = dict(global_crops=2, local_crops=a.local_crops,
+                           local_size=a.local_size or max(8, round(side * 3 / 7)),
+                           global_scale=(lo, 1.0), local_scale=(0.05, lo))
 
     if a.runlocal:
         common.runlocal(c)

@@ -70,6 +70,42 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
     return loss, {"contrast_acc": acc}
 
 
+def multicrop_nt_xent(z: jax.Array, temperature: float,
+                      axis_name: str | None = None) -> tuple[jax.Array, dict]:
+    """NT-Xent over V >= 2 crops of each image (SimCLR with multi-crop, SwAV's appendix).
+
+    z: (b, V, D) this device's projections of V crops (global and local) of each of b
+    images. With s(x, y) = x.y / temperature on L2-normalised rows and N = B V the crops
+    of the global batch (B images), every crop (i, v) is an anchor and every other crop
+    (i, v') of its image a positive; the denominator is every crop of the global batch
+    but the anchor itself (the other positives included, as NT-Xent's 1[k != i]):
+
+      loss = 1 / (B V (V - 1)) sum_i sum_v sum_{v' != v}
+             -log( exp s(z_iv, z_iv') / sum_{(j, w) != (i, v)} exp s(z_iv, z_jw) )
+
+    With V = 2 it is nt_xent exactly. (VISSL's multicrop_simclr_info_nce_loss instead
+    leaves the other positives out of each pair's denominator: the two agree at V = 2.)
+    Returns the loss and contrast_acc: the fraction of anchors whose most similar other
+    crop is one of their positives.
+    """
+    b, v, d = z.shape
+    z = l2_normalize(z).reshape(b * v, d)                      # row i * V + v
+    g = _gather(z, axis_name)                                  # (B V, D)
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b * v
+    rows = jnp.arange(b * v) + offset                          # each row's global index
+    logits = z @ g.T / temperature - jax.nn.one_hot(rows, g.shape[0]) * _BIG  # (bV, BV)
+    log_denom = jax.nn.logsumexp(logits, axis=1)               # (bV,)
+    # Row r's positives sit in columns (r // V) * V + u, u = 0..V-1, u != r % V.
+    cols = (rows // v)[:, None] * v + jnp.arange(v)[None, :]   # (bV, V)
+    pos = jnp.take_along_axis(logits, cols, axis=1)       # (bV, V), self at -BIG
+    is_pos = cols != rows[:, None]
+    per_pair = jnp.where(is_pos, log_denom[:, None] - pos, 0.0)
+    loss = _global_mean(jnp.sum(per_pair), b * v * (v - 1), axis_name)
+    hit = (jnp.argmax(logits, axis=1) // v) == rows // v
+    acc = _global_mean(jnp.sum(hit), b * v, axis_name)
+    return loss, {"contrast_acc": acc}
+
+
 def info_nce_queue(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float,
                    axis_name: str | None = None) -> tuple[jax.Array, dict]:
     """MoCo's InfoNCE: one positive key per query, negatives from a queue.

@@ -6,6 +6,14 @@ config.head: SimCLR's projection head, BN on every layer, the output's without a
 shift (model_util.projection_head: config.head.hidden_bn=out_bn=True).
 BN under jit over the global batch is synchronised across devices, as SimCLR's
 TPU implementation does (global_bn=True; it matters: per-device BN lets the model cheat).
+
+Multi-crop (opt-in, config.multicrop; SwAV, Caron et al. 2020): global_crops crops of
+the view size and local_crops smaller ones (local_size, local_scale) of each image, all
+with config.aug's recipe; every crop of an image is a positive of every other, the
+crops of the other images are the negatives (losses.multicrop_nt_xent). The encoder
+runs once per resolution group, so BN normalises the global crops and the local crops
+each with their own group's statistics. Without config.multicrop the method is the
+two-view SimCLR above, unchanged.
 """
 from __future__ import annotations
 
@@ -13,13 +21,18 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import losses, parallel
+from ssl_jax.errors import UserError
 from ssl_jax.methods import base, network
-from ssl_jax.views import augment, pair
+from ssl_jax.views import augment, multicrop, pair
 
 
 def views(rng, images, config) -> dict:
     """images: (B, H, W, C) uint8 -> {"view1", "view2"}: (B, h, w, C) float32; a
-    pair.Pair (video positives): view1 from its query frames, view2 from its keys."""
+    pair.Pair (video positives): view1 from its query frames, view2 from its keys.
+    With config.multicrop: {"global": (B, G, h, w, C), "local": (B, L, hl, wl, C)}."""
+    spec = multicrop_spec(config)
+    if spec is not None:
+        return multicrop.make_views(rng, images, spec)
     r1, r2 = jax.random.split(rng)
     cfg = augment_config(config)
     first, second = pair.sources(images)
@@ -31,13 +44,40 @@ def augment_config(config):
     return augment.simclr_view_config(**config.aug.to_dict())
 
 
+def multicrop_spec(config):
+    """The resolution groups config.multicrop asks for, or None (two views)."""
+    mc = config.get("multicrop")
+    if mc is None:
+        return None
+    return multicrop.uniform_spec(
+        augment_config(config), mc.global_crops, mc.local_crops, local_size=mc.local_size,
+        global_scale=mc.get("global_scale"), local_scale=mc.local_scale)
+
+
+def check(config, spec, mesh) -> None:
+    del spec, mesh
+    crops = multicrop_spec(config)  # its own checks: counts, sizes
+    if crops is None:
+        return
+    if multicrop.crops_per_image(crops) < 2:
+        raise UserError("SimCLR with multi-crop needs two crops of each image or more (one "
+                        "has no positive): set config.multicrop.global_crops=2.")
+    video = config.get("video")
+    if video is not None and video.get("positives", "frame") != "frame":
+        # Every crop is a positive of every other: crops of one image, not of a pair.
+        raise UserError(f"config.video.positives={video.positives!r} brings two images per "
+                        "example and multi-crop takes crops of one: use positives=frame, or "
+                        "drop local_crops (two views, one from each image).")
+
+
 def _net(config) -> network.EncoderHead:
     return network.make_network(config)  # config.head: SimCLR's head (configs/simclr.py)
 
 
 def init(rng, views, config, spec):
     del spec
-    params, batch_stats = network.init(_net(config), rng, views["view1"])
+    x = views["view1"] if "view1" in views else views["global"][:, 0]
+    params, batch_stats = network.init(_net(config), rng, x)
     return params, {"batch_stats": batch_stats}
 
 
@@ -45,6 +85,8 @@ def loss(params, state, views, batch, rng, config, spec):
     """Returns (loss, (metrics, new_state)); batch and rng are unused (no memory bank)."""
     del batch, rng, spec
     net = _net(config)
+    if "view1" not in views:
+        return _multicrop_loss(net, params, state, views, config)
     # Both views in one forward pass: BN statistics then cover all 2B images,
     # and the encoder runs once on a larger batch (faster than twice).
     # Interleaved (not concatenated) so each device's rows stay on that device.
@@ -59,4 +101,21 @@ def loss(params, state, views, batch, rng, config, spec):
     return value, (metrics, {"batch_stats": batch_stats})
 
 
-METHOD = base.Method(views=views, init=init, loss=loss, takes_pairs=True)
+def _multicrop_loss(net, params, state, views, config):
+    """views: {"global": (B, G, ...), "local": (B, L, ...)}: one forward per group, the
+    BN statistics threaded from the global group's call to the local group's."""
+    def encode(x, batch_stats):
+        _, z, batch_stats = network.apply(net, params, batch_stats, x, train=True)
+        return z, batch_stats
+
+    # In the spec's order, global first (a jitted dict comes back with its keys sorted).
+    groups = {name: views[name] for name in multicrop.GROUPS if name in views}
+    z, batch_stats = multicrop.encode_groups(encode, groups, state["batch_stats"])
+    z = jnp.concatenate([z[name] for name in groups], axis=1)     # (B, G + L, D)
+    value, metrics = parallel.on_shards(
+        lambda a, axis_name: losses.multicrop_nt_xent(a, config.simclr.temperature, axis_name),
+        batch_args=(True,))(z)
+    return value, (metrics, {"batch_stats": batch_stats})
+
+
+METHOD = base.Method(views=views, init=init, loss=loss, check=check, takes_pairs=True)
