@@ -4,7 +4,8 @@ joined by jax.distributed (CPU collectives: gloo), as launch/ starts them on a p
 What is pinned: a two-process run equals a one-process run with the same global
 batch and the same total device count, state leaf for state leaf and bit for bit
 (the data order does not depend on the process count: pipeline.py); both
-processes killed and restarted resume bitwise; a process that dies makes the other
+processes killed and restarted resume bitwise; a memory bank sharded over the
+processes' devices (NPID's, which PIRL shares) too; a process that dies makes the other
 stop with an error within a bounded time; an unreachable coordinator and
 mismatched configs fail before anything is written; evaluate on two processes
 prints the one-process numbers.
@@ -46,7 +47,7 @@ def _train_args(method, workdir, data_dir, steps, *extra):
             "--config.model.widths=(4,8)", "--config.model.conv=xla",
             f"--config.total_steps={steps}",
             "--config.log_every_steps=1", "--config.eval.batch_size=64"]
-    if method != "pirl":  # PIRL's heads are sized by its own runlocal preset
+    if method not in ("npid", "pirl"):  # their heads are sized by their runlocal presets
         args += ["--config.head.hidden=16", "--config.head.dim=8"]
     if method == "moco":
         args += ["--config.moco.queue_size=64", "--config.moco.bn_groups=8"]
@@ -234,12 +235,14 @@ def test_moco_two_processes_of_four_devices_equal_one_of_eight_after_both_are_ki
     _assert_same_state(_state(two), _state(one), exact=False)
 
 
-def test_pirl_bank_sharded_over_two_processes_equals_one_process(tiny_data, tmp_path, cache):
-    """PIRL's memory bank sharded over the devices of two processes (rows written
-    and looked up across them): 2 x 1 device == 1 x 2 devices, bit for bit."""
+def test_memory_bank_sharded_over_two_processes_equals_one_process(tiny_data, tmp_path, cache):
+    """NPID's memory bank (PIRL's: methods/pirl.py, without the jigsaw branch, whose
+    views are per-device work pinned on 1 and 8 devices in test_pirl.py) sharded over
+    the devices of two processes: its warm start's rows, and the rows written and
+    looked up across them at each step: 2 x 1 device == 1 x 2 devices, bit for bit."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    ref = Group("train", _train_args("pirl", one, tiny_data, 4), 1, 2, cache)
-    out = _ok(Group("train", _train_args("pirl", two, tiny_data, 4), 2, 1, cache).wait())
+    ref = Group("train", _train_args("npid", one, tiny_data, 4), 1, 2, cache)
+    out = _ok(Group("train", _train_args("npid", two, tiny_data, 4), 2, 1, cache).wait())
     assert _losses(out) == _losses(_ok(ref.wait()))
     _assert_same_state(_state(two), _state(one))
 
