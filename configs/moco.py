@@ -20,8 +20,6 @@ common = sibling(__file__, "common")
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base("moco", a.dataset)
-    if a.model:
-        c.model.name = a.model
     # bn_groups: the number of GPUs of the original (8), independent of our devices.
     c.moco = dict(momentum=0.999, queue_size=65536, temperature=0.2, bn_groups=8)
     # MoCo v2's head (builder.py, --mlp): Linear(+bias) -> ReLU -> Linear(+bias), no BN;
@@ -59,6 +57,9 @@ def get_config(arg=None):
         c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
         c.ckpt_every_steps = 200
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
+    if a.model in common.VITS and a.dataset == "imagenet2012":
+        common.moco_v3_vit(c)  # MoCo v3's ViT recipe: the docstring, RECIPES.md
     if a.runlocal:
         common.runlocal(c)
         c.moco.queue_size = 1024

@@ -84,7 +84,9 @@ def get_config(arg=None):
 
     if a.dataset == "got10k_videos":  # frames of varying size: the ImageNet preset's crop
         c.aug.update(crop="resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3))
-    if a.model:
+    if a.model in common.VITS:
+        common.set_model(c, a.model)
+    elif a.model:
         c.model = _model(a.model, a.dataset)
     if a.runlocal:
         common.runlocal(c)

@@ -24,8 +24,6 @@ def get_config(arg=None):
     c = common.base("simclr", a.dataset)
     if a.positives:
         common.video_positives(c, a.positives)
-    if a.model:
-        c.model.name = a.model
     c.simclr = dict(temperature=0.2)
     # The method's own, every preset: the head of model_util.projection_head (BN on
     # every layer, the output's without a shift); LARS's exclusion of BN and biases
@@ -66,6 +64,9 @@ def get_config(arg=None):
         c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
         c.ckpt_every_steps = 200
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
+    if a.model in common.VITS and a.dataset == "imagenet2012":
+        common.moco_v3_vit(c)  # MoCo v3's ViT recipe: the docstring, RECIPES.md
     if a.runlocal:
         common.runlocal(c)
     return c

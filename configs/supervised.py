@@ -15,8 +15,6 @@ def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base("supervised", a.dataset)
     del c["head"]  # a linear classifier over the prepared dataset's classes
-    if a.model:
-        c.model.name = a.model
     # One view: random resized crop + flip, no colour ops (the standard supervised recipe).
     c.aug.update(crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
@@ -44,6 +42,7 @@ def get_config(arg=None):
         c.aug.update(crop_scale=(0.35, 1.0))
         c.ckpt_every_steps = 200
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
     if a.runlocal:
         common.runlocal(c)
     return c

@@ -26,6 +26,7 @@ from absl import logging
 from ssl_jax import parallel, storage
 from ssl_jax.data import decode, pipeline
 from ssl_jax.errors import UserError
+from ssl_jax.models.tokens import Tokens, summary
 from ssl_jax.views import augment, canvas, ops
 
 POOLS = ("global", "avg2x2", "avg3x3")  # the usual ones; any avg{s}x{s} works
@@ -80,6 +81,10 @@ def pool_stage(x: jax.Array, pool: str = "global") -> jax.Array:
     """One stage's map x: (B, H, W, C) -> (B, D) float32: D = C for 'global' (the
     mean over H, W), D = s * s * C for 'avg{s}x{s}' (grid cells row-major, then C)."""
     s = pool_grid(pool)
+    if isinstance(x, Tokens):  # minimal, until the ViT pools: the class token, or the patches' grid
+        if s is None:
+            return summary(x)
+        x = x.patches
     if s is None:
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     y = adaptive_avg_pool(x, s)

@@ -42,15 +42,15 @@ def init(rng, views, config, spec):
 
 
 def loss(params, state, views, batch, rng, config, spec):
-    """Returns (loss, (metrics, new_state)); batch and rng are unused (no memory bank)."""
-    del batch, rng, spec
+    """Returns (loss, (metrics, new_state)); rng: the encoder's stochastic depth (ViT)."""
+    del batch, spec
     net = _net(config)
     # Both views in one forward pass: BN statistics then cover all 2B images,
     # and the encoder runs once on a larger batch (faster than twice).
     # Interleaved (not concatenated) so each device's rows stay on that device.
     v1, v2 = views["view1"], views["view2"]
     x = jnp.stack([v1, v2], axis=1).reshape((-1,) + v1.shape[1:])
-    _, z, batch_stats = network.apply(net, params, state["batch_stats"], x, train=True)
+    _, z, batch_stats = network.apply(net, params, state["batch_stats"], x, train=True, rng=rng)
     z = z.reshape((v1.shape[0], 2, -1))
     z1, z2 = z[:, 0], z[:, 1]
     value, metrics = parallel.on_shards(
