@@ -192,7 +192,8 @@ def vit_optimizer(c: ml_collections.ConfigDict) -> None:
     opt = c.optimizer
     if max(c.aug.crop_size) > 32:
         opt.update(name="adamw", lr=1.5e-4, lr_batch_scale=256, weight_decay=0.1, b1=0.9,
-                   b2=0.999, schedule="cosine", decay_bn=True, decay_bias=True)
+                   b2=0.999, schedule="cosine", decay_bn=True, decay_bias=True,
+                   decay_steps=None, decay_epochs=None, decay_examples=None)
         set_steps(opt, "warmup", None)
         opt.warmup_epochs = 40.0
     else:
