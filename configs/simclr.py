@@ -12,6 +12,13 @@ Any field can be overridden: --config.optimizer.lr=1e-3 --config.total_epochs=5.
 The cifar10 and imagenet2012 presets are the paper's (google-research/simclr's
 README commands); fashion_mnist is ours, sized for a 2-core CPU. RECIPES.md
 lists every setting against the reference.
+
+model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
+data (AdamW, ours), 16 on ImageNet with MoCo v3's ViT-Small recipe (Chen et al.
+2021, moco-v3 CONFIG.md: AdamW lr 1.5e-4 x B/256, wd 0.1, 40 warm-up epochs, B=1024,
+300 epochs, sin-cos positions); this method's loss and head stay (RECIPES.md, ViT presets):
+  python -m ssl_jax.train --config configs/simclr.py:dataset=fashion_mnist,model=vit_tiny,runlocal --workdir runs/vit_smoke
+  python -m ssl_jax.train --config configs/simclr.py:dataset=imagenet2012,model=vit_small --workdir runs/vit
 """
 from ssl_jax.config import sibling
 
