@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from ssl_jax import models
 from ssl_jax.errors import UserError
 from ssl_jax.eval import defaults as eval_defaults
 
@@ -151,8 +152,8 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     return c
 
 
-# Encoders the model=NAME argument builds as ViTs (ssl_jax/models/__init__.py: VITS).
-VITS = ("vit", "vit_tiny", "vit_small", "vit_base")
+# Encoders the model=NAME argument builds as ViTs, and their sizes (ssl_jax/models).
+VITS = models.VITS
 
 
 def set_model(c: ml_collections.ConfigDict, name: str) -> None:
@@ -171,9 +172,13 @@ def set_model(c: ml_collections.ConfigDict, name: str) -> None:
         c.model.name = name
         return
     crop = tuple(c.aug.crop_size)
-    c.model = dict(name=name, patch=4 if max(crop) <= 32 else 16, img_size=crop,
-                   dtype=DATASETS[c.dataset]["model"]["dtype"], pos_embed="learned",
-                   registers=0, layerscale=config_dict.placeholder(float), drop_path=0.0)
+    # The size is written out (width, depth, heads: "vit" alone is ViT-S) so that
+    # config.json shows it and --config.model.depth=6 can change it.
+    size = models.VIT_SIZES.get(name, models.VIT_SIZES["vit_small"])
+    c.model = dict(name=name, **size, mlp_ratio=4.0, patch=4 if max(crop) <= 32 else 16,
+                   img_size=crop, dtype=DATASETS[c.dataset]["model"]["dtype"],
+                   pos_embed="learned", registers=0,
+                   layerscale=config_dict.placeholder(float), drop_path=0.0)
     vit_optimizer(c)
 
 

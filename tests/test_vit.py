@@ -196,6 +196,20 @@ def test_bad_configurations_are_one_line_errors(kw, size, match):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("heads", 5, "heads=5 does not divide width=192: set config.model.heads"),
+    ("patch", 8, "patch=8 does not divide the 28x28 input"),
+])
+def test_the_train_command_refuses_a_bad_vit_before_writing_anything(field, value, match,
+                                                                      tmp_path):
+    from ssl_jax import train
+    c = load_file("configs/simclr.py:model=vit_tiny,runlocal")
+    c.model[field] = value
+    with pytest.raises(UserError, match=match):
+        train.train(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_stage_the_vit_does_not_have_is_refused():
     c = load_file("configs/simclr.py:model=vit_tiny,runlocal")
     assert models.stages(c.model.name, depth=c.model.depth) == ["block1", "block2"]

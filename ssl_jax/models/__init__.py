@@ -20,6 +20,13 @@ from ssl_jax.models.resnet import ResNet
 from ssl_jax.models.tokens import Tokens, summary
 from ssl_jax.models.vit import ViT
 
+# The ViT sizes of DeiT / DINO; patch and img_size come from the config.
+VIT_SIZES = {
+    "vit_tiny": dict(width=192, depth=12, heads=3),
+    "vit_small": dict(width=384, depth=12, heads=6),
+    "vit_base": dict(width=768, depth=12, heads=12),
+}
+
 ENCODERS = {
     "convnet": ConvNet,
     "resnet18": functools.partial(ResNet, depth=18),
@@ -28,12 +35,9 @@ ENCODERS = {
     "resnet101": functools.partial(ResNet, depth=101),
     "nin": NIN,
     "vit": ViT,
-    # The ViT sizes of DeiT / DINO (width, depth, heads); patch and img_size from the config.
-    "vit_tiny": functools.partial(ViT, width=192, depth=12, heads=3),
-    "vit_small": functools.partial(ViT, width=384, depth=12, heads=6),
-    "vit_base": functools.partial(ViT, width=768, depth=12, heads=12),
+    **{name: functools.partial(ViT, **size) for name, size in VIT_SIZES.items()},
 }
-VITS = ("vit", "vit_tiny", "vit_small", "vit_base")
+VITS = ("vit", *VIT_SIZES)
 
 STAGES = {
     "convnet": lambda widths=(32, 64, 128, 256), **_: [f"block{i + 1}" for i in range(len(widths))],
@@ -69,5 +73,5 @@ def final_stage(name: str, **kwargs) -> str:
     return stages(name, **kwargs)[-1]
 
 
-__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens", "VITS", "ViT",
+__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens", "VITS", "VIT_SIZES", "ViT",
            "final_stage", "make_encoder", "stages", "summary"]
