@@ -14,7 +14,8 @@ main.py and cifar.py); fashion_mnist is ours, sized for a 2-core CPU. RECIPES.md
 lists every setting against the reference.
 
 model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
-data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length: ours). RECIPES.md, ViT presets.
+data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length:
+ours). RECIPES.md, ViT presets.
 """
 from ssl_jax.config import sibling
 

@@ -7,7 +7,8 @@ The row above the self-supervised ones in every table. Arguments after the
 colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME, runlocal.
 
 model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
-data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length: ours). RECIPES.md, ViT presets.
+data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length:
+ours). RECIPES.md, ViT presets.
 """
 from ssl_jax.config import sibling
 

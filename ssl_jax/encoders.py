@@ -100,10 +100,11 @@ def check_stored_encoder(workdir: str, config, params) -> None:
     table, model = "params/encoder/pos_embedding", config.model
     if table in differ:
         grid, patch = have[table][1:3], model.patch
+        size = model.img_size if isinstance(model.img_size, int) else list(model.img_size)
         raise errors.UserError(
             f"The checkpoint in {workdir} (step {step}) stores the ViT's position table for "
             f"a {grid[0]}x{grid[1]} grid (img_size {grid[0] * patch}x{grid[1] * patch}), not "
-            f"config.json's model.img_size={tuple(model.img_size) if not isinstance(model.img_size, int) else model.img_size}: set it back to "
+            f"config.json's model.img_size={size}: set it back to "
             f"{[grid[0] * patch, grid[1] * patch]} in {workdir}/config.json (another eval "
             "crop size is resampled, not configured).")
     raise errors.UserError(

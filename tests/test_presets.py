@@ -72,7 +72,7 @@ VIT_CASES = [("fashion_mnist", "vit_tiny", ",runlocal"), ("fashion_mnist", "vit_
 
 
 @pytest.mark.parametrize("dataset, model, runlocal", VIT_CASES,
-                         ids=["-".join(filter(None, (d, m, r.strip(",")))) for d, m, r in VIT_CASES])
+                         ids=["-".join(filter(None, (d, m, r[1:]))) for d, m, r in VIT_CASES])
 @pytest.mark.parametrize("path", sorted(set(FILES) - NO_MODEL_ARGUMENT))
 def test_every_vit_preset_passes_the_checks_or_is_refused_in_one_line(path, dataset, model,
                                                                       runlocal, mesh):

@@ -73,5 +73,6 @@ def final_stage(name: str, **kwargs) -> str:
     return stages(name, **kwargs)[-1]
 
 
-__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens", "VITS", "VIT_SIZES", "ViT",
+__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens",
+           "VITS", "VIT_SIZES", "ViT",
            "final_stage", "make_encoder", "stages", "summary"]
