@@ -72,13 +72,15 @@ def load_run(workdir: str, mesh, random_init: bool = False):
         else:
             shapes = jax.eval_shape(init, images)  # shapes only: no batch is allocated
             check_stored_encoder(workdir, config, shapes["params"])
-            part = {"params": {"encoder": shapes["params"]},
-                    "method_state": {"batch_stats": {"encoder": shapes["batch_stats"]}}}
+            part = {"params": {"encoder": shapes["params"]}}
+            if shapes["batch_stats"]:  # a ViT has none (and its run may store {} there)
+                part["method_state"] = {"batch_stats": {"encoder": shapes["batch_stats"]}}
             got, step = ckpt.restore_state_only(
                 checkpoint.abstract(part, parallel.replicated(mesh)), partial=True)
             ckpt.close()
             variables = {"params": got["params"]["encoder"],
-                         "batch_stats": got["method_state"]["batch_stats"]["encoder"]}
+                         "batch_stats": got.get("method_state", {}).get(
+                             "batch_stats", {}).get("encoder", {})}
     return config, network.make_encoder(config.model), variables, step
 
 

@@ -270,3 +270,20 @@ def test_simclr_vit_trains_evaluates_and_refuses_another_stored_grid(tiny_data, 
     with pytest.raises(UserError, match=r"img_size") as e:
         encoders.load_run(workdir, parallel.make_mesh())
     assert "\n" not in str(e.value)
+
+
+def test_a_run_without_any_batchnorm_loads_for_evaluation(tiny_data, tmp_path,
+                                                          compilation_cache):
+    """Supervised + ViT: no BN anywhere, so the checkpoint's batch_stats is empty; the
+    encoder still loads (load_run asks for no BN statistics) and evaluates."""
+    from ssl_jax import train
+    c = load_file("configs/supervised.py:model=vit_tiny,runlocal")
+    c.dataset, c.data_dir = "tiny_squares", tiny_data
+    c.batch_size, c.total_steps, c.ckpt_every_steps, c.log_every_steps = 16, 2, 2, 2
+    c.model.update(width=16, heads=2, depth=1)
+    c.eval.batch_size, c.eval.knn.k = 64, 20
+    workdir = str(tmp_path / "w")
+    train.train(c, workdir)
+    _, _, variables, step = encoders.load_run(workdir, parallel.make_mesh())
+    assert step == 2 and variables["batch_stats"] == {}
+    assert evaluation.evaluate(workdir, ("knn",))["knn"]["step"] == 2
