@@ -275,7 +275,8 @@ def test_simclr_vit_trains_evaluates_and_refuses_another_stored_grid(tiny_data, 
 def test_a_run_without_any_batchnorm_loads_for_evaluation(tiny_data, tmp_path,
                                                           compilation_cache):
     """Supervised + ViT: no BN anywhere, so the checkpoint's batch_stats is empty; the
-    encoder still loads (load_run asks for no BN statistics) and evaluates."""
+    encoder still loads (load_run asks for no BN statistics) and evaluates, trained and
+    as initialised (nothing to calibrate)."""
     from ssl_jax import train
     c = load_file("configs/supervised.py:model=vit_tiny,runlocal")
     c.dataset, c.data_dir = "tiny_squares", tiny_data
@@ -287,3 +288,5 @@ def test_a_run_without_any_batchnorm_loads_for_evaluation(tiny_data, tmp_path,
     _, _, variables, step = encoders.load_run(workdir, parallel.make_mesh())
     assert step == 2 and variables["batch_stats"] == {}
     assert evaluation.evaluate(workdir, ("knn",))["knn"]["step"] == 2
+    # The random-init baseline: no BN statistics to calibrate, the variables as initialised.
+    assert evaluation.evaluate(workdir, ("knn",), random_init=True)["knn"]["step"] == 0
