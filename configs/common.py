@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from ssl_jax import models
 from ssl_jax.errors import UserError
 from ssl_jax.eval import defaults as eval_defaults
 
@@ -151,6 +152,73 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
     return c
 
 
+# Encoders the model=NAME argument builds as ViTs, and their sizes (ssl_jax/models).
+VITS = models.VITS
+
+
+def set_model(c: ml_collections.ConfigDict, name: str) -> None:
+    """config.model for the config argument model=NAME ("" keeps the dataset's encoder).
+
+    A ConvNet / ResNet / NIN name replaces the name only: the dataset's fields (dtype,
+    widths or stem) stay. A ViT gets its own fields for the dataset: patch 4 on images of
+    <= 32 px (a 7x7 or 8x8 grid), 16 on larger ones (14x14 at 224), img_size = the crop
+    (the grid its learned position table is stored for), the dataset's dtype; and the
+    optimiser a ViT trains with (`vit_optimizer`): the config calls this after its dataset
+    preset, so the ViT's choice wins over a ConvNet's SGD or LARS.
+    """
+    if not name:
+        return
+    if name not in VITS:
+        c.model.name = name
+        return
+    crop = tuple(c.aug.crop_size)
+    # The size is written out (width, depth, heads: "vit" alone is ViT-S) so that
+    # config.json shows it and --config.model.depth=6 can change it.
+    size = models.VIT_SIZES.get(name, models.VIT_SIZES["vit_small"])
+    c.model = dict(name=name, **size, mlp_ratio=4.0, patch=4 if max(crop) <= 32 else 16,
+                   img_size=crop, dtype=DATASETS[c.dataset]["model"]["dtype"],
+                   pos_embed="learned", registers=0,
+                   layerscale=config_dict.placeholder(float), drop_path=0.0)
+    vit_optimizer(c)
+
+
+def vit_optimizer(c: ml_collections.ConfigDict) -> None:
+    """AdamW for a ViT: no ViT recipe trains with SGD or LARS at these batch sizes.
+
+    ImageNet-size crops: MoCo v3's ViT recipe (Chen, Xie & He 2021, moco-v3 CONFIG.md:
+    `--optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --warmup-epochs=40`, cosine; its
+    torch AdamW(model.parameters()) decays every parameter). Small images (ours, for a
+    2-core CPU, not tuned): lr 1e-3 x B/256 (twice DINO's 5e-4 x B/256: a run of a few
+    epochs), wd 0.05 (DINO's starting value), with DINO's exclusions (get_params_groups:
+    biases and 1-d parameters, i.e. LayerNorm and LayerScale; the position table and
+    class token are decayed, as there), warm-up 0.2 epochs; the schedule stays the
+    preset's.
+    """
+    opt = c.optimizer
+    if max(c.aug.crop_size) > 32:
+        opt.update(name="adamw", lr=1.5e-4, lr_batch_scale=256, weight_decay=0.1, b1=0.9,
+                   b2=0.999, schedule="cosine", decay_bn=True, decay_bias=True,
+                   decay_steps=None, decay_epochs=None, decay_examples=None)
+        set_steps(opt, "warmup", None)
+        opt.warmup_epochs = 40.0
+    else:
+        opt.update(name="adamw", lr=1e-3, lr_batch_scale=256, weight_decay=0.05, b1=0.9,
+                   b2=0.999, decay_bn=False, decay_bias=False)
+        set_steps(opt, "warmup", None)
+        opt.warmup_epochs = 0.2
+
+
+def moco_v3_vit(c: ml_collections.ConfigDict) -> None:
+    """The rest of MoCo v3's ViT-Small recipe on ImageNet (CONFIG.md, 300 epochs): B=1024,
+    300 epochs, the fixed 2-D sin-cos position embedding (moco-v3 vits.py); the optimiser
+    is `vit_optimizer`'s. Not theirs: the patch projection trains (their
+    --stop-grad-conv1 freezes it), and each method keeps its own loss and head."""
+    c.batch_size = 1024
+    set_steps(c, "total", None)
+    c.total_epochs = 300.0
+    c.model.pos_embed = "sincos"
+
+
 def video_positives(c: ml_collections.ConfigDict, positives: str) -> None:
     """config.video: where a two-view method's positive pair comes from (datasets/videos.py).
 
@@ -187,6 +255,8 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
         set_steps(opt, "warmup", 3)
     if c.model.name == "convnet":
         c.model.widths = (8, 16, 32, 64)
+    elif c.model.name in VITS:
+        c.model.depth = 2  # the preset's width and heads, 2 of its 12 blocks
     else:
         c.model.width = 0.25
     if "head" in c:  # RotNet and Jigsaw-style classifiers have no projection head

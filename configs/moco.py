@@ -11,6 +11,12 @@ The imagenet2012 preset is MoCo v2's (facebookresearch/moco main_moco.py with
 --mlp --moco-t 0.2 --aug-plus --cos). Neither paper has a CIFAR-10 recipe: that
 preset is MoCo v2 with the optimisation of the authors' CIFAR-10 demo notebook;
 fashion_mnist is ours, sized for a 2-core CPU. RECIPES.md lists every setting.
+
+model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
+data (AdamW, ours), 16 on ImageNet with MoCo v3's ViT-Small recipe (Chen et al.
+2021, moco-v3 CONFIG.md: AdamW lr 1.5e-4 x B/256, wd 0.1, 40 warm-up epochs, B=1024,
+300 epochs, sin-cos positions); this method's loss and head stay (RECIPES.md, ViT presets):
+  python -m ssl_jax.train --config configs/moco.py:dataset=imagenet2012,model=vit_small --workdir runs/vit
 """
 from ssl_jax.config import sibling
 
@@ -20,8 +26,6 @@ common = sibling(__file__, "common")
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base("moco", a.dataset)
-    if a.model:
-        c.model.name = a.model
     # bn_groups: the number of GPUs of the original (8), independent of our devices.
     c.moco = dict(momentum=0.999, queue_size=65536, temperature=0.2, bn_groups=8)
     # MoCo v2's head (builder.py, --mlp): Linear(+bias) -> ReLU -> Linear(+bias), no BN;
@@ -59,6 +63,9 @@ def get_config(arg=None):
         c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
         c.ckpt_every_steps = 200
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
+    if a.model in common.VITS and a.dataset == "imagenet2012":
+        common.moco_v3_vit(c)  # MoCo v3's ViT recipe: the docstring, RECIPES.md
     if a.runlocal:
         common.runlocal(c)
         c.moco.queue_size = 1024

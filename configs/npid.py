@@ -12,6 +12,10 @@ runlocal. Any field can be overridden: --config.memory.negatives=16384
 The imagenet2012 and cifar10 presets are the authors' (zhirongw/lemniscate.pytorch
 main.py and cifar.py); fashion_mnist is ours, sized for a 2-core CPU. RECIPES.md
 lists every setting against the reference.
+
+model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
+data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length:
+ours). RECIPES.md, ViT presets.
 """
 from ssl_jax.config import sibling
 
@@ -27,8 +31,6 @@ def memory_base(method: str, arg):
     own views, optimiser and per-dataset recipe on top."""
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base(method, a.dataset)
-    if a.model:
-        c.model.name = a.model
     # The bank has one row per training image: as many as the prepared train split has.
     # momentum: the bank's moving average; pad_to: bank rows are a multiple of it,
     # so the bank splits evenly over any power-of-two device count up to 1024.
@@ -79,6 +81,7 @@ def get_config(arg=None):
         c.aug.update(flip_p=0.0, grayscale_first=False)
         c.ckpt_every_epochs = 10.0
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
     if a.runlocal:
         common.runlocal(c)
         c.memory.negatives = 1024

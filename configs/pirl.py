@@ -51,6 +51,7 @@ def get_config(arg=None):
         c.pirl.tiles.update(crop_size=(48, 48), tile_side=16)
         c.total_epochs = 1.5  # each image costs ~4x NPID's: the 9 tiles hold 2304 px
 
+    npid.common.set_model(c, a.model)  # a ViT is refused by methods/pirl.check
     if a.runlocal:
         npid.common.runlocal(c)
         c.memory.negatives = 1024

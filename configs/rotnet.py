@@ -14,6 +14,10 @@ The cifar10 preset is the authors' (gidariss/FeatureLearningRotNet); the paper
 has no ResNet-50 ImageNet recipe, so imagenet2012 is their ImageNet views with
 VISSL's ResNet-50 optimisation; fashion_mnist is ours, sized for a 2-core CPU.
 RECIPES.md lists every setting against the reference.
+
+model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
+data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length:
+ours). RECIPES.md, ViT presets.
 """
 from ssl_jax.config import sibling
 
@@ -84,7 +88,9 @@ def get_config(arg=None):
 
     if a.dataset == "got10k_videos":  # frames of varying size: the ImageNet preset's crop
         c.aug.update(crop="resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3))
-    if a.model:
+    if a.model in common.VITS:
+        common.set_model(c, a.model)
+    elif a.model:
         c.model = _model(a.model, a.dataset)
     if a.runlocal:
         common.runlocal(c)

@@ -15,6 +15,13 @@ Any field can be overridden: --config.optimizer.lr=1e-3 --config.total_epochs=5.
 The cifar10 and imagenet2012 presets are the paper's (google-research/simclr's
 README commands); fashion_mnist is ours, sized for a 2-core CPU. RECIPES.md
 lists every setting against the reference.
+
+model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
+data (AdamW, ours), 16 on ImageNet with MoCo v3's ViT-Small recipe (Chen et al.
+2021, moco-v3 CONFIG.md: AdamW lr 1.5e-4 x B/256, wd 0.1, 40 warm-up epochs, B=1024,
+300 epochs, sin-cos positions); this method's loss and head stay (RECIPES.md, ViT presets):
+  python -m ssl_jax.train --config configs/simclr.py:dataset=fashion_mnist,model=vit_tiny,runlocal --workdir runs/vit_smoke
+  python -m ssl_jax.train --config configs/simclr.py:dataset=imagenet2012,model=vit_small --workdir runs/vit
 """
 from ssl_jax.config import sibling
 
@@ -27,8 +34,6 @@ def get_config(arg=None):
     c = common.base("simclr", a.dataset)
     if a.positives:
         common.video_positives(c, a.positives)
-    if a.model:
-        c.model.name = a.model
     c.simclr = dict(temperature=0.2)
     # The method's own, every preset: the head of model_util.projection_head (BN on
     # every layer, the output's without a shift); LARS's exclusion of BN and biases
@@ -69,6 +74,9 @@ def get_config(arg=None):
         c.aug.update(crop_scale=(0.2, 1.0), blur_p=0.0)
         c.ckpt_every_steps = 200
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
+    if a.model in common.VITS and a.dataset == "imagenet2012":
+        common.moco_v3_vit(c)  # MoCo v3's ViT recipe: the docstring, RECIPES.md
     if a.local_crops:
         # Multi-crop (SwAV, Caron et al. 2020): every crop of an image a positive of every
         # other. SwAV's SimCLR run: 2 x 224 crops of scale (0.14, 1) + 6 x 96 of (0.05, 0.14);

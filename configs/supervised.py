@@ -5,6 +5,10 @@ r"""Supervised reference — cross-entropy on the labels, same encoders, same lo
 
 The row above the self-supervised ones in every table. Arguments after the
 colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME, runlocal.
+
+model=vit_tiny|vit_small|vit_base: a ViT (configs/common.set_model): patch 4 on 28/32 px
+data (AdamW, ours), 16 on ImageNet (AdamW, MoCo v3's values, this preset's length:
+ours). RECIPES.md, ViT presets.
 """
 from ssl_jax.config import sibling
 
@@ -15,8 +19,6 @@ def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base("supervised", a.dataset)
     del c["head"]  # a linear classifier over the prepared dataset's classes
-    if a.model:
-        c.model.name = a.model
     # One view: random resized crop + flip, no colour ops (the standard supervised recipe).
     c.aug.update(crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
@@ -44,6 +46,7 @@ def get_config(arg=None):
         c.aug.update(crop_scale=(0.35, 1.0))
         c.ckpt_every_steps = 200
 
+    common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
     if a.runlocal:
         common.runlocal(c)
     return c

@@ -71,14 +71,48 @@ def load_run(workdir: str, mesh, random_init: bool = False):
             variables, step = jax.jit(init)(jnp.zeros(images.shape, images.dtype)), 0
         else:
             shapes = jax.eval_shape(init, images)  # shapes only: no batch is allocated
-            part = {"params": {"encoder": shapes["params"]},
-                    "method_state": {"batch_stats": {"encoder": shapes["batch_stats"]}}}
+            check_stored_encoder(workdir, config, shapes["params"])
+            part = {"params": {"encoder": shapes["params"]}}
+            if shapes["batch_stats"]:  # a ViT has none (and its run may store {} there)
+                part["method_state"] = {"batch_stats": {"encoder": shapes["batch_stats"]}}
             got, step = ckpt.restore_state_only(
                 checkpoint.abstract(part, parallel.replicated(mesh)), partial=True)
             ckpt.close()
             variables = {"params": got["params"]["encoder"],
-                         "batch_stats": got["method_state"]["batch_stats"]["encoder"]}
+                         "batch_stats": got.get("method_state", {}).get(
+                             "batch_stats", {}).get("encoder", {})}
     return config, network.make_encoder(config.model), variables, step
+
+
+def check_stored_encoder(workdir: str, config, params) -> None:
+    """Refuses, in one line, a checkpoint whose encoder arrays have other shapes than
+    config.json's model builds (`params`: their ShapeDtypeStructs), read from its
+    metadata before restoring: orbax would fail with a tree of every mismatch. A ViT's
+    learned position table is stored for config.model.img_size (its grid); evaluating
+    another crop size resamples it, but a config whose img_size changed after training
+    no longer describes the stored table."""
+    saved = checkpoint.saved_shapes(workdir)
+    if saved is None:  # nothing readable: restore() reports it
+        return
+    step, have = saved
+    want = checkpoint.leaf_shapes({"params": {"encoder": params}})
+    differ = [k for k, shape in want.items() if k in have and have[k] != shape]
+    if not differ:
+        return
+    table, model = "params/encoder/pos_embedding", config.model
+    if table in differ:
+        grid, patch = have[table][1:3], model.patch
+        size = model.img_size if isinstance(model.img_size, int) else list(model.img_size)
+        raise errors.UserError(
+            f"The checkpoint in {workdir} (step {step}) stores the ViT's position table for "
+            f"a {grid[0]}x{grid[1]} grid (img_size {grid[0] * patch}x{grid[1] * patch}), not "
+            f"config.json's model.img_size={size}: set it back to "
+            f"{[grid[0] * patch, grid[1] * patch]} in {workdir}/config.json (another eval "
+            "crop size is resampled, not configured).")
+    raise errors.UserError(
+        f"The checkpoint in {workdir} (step {step}) does not fit config.json's model: "
+        f"{len(differ)} encoder arrays differ ({differ[0]}: {have[differ[0]]} stored, "
+        f"{want[differ[0]]} configured); restore config.json's model fields to the run's.")
 
 
 # ------------------------------------------------------------------ exports

@@ -37,16 +37,21 @@ TEMPERATURE = 0.137
 METHODS = ("simclr", "moco", "npid", "supervised")
 # Ops whose bf16 rounding would change the loss: softmax / log-softmax / NCE / L2 norms.
 TRANSCENDENTAL = {"exp", "exp2", "log", "log1p", "logistic", "rsqrt", "sqrt", "pow", "tanh",
-                  "erf"}
+                  "erf", "erfc"}
 # Ops that may see bf16 values in a loss: they do not round (the casts themselves,
 # stop_gradient on a bf16 input before its cast).
 EXACT = {"convert_element_type", "stop_gradient"}
 
 
 def tiny_config(method: str, dtype: str = "bfloat16"):
-    c = load_file(f"configs/{method}.py:runlocal")
+    """method: a config name, or "name:model" for another encoder (a 1-block ViT)."""
+    method, _, model = method.partition(":")
+    c = load_file(f"configs/{method}.py:runlocal" + (f",model={model}" if model else ""))
     c.batch_size = B
-    c.model.update(widths=(4, 8), dtype=dtype, conv="xla")
+    if model:
+        c.model.update(width=16, heads=2, depth=1, dtype=dtype)
+    else:
+        c.model.update(widths=(4, 8), dtype=dtype, conv="xla")
     if "head" in c:
         c.head.hidden, c.head.dim = 16, 8
     if method == "simclr":
@@ -80,7 +85,8 @@ def named_leaves(tree):
             for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-@pytest.fixture(scope="module", params=METHODS)
+# A ViT in bf16 too: its attention logits, softmax and GELU must stay float32 as well.
+@pytest.fixture(scope="module", params=METHODS + ("simclr:vit_tiny",))
 def traced(request):
     """-> (method, config, closed jaxpr of one train step, the new state's shapes):
     the bf16 step traced on abstract inputs."""

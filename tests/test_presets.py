@@ -63,6 +63,43 @@ def test_every_preset_passes_the_train_commands_config_checks(path, dataset, run
         assert warmup < exp.total_steps // 2, warmup
 
 
+# ------------------------------------------------------ ViT presets (model=vit_*)
+
+NO_MODEL_ARGUMENT = {"configs/moco_video.py"}  # MoCo's config with video positives
+REFUSE_VIT = {"configs/jigsaw.py", "configs/pirl.py"}  # tiles smaller than a ViT reads
+VIT_CASES = [("fashion_mnist", "vit_tiny", ",runlocal"), ("fashion_mnist", "vit_tiny", ""),
+             ("cifar10", "vit_tiny", ""), ("imagenet2012", "vit_small", "")]
+
+
+@pytest.mark.parametrize("dataset, model, runlocal", VIT_CASES,
+                         ids=["-".join(filter(None, (d, m, r[1:]))) for d, m, r in VIT_CASES])
+@pytest.mark.parametrize("path", sorted(set(FILES) - NO_MODEL_ARGUMENT))
+def test_every_vit_preset_passes_the_checks_or_is_refused_in_one_line(path, dataset, model,
+                                                                      runlocal, mesh):
+    config = cfg_lib.load_file(f"{path}:dataset={dataset},model={model}{runlocal}")
+    spec = experiment.data_spec(config, _info(dataset))
+    if path in REFUSE_VIT:
+        with pytest.raises(UserError, match="use a ConvNet") as e:
+            experiment.Experiment(config, spec, mesh)
+        assert "\n" not in str(e.value)
+        return
+    m, crop = config.model, config.aug.crop_size
+    assert m.name == model and tuple(m.img_size) == tuple(crop)
+    assert m.patch == (16 if dataset == "imagenet2012" else 4)
+    assert "widths" not in m and "conv" not in m  # no ConvNet field reaches the ViT
+    assert config.optimizer.name == "adamw"
+    exp = experiment.Experiment(config, spec, mesh)
+    if runlocal:  # the smoke run's ViT: 2 blocks of the preset's width
+        assert exp.total_steps == 30 and m.depth == 2
+    if dataset == "imagenet2012" and path in ("configs/simclr.py", "configs/moco.py"):
+        # MoCo v3's ViT-Small recipe (moco-v3 CONFIG.md), RECIPES.md's ViT rows.
+        opt = config.optimizer
+        assert (config.batch_size, config.total_epochs, m.pos_embed) == (1024, 300.0, "sincos")
+        assert (opt.lr, opt.lr_batch_scale, opt.weight_decay, opt.warmup_epochs) == (
+            1.5e-4, 256, 0.1, 40.0)
+        assert opt.decay_bn and opt.decay_bias and opt.schedule == "cosine"
+
+
 # ------------------------------------------------------ the presets' arguments
 
 @pytest.mark.parametrize("path", FILES)

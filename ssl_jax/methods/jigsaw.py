@@ -76,6 +76,12 @@ def perms(config):
 def check(config, spec, mesh) -> None:
     """Raises before compiling on impossible tiles; computes (and caches) the permutations."""
     del spec, mesh
+    if config.model.name in models.VITS:
+        # Tiles of a third of the crop minus a gap: a 28 px image's are 9 px, not two
+        # patches of 4 px; the method and its reference evaluations are ConvNets'.
+        raise errors.UserError(f"Jigsaw with model={config.model.name}: its puzzle tiles are "
+                               "too small for a ViT's patches; use a ConvNet (the dataset's "
+                               "default model, or model=resnet50).")
     puzzle.tile_geometry(tile_config(config))
     perms(config)
 

@@ -55,10 +55,11 @@ def views(rng, images, config) -> dict:
             "key": augment.batch_views(r2, second, cfg)}
 
 
-def _net(config):
+def _net(config, stochastic: bool = True):
     """Encoder + MoCo v2's head (builder.py, --mlp): Linear -> ReLU -> Linear, biases,
-    no BN (config.head.hidden_bn=False). Both encoders' BN in moco.bn_groups groups."""
-    return network.make_network(config, bn_groups=config.moco.bn_groups)
+    no BN (config.head.hidden_bn=False). Both encoders' BN in moco.bn_groups groups.
+    stochastic=False: the key encoder's, without a ViT's drop path (as DINO's teacher)."""
+    return network.make_network(config, bn_groups=config.moco.bn_groups, stochastic=stochastic)
 
 
 def init(rng, views, config, spec):
@@ -90,13 +91,16 @@ def loss(params, state, views, batch, rng, config, spec):
     is used as given: the loop has moved it already (`before_step`)."""
     del batch, spec
     m, net = config.moco, _net(config)
-    _, q, batch_stats = network.apply(net, params, state["batch_stats"], views["query"])
+    # The step's key shuffles the keys (as before ViTs); a key folded from it drives the
+    # query encoder's drop path.
+    _, q, batch_stats = network.apply(net, params, state["batch_stats"], views["query"],
+                                      rng=jax.random.fold_in(rng, 1))
 
     key_params = state["key_params"]
     b = views["key"].shape[0]
     perm = jax.random.permutation(rng, b)
-    _, k, key_batch_stats = network.apply(net, key_params, state["key_batch_stats"],
-                                          views["key"][perm])
+    _, k, key_batch_stats = network.apply(_net(config, stochastic=False), key_params,
+                                          state["key_batch_stats"], views["key"][perm])
     k = jax.lax.stop_gradient(losses.l2_normalize(k)[jnp.argsort(perm)])
 
     value, metrics = parallel.on_shards(

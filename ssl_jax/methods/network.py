@@ -1,7 +1,7 @@
 """Encoder + projection head as one linen module, and applying it purely.
 
 Every method keeps its encoder under params["encoder"] and its BN statistics
-under state["batch_stats"]["encoder"], so evaluators and export read any
+under state["batch_stats"]["encoder"] (none for a ViT), so evaluators and export read any
 method's encoder the same way (`encoder_variables`).
 """
 from __future__ import annotations
@@ -28,9 +28,15 @@ def final_stage(model_cfg) -> str:
     return models.final_stage(model_cfg.name, **encoder_kwargs(model_cfg))
 
 
-def make_encoder(model_cfg, bn_groups: int | None = None) -> nn.Module:
-    """The encoder named by config.model.name, with the other fields as kwargs."""
+def make_encoder(model_cfg, bn_groups: int | None = None, stochastic: bool = True) -> nn.Module:
+    """The encoder named by config.model.name, with the other fields as kwargs.
+
+    stochastic=False: without stochastic depth (a ViT's drop_path 0), for the copies that
+    only embed: MoCo's key encoder (as DINO's teacher: no drop path), a bank's warm start.
+    """
     kwargs = encoder_kwargs(model_cfg)
+    if not stochastic and "drop_path" in kwargs:
+        kwargs["drop_path"] = 0.0
     if "dtype" in kwargs:
         if kwargs["dtype"] not in DTYPES:
             raise UserError(f"config.model.dtype={kwargs['dtype']!r}: use one of {sorted(DTYPES)}.")
@@ -56,30 +62,48 @@ class EncoderHead(nn.Module):
         return feats, self.head(pooled, train=train)
 
 
-def make_network(config, bn_groups: int | None = None) -> EncoderHead:
+def make_network(config, bn_groups: int | None = None, stochastic: bool = True) -> EncoderHead:
     """The encoder and config.head's projection head (models/heads.projection_head:
     its hidden_bn / out_bn say whose head it is), BN of both in bn_groups groups."""
-    return EncoderHead(encoder=make_encoder(config.model, bn_groups),
+    return EncoderHead(encoder=make_encoder(config.model, bn_groups, stochastic),
                        head=projection_head(config.head, bn_groups or 1),
                        stage=final_stage(config.model))
 
 
-def apply(net: nn.Module, params, batch_stats, x, train: bool = True) -> tuple[Any, Any, Any]:
-    """Pure forward pass: returns (features, z, new_batch_stats)."""
+def rngs(rng) -> dict:
+    """The rng streams of a training forward pass: "dropout" (a ViT's stochastic depth)
+    from the step's key, none without one (nothing stochastic may then run)."""
+    return {} if rng is None else {"dropout": rng}
+
+
+def apply(net: nn.Module, params, batch_stats, x, train: bool = True,
+          rng=None) -> tuple[Any, Any, Any]:
+    """Pure forward pass: returns (features, z, new_batch_stats). rng: a key for the
+    network's stochastic layers in training (a ViT's drop path); a ViT with drop_path > 0
+    refuses to train without one."""
     variables = {"params": params, "batch_stats": batch_stats}
     if not train:
         feats, z = net.apply(variables, x, train=False)
         return feats, z, batch_stats
-    (feats, z), updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
-    return feats, z, updates["batch_stats"]
+    (feats, z), updates = net.apply(variables, x, train=True, mutable=["batch_stats"],
+                                    rngs=rngs(rng))
+    # .get: a network without BN (a ViT under a BN-free head) has no statistics to update.
+    return feats, z, updates.get("batch_stats", {})
+
+
+def init_rngs(rng) -> dict:
+    """net.init's streams: "params" the key itself (the same initialisation as before
+    the other stream existed), "dropout" for a ViT's drop path in the traced train pass."""
+    return {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
 
 
 def init(net: nn.Module, rng, x) -> tuple[Any, Any]:
     """x: one example batch of the network's input. Returns (params, batch_stats)."""
-    variables = jax.jit(lambda r, v: net.init(r, v, train=True))(rng, x)
+    variables = jax.jit(lambda r, v: net.init(init_rngs(r), v, train=True))(rng, x)
     return variables["params"], variables.get("batch_stats", {})
 
 
 def encoder_variables(params, state) -> dict:
     """The frozen-encoder variables any evaluator needs, for every method."""
-    return {"params": params["encoder"], "batch_stats": state["batch_stats"]["encoder"]}
+    # .get: a ViT has no BN statistics (the head's may still be there).
+    return {"params": params["encoder"], "batch_stats": state["batch_stats"].get("encoder", {})}

@@ -60,6 +60,10 @@ def _branches(config) -> dict[str, float]:
 def check(config, spec, mesh) -> None:
     """Raises before compiling when the bank cannot match the mesh."""
     m = config.memory
+    if jigsaw_weight(config) > 0 and config.model.name in models.VITS:
+        raise errors.UserError(f"PIRL's jigsaw branch with model={config.model.name}: its "
+                               "tiles are too small for a ViT's patches; use a ConvNet, or "
+                               "NPID (configs/npid.py) for a ViT with a memory bank.")
     if m.loss not in LOSSES:
         raise errors.UserError(f"config.memory.loss={m.loss!r}: use one of {LOSSES}.")
     if m.get("init", "random") not in BANK_INITS:
@@ -134,9 +138,9 @@ class PirlNetwork(nn.Module):
         return feats, f, g
 
 
-def _net(config) -> PirlNetwork:
+def _net(config, stochastic: bool = True) -> PirlNetwork:
     h = config.head
-    return PirlNetwork(encoder=network.make_encoder(config.model),
+    return PirlNetwork(encoder=network.make_encoder(config.model, stochastic=stochastic),
                        stage=network.final_stage(config.model),
                        dim=h.dim, hidden=h.hidden, layers=h.layers)
 
@@ -147,7 +151,7 @@ def init(rng, views, config, spec):
     estimated on the first step)."""
     r_net, r_bank = jax.random.split(rng)
     net = _net(config)
-    variables = jax.jit(lambda r, x, t: net.init(r, x, t, train=True))(
+    variables = jax.jit(lambda r, x, t: net.init(network.init_rngs(r), x, t, train=True))(
         r_net, views["image"], views.get("tiles"))
     m = config.memory
     state = {"batch_stats": variables.get("batch_stats", {}),
@@ -176,7 +180,8 @@ def _warm_start_wanted(config) -> bool:
 
 def _embed(params, state, x, config):
     """x: (B, h, w, C) eval views -> f(x) (B, dim) float32, BN on the batch's statistics."""
-    (_, f, _), _ = _net(config).apply({"params": params, "batch_stats": state["batch_stats"]},
+    (_, f, _), _ = _net(config, stochastic=False).apply(
+        {"params": params, "batch_stats": state["batch_stats"]},
                                       x, None, train=True, mutable=["batch_stats"])
     return f
 
@@ -219,7 +224,8 @@ def loss(params, state, views, batch, rng, config, spec):
     indices = batch["index"]
     (_, f, g), updates = net.apply({"params": params, "batch_stats": state["batch_stats"]},
                                    views["image"], views.get("tiles"), train=True,
-                                   mutable=["batch_stats"])
+                                   mutable=["batch_stats"],
+                                   rngs=network.rngs(jax.random.fold_in(rng, 1)))
     b = f.shape[0]
     negatives = memory.sample_negatives(rng, m.negatives, n)
     # One lookup for positives and negatives: a single psum over the sharded bank.
@@ -239,7 +245,7 @@ def loss(params, state, views, batch, rng, config, spec):
     update = lambda bank, i, v, axis_name: memory.update(bank, i, v, m.momentum, axis_name)
     bank = parallel.on_shards(update, (True, True, True), batch_out=True)(
         state["bank"], indices.astype(jnp.int32), f)
-    new_state = {"batch_stats": updates["batch_stats"], "bank": bank, "log_z": log_z}
+    new_state = {"batch_stats": updates.get("batch_stats", {}), "bank": bank, "log_z": log_z}
     return value, (metrics, new_state)
 
 

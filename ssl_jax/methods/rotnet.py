@@ -71,12 +71,13 @@ def init(rng, views, config, spec):
 def loss(params, state, views, batch, rng, config, spec):
     """Mean rotation cross-entropy over the 4B rotated images of the global batch.
 
-    Returns (loss, (metrics {"rot_acc"}, new_state)). batch and rng are unused.
+    Returns (loss, (metrics {"rot_acc"}, new_state)). batch is unused; rng: the
+    encoder's stochastic depth (ViT).
     A plain mean under jit is already global: no per-shard function needed.
     """
-    del batch, rng, spec
+    del batch, spec
     _, logits, batch_stats = network.apply(_net(config), params, state["batch_stats"],
-                                           views["image"], train=True)     # (4B, 4)
+                                           views["image"], train=True, rng=rng)  # (4B, 4)
     value, acc = losses.classification(logits, views["rotation"])
     return value, ({"rot_acc": acc}, {"batch_stats": batch_stats})
 

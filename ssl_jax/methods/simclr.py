@@ -82,17 +82,17 @@ def init(rng, views, config, spec):
 
 
 def loss(params, state, views, batch, rng, config, spec):
-    """Returns (loss, (metrics, new_state)); batch and rng are unused (no memory bank)."""
-    del batch, rng, spec
+    """Returns (loss, (metrics, new_state)); rng: the encoder's stochastic depth (ViT)."""
+    del batch, spec
     net = _net(config)
     if "view1" not in views:
-        return _multicrop_loss(net, params, state, views, config)
+        return _multicrop_loss(net, params, state, views, config, rng)
     # Both views in one forward pass: BN statistics then cover all 2B images,
     # and the encoder runs once on a larger batch (faster than twice).
     # Interleaved (not concatenated) so each device's rows stay on that device.
     v1, v2 = views["view1"], views["view2"]
     x = jnp.stack([v1, v2], axis=1).reshape((-1,) + v1.shape[1:])
-    _, z, batch_stats = network.apply(net, params, state["batch_stats"], x, train=True)
+    _, z, batch_stats = network.apply(net, params, state["batch_stats"], x, train=True, rng=rng)
     z = z.reshape((v1.shape[0], 2, -1))
     z1, z2 = z[:, 0], z[:, 1]
     value, metrics = parallel.on_shards(
@@ -101,16 +101,21 @@ def loss(params, state, views, batch, rng, config, spec):
     return value, (metrics, {"batch_stats": batch_stats})
 
 
-def _multicrop_loss(net, params, state, views, config):
+def _multicrop_loss(net, params, state, views, config, rng):
     """views: {"global": (B, G, ...), "local": (B, L, ...)}: one forward per group, the
-    BN statistics threaded from the global group's call to the local group's."""
-    def encode(x, batch_stats):
-        _, z, batch_stats = network.apply(net, params, batch_stats, x, train=True)
-        return z, batch_stats
+    BN statistics threaded from the global group's call to the local group's; each
+    group's stochastic depth (ViT) from its own key."""
+    def encode(x, carry):
+        batch_stats, key = carry
+        this = None  # no key: a network without stochastic layers
+        if key is not None:
+            key, this = jax.random.split(key)
+        _, z, batch_stats = network.apply(net, params, batch_stats, x, train=True, rng=this)
+        return z, (batch_stats, key)
 
     # In the spec's order, global first (a jitted dict comes back with its keys sorted).
     groups = {name: views[name] for name in multicrop.GROUPS if name in views}
-    z, batch_stats = multicrop.encode_groups(encode, groups, state["batch_stats"])
+    z, (batch_stats, _) = multicrop.encode_groups(encode, groups, (state["batch_stats"], rng))
     z = jnp.concatenate([z[name] for name in groups], axis=1)     # (B, G + L, D)
     value, metrics = parallel.on_shards(
         lambda a, axis_name: losses.multicrop_nt_xent(a, config.simclr.temperature, axis_name),

@@ -44,9 +44,8 @@ def init(rng, views, config, spec):
 def loss(params, state, views, batch, rng, config, spec):
     """Mean cross-entropy of batch["label"] (B,) int32 over the global batch
     -> (loss, ({"train_acc"}, new_state))."""
-    del rng
     _, logits, batch_stats = network.apply(_net(config, spec), params, state["batch_stats"],
-                                           views["image"], train=True)
+                                           views["image"], train=True, rng=rng)
     value, acc = losses.classification(logits, batch["label"])
     return value, ({"train_acc": acc}, {"batch_stats": batch_stats})
 

@@ -18,6 +18,14 @@ from ssl_jax.models.nin import NIN
 from ssl_jax.models.norm import BatchNorm
 from ssl_jax.models.resnet import ResNet
 from ssl_jax.models.tokens import Tokens, summary
+from ssl_jax.models.vit import ViT
+
+# The ViT sizes of DeiT / DINO; patch and img_size come from the config.
+VIT_SIZES = {
+    "vit_tiny": dict(width=192, depth=12, heads=3),
+    "vit_small": dict(width=384, depth=12, heads=6),
+    "vit_base": dict(width=768, depth=12, heads=12),
+}
 
 ENCODERS = {
     "convnet": ConvNet,
@@ -26,13 +34,18 @@ ENCODERS = {
     "resnet50": functools.partial(ResNet, depth=50),
     "resnet101": functools.partial(ResNet, depth=101),
     "nin": NIN,
+    "vit": ViT,
+    **{name: functools.partial(ViT, **size) for name, size in VIT_SIZES.items()},
 }
+VITS = ("vit", *VIT_SIZES)
 
 STAGES = {
     "convnet": lambda widths=(32, 64, 128, 256), **_: [f"block{i + 1}" for i in range(len(widths))],
     **{name: lambda **_: ["stem", "stage1", "stage2", "stage3", "stage4"]
        for name in ENCODERS if name.startswith("resnet")},
     "nin": lambda num_blocks=4, **_: [f"block{i + 1}" for i in range(num_blocks)],
+    # Every block (each through the final LayerNorm): a ViT's depth is its stages.
+    **{name: lambda depth=12, **_: [f"block{i + 1}" for i in range(depth)] for name in VITS},
 }
 
 
@@ -61,4 +74,5 @@ def final_stage(name: str, **kwargs) -> str:
 
 
 __all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens",
+           "VITS", "VIT_SIZES", "ViT",
            "final_stage", "make_encoder", "stages", "summary"]
