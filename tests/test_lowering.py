@@ -40,6 +40,11 @@ ENCODERS = {
     "convnet": dict(widths=(4, 8)),
     # The accelerator presets' encoder (cifar10 / imagenet2012), computing in bfloat16.
     "resnet18": dict(name="resnet18", stem="small", width=0.125, dtype="bfloat16"),
+    # A ViT (models/vit.py) in bfloat16 with every option a step can trace: drop path
+    # (the step's rng), registers, LayerScale, the learned table resampled for local crops.
+    "vit": dict(name="vit", patch=4, width=16, depth=2, heads=2, mlp_ratio=2, img_size=(28, 28),
+                registers=1, layerscale=1e-5, drop_path=0.1, pos_embed="learned",
+                dtype="bfloat16"),
 }
 # Per option: an argument of the preset (after the colon), or config overrides
 # (dotted keys).
@@ -49,6 +54,7 @@ OPTIONS = {
     "accumulate": {"accumulate_steps": 2},  # the loss in a lax.scan over micro-batches
     "online": {"online.linear": True},  # the online probe's update inside the step
     "canvas": {"data.canvas": 40},  # images of varying size: canvases, crops on device
+    "multicrop": "local_crops=2,local_size=12",  # 2 global + 2 local crops: a group each
 }
 SPECS = {"canvas": dict(image_shape=(40, 40, 1), varying_size=True)}  # the data an option needs
 CASES = [
@@ -64,11 +70,17 @@ CASES = [
     ("moco", "convnet", ("accumulate",)),
     ("simclr", "convnet", ("online", "canvas")),
     ("simclr", "resnet18", ()),
+    ("simclr", "vit", ()),
+    ("simclr", "vit", ("multicrop",)),
+    ("simclr", "convnet", ("multicrop", "canvas")),
+    ("moco", "vit", ()),
+    ("npid", "vit", ()),
+    ("supervised", "vit", ()),
 ]
 # The evaluation's feature extraction step (eval/features.py), per encoder and pool;
 # "augment": with the linear probe's light_augment transform.
 FEATURE_CASES = [("convnet", "avg2x2", False), ("convnet", "global", True),
-                 ("resnet18", "global", False)]
+                 ("resnet18", "global", False), ("vit", "dino", False)]
 
 # Custom-call targets that every platform's XLA handles (sharding annotations of the
 # SPMD partitioner). Anything else in a step is to be reviewed before it is added:
