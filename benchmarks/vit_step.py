@@ -78,11 +78,13 @@ def jax_case(case: dict, steps: int, warmup: int) -> dict:
     final = models.final_stage(case["name"], patch=case["patch"], img_size=case["size"])
 
     class Classifier(nn.Module):
+        encoder: nn.Module
+
         @nn.compact
         def __call__(self, x):
-            return nn.Dense(CLASSES)(models.summary(encoder(x, train=True)[final]))
+            return nn.Dense(CLASSES)(models.summary(self.encoder(x, train=True)[final]))
 
-    net, tx = Classifier(), optax.adamw(1e-3, weight_decay=0.05)
+    net, tx = Classifier(encoder), optax.adamw(1e-3, weight_decay=0.05)
     shape = (case["batch"], case["size"], case["size"], case["chans"])
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
     y = jax.random.randint(jax.random.key(1), (case["batch"],), 0, CLASSES)

@@ -43,9 +43,10 @@ def pytest_unconfigure(config):
 # Longest first, so that two workers (run.sh: pytest -n 2 --dist loadfile) do not
 # end with one of them alone on a long module. Seconds on 2 cores, measured.
 _HEAVY_MODULES = ("test_multihost", "test_accumulate", "test_faults", "test_train",
-                  "test_presets", "test_canvas", "test_data", "test_video_train", "test_models",
-                  "test_rotnet", "test_pirl", "test_sweep", "test_cifar", "test_jigsaw",
-                  "test_eval", "test_methods")
+                  "test_presets", "test_canvas", "test_data", "test_video_train",
+                  "test_multicrop", "test_models", "test_rotnet", "test_vit", "test_pirl",
+                  "test_sweep", "test_cifar", "test_lowering", "test_vit_probes",
+                  "test_jigsaw", "test_eval", "test_methods")
 
 
 def pytest_collection_modifyitems(config, items):
