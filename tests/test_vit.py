@@ -99,6 +99,23 @@ def test_the_table_is_used_as_stored_at_the_training_grid():
 
 # -------------------------------------------------------------- drop path, registers
 
+@pytest.mark.parametrize("patch,size,chans", [(4, (28, 28), 1), (16, (32, 48), 3)])
+def test_the_patch_embedding_is_the_strided_convolution(patch, size, chans):
+    """PatchEmbed (a reshape and a matmul, for speed) == nn.Conv(kernel = stride = patch)
+    with the same parameters and initial values; a wrong pixel order inside the patch
+    (e.g. the transpose left out) fails it."""
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.key(0), (2, *size, chans))
+    embed = vit.PatchEmbed(patch, 8, jnp.float32)
+    variables = embed.init(jax.random.key(1), x)
+    conv = nn.Conv(8, (patch, patch), strides=(patch, patch), padding="VALID",
+                   kernel_init=vit._torch_conv)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, variables,
+                                     conv.init(jax.random.key(1), x)))
+    np.testing.assert_allclose(embed.apply(variables, x), conv.apply(variables, x),
+                               atol=2e-5, rtol=1e-5)
+
+
 def test_drop_path_is_random_in_training_and_off_at_evaluation():
     model = tiny(drop_path=0.5)
     variables, x = _init(model, 224), _images(224)

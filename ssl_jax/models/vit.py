@@ -5,7 +5,8 @@ images (B, H, W, C) -> {"block1".."block{depth}": models.Tokens}: every block's 
 through the one final LayerNorm (shared parameters), as DINO's get_intermediate_layers,
 so a probe can read any block; XLA drops the blocks nobody reads.
 
-  patch embedding   a conv, kernel = stride = patch -> grid (gh, gw) = (H / patch, W / patch)
+  patch embedding   a conv, kernel = stride = patch -> grid (gh, gw) = (H / patch, W / patch),
+                    computed as a reshape and a matmul (PatchEmbed: XLA:CPU's strided conv is slow)
   position          "learned": a (1, gh0, gw0, D) table for the grid of img_size, resampled in
                     the graph to the input's grid (DINO's bicubic, `resample_matrix`);
                     "sincos": big_vision's / MoCo v3's fixed 2-D sin-cos at the input's grid
@@ -106,6 +107,28 @@ def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) 
 
 
 # ------------------------------------------------------------------ blocks
+
+class PatchEmbed(nn.Module):
+    """images (B, H, W, C) -> (B, H/p, W/p, D) in dtype: the conv with kernel = stride = p
+    (parameters "kernel" (p, p, C, D) and "bias" (D,), as nn.Conv's), computed as a reshape
+    and one matmul. Same function and parameters; XLA:CPU's strided convolution and its
+    weight gradient are slow: forward + backward of ViT-S/16's embedding at 224 px, batch
+    16, took 633 ms as a conv and 112 ms as the matmul here."""
+    patch: int
+    width: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        p, (b, h, w, c) = self.patch, x.shape
+        kernel = self.param("kernel", _torch_conv, (p, p, c, self.width), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
+        # (B, gh, p, gw, p, C) -> (B, gh, gw, p, p, C): each patch's pixels in the kernel's order.
+        x = x.astype(self.dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        y = jnp.dot(x.reshape(b, h // p, w // p, p * p * c),
+                    kernel.reshape(p * p * c, self.width).astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
 
 class DropPath(nn.Module):
     """x (B, ...) -> x with each example's whole branch zeroed with probability `rate`
@@ -231,9 +254,7 @@ class ViT(nn.Module):
     def __call__(self, x, train: bool):
         self._check(x.shape[1:3])
         d, r = self.width, self.registers
-        x = nn.Conv(d, (self.patch,) * 2, strides=(self.patch,) * 2, padding="VALID",
-                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_torch_conv,
-                    name="patch_embed")(x.astype(self.dtype))
+        x = PatchEmbed(self.patch, d, self.dtype, name="patch_embed")(x)
         b, gh, gw, _ = x.shape
         if self.pos_embed == "learned":
             table = self.param("pos_embedding", _normal02, (1, *self.stored_grid(), d),
