@@ -159,8 +159,9 @@ VITS = models.VITS
 def set_model(c: ml_collections.ConfigDict, name: str) -> None:
     """config.model for the config argument model=NAME ("" keeps the dataset's encoder).
 
-    A ConvNet / ResNet / NIN name replaces the name only: the dataset's fields (dtype,
-    widths or stem) stay. A ViT gets its own fields for the dataset: patch 4 on images of
+    A ConvNet / ResNet / NIN name keeps the dataset's fields that it takes (dtype, conv,
+    width) and drops the others (a ConvNet's widths, a ResNet's stem); a ResNet gets the
+    stem of the image size (CIFAR's 3x3 "small" stem on <= 32 px, else "imagenet"). A ViT gets its own fields for the dataset: patch 4 on images of
     <= 32 px (a 7x7 or 8x8 grid), 16 on larger ones (14x14 at 224), img_size = the crop
     (the grid its learned position table is stored for), the dataset's dtype; and the
     optimiser a ViT trains with (`vit_optimizer`): the config calls this after its dataset
@@ -168,10 +169,15 @@ def set_model(c: ml_collections.ConfigDict, name: str) -> None:
     """
     if not name:
         return
-    if name not in VITS:
-        c.model.name = name
-        return
     crop = tuple(c.aug.crop_size)
+    if name not in VITS:
+        if name != c.model.name:
+            accepted = models.encoder_fields(name)
+            model = {k: v for k, v in c.model.items() if k in accepted}
+            if "stem" in accepted and "stem" not in model:
+                model["stem"] = "small" if max(crop) <= 32 else "imagenet"
+            c.model = dict(name=name, **model)
+        return
     # The size is written out (width, depth, heads: "vit" alone is ViT-S) so that
     # config.json shows it and --config.model.depth=6 can change it.
     size = models.VIT_SIZES.get(name, models.VIT_SIZES["vit_small"])

@@ -157,3 +157,17 @@ def test_moco_video_docstring_prepares_invariance_sets_the_videos_can_fill():
     assert len(np.unique(sets)) == sets.size
     for dataset in ("fashion_mnist", "fashion_mnist_videos"):  # what the sets are made from
         assert _docstring_command(doc, dataset)["--dataset"] == dataset
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10", "imagenet2012"])
+@pytest.mark.parametrize("model", ["convnet", "resnet18", "resnet50", "nin"])
+def test_model_argument_builds_any_conv_encoder_on_any_dataset(dataset, model):
+    """model=NAME keeps only the dataset encoder's fields the new one takes: `model=resnet18`
+    on fashion_mnist was refused (ResNet got the ConvNet's widths), `model=convnet` on
+    cifar10 too (ConvNet got the ResNet's stem)."""
+    from ssl_jax.methods import network
+    config = cfg_lib.load_file(f"configs/simclr.py:dataset={dataset},model={model}")
+    assert config.model.name == model
+    network.make_encoder(config.model)  # no UserError: every field is one the encoder takes
+    if model.startswith("resnet"):
+        assert config.model.stem == ("imagenet" if dataset == "imagenet2012" else "small")

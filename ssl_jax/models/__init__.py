@@ -7,6 +7,7 @@ the one the projection heads and the default evaluators read.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -63,6 +64,14 @@ def make_encoder(name: str, **kwargs) -> nn.Module:
         raise UserError(f"config.model for {name!r}: {e}") from None
 
 
+def encoder_fields(name: str) -> set[str]:
+    """The config.model fields (constructor arguments) encoder `name` accepts."""
+    _check(name)
+    cls = ENCODERS[name]
+    cls = getattr(cls, "func", cls)  # a functools.partial of the class
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
 def stages(name: str, **kwargs) -> list[str]:
     """Stage names `name` returns, shallow to deep."""
     _check(name)
@@ -75,4 +84,4 @@ def final_stage(name: str, **kwargs) -> str:
 
 __all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens",
            "VITS", "VIT_SIZES", "ViT",
-           "final_stage", "make_encoder", "stages", "summary"]
+           "encoder_fields", "final_stage", "make_encoder", "stages", "summary"]
