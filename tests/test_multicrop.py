@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core
 
 from ssl_jax import losses, methods, train
 from ssl_jax.config import load_file
@@ -15,6 +14,7 @@ from ssl_jax.errors import UserError
 from ssl_jax.methods import simclr
 from ssl_jax.views import augment, canvas, multicrop, pair
 from tests import multidevice
+from tests.test_precision import equations
 
 pytestmark = pytest.mark.usefixtures("fast_prng")
 B = 8
@@ -36,17 +36,6 @@ def _images(n=B, side=28, seed=0):
 
 # ------------------------------------------------------------- one call per group
 
-def _equations(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, core.ClosedJaxpr):
-                    yield from _equations(sub.jaxpr)
-                elif isinstance(sub, core.Jaxpr):
-                    yield from _equations(sub)
-
-
 def _first_layer_inputs(config):
     """The input shapes of the encoder's first convolution (kernel fed by the image's one
     channel) in SimCLR's forward loss: one per encoder call."""
@@ -55,7 +44,7 @@ def _first_layer_inputs(config):
     params, state = jax.eval_shape(lambda v: m.init(jax.random.key(1), v, config, None), views)
     jaxpr = jax.make_jaxpr(lambda p, s, v: m.loss(p, s, v, {}, None, config, None)[0])(
         params, state, views)
-    return sorted(tuple(e.invars[0].aval.shape) for e in _equations(jaxpr.jaxpr)
+    return sorted(tuple(e.invars[0].aval.shape) for e in equations(jaxpr.jaxpr)
                   if e.primitive.name == "conv_general_dilated" and e.invars[1].aval.shape[2] == 1)
 
 
