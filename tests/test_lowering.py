@@ -73,6 +73,7 @@ CASES = [
     ("simclr", "vit", ()),
     ("simclr", "vit", ("multicrop",)),
     ("simclr", "convnet", ("multicrop", "canvas")),
+    ("simclr", "vit", ("multicrop", "accumulate")),  # crop groups sliced per micro-batch
     ("moco", "vit", ()),
     ("npid", "vit", ()),
     ("supervised", "vit", ()),
