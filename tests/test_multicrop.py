@@ -77,6 +77,31 @@ def test_encode_groups_calls_once_per_group_and_keeps_image_rows_together():
         assert out[name]["z"].shape == x.shape[:2]
 
 
+def test_bn_statistics_thread_from_the_global_call_into_the_local_call():
+    """SimCLR's multi-crop step updates the running BN statistics twice, the local group's
+    update applied to the global group's result (what one forward per group means for
+    BN); giving both calls the step's initial statistics and keeping the last (the
+    global update lost) fails it."""
+    from ssl_jax.methods import network
+    c = tiny_config("local_crops=2")
+    m = methods.get("simclr")
+    views = m.views(jax.random.key(0), _images(), c)
+    params, state = m.init(jax.random.key(1), views, c, None)
+    _, (_, new_state) = m.loss(params, state, views, {}, None, c, None)
+    net = network.make_network(c)
+    bs = state["batch_stats"]
+    for name in ("global", "local"):  # by hand: one forward per group, in order
+        x = views[name].reshape((-1,) + views[name].shape[2:])
+        _, _, bs = network.apply(net, params, bs, x, train=True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 new_state["batch_stats"], bs)
+    _, _, only_local = network.apply(  # the wrong threading differs from it
+        net, params, state["batch_stats"],
+        views["local"].reshape((-1,) + views["local"].shape[2:]), train=True)
+    assert not all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool(np.allclose(a, b)), new_state["batch_stats"], only_local)))
+
+
 # ------------------------------------------------------------- per-crop recipes
 
 def test_dino_spec_is_dinos_recipe():
