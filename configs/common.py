@@ -156,28 +156,41 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
 VITS = models.VITS
 
 
-def set_model(c: ml_collections.ConfigDict, name: str) -> None:
-    """config.model for the config argument model=NAME ("" keeps the dataset's encoder).
+def conv_model(name: str, dataset: str) -> dict:
+    """config.model of ConvNet / ResNet / NIN `name` on `dataset`: the dataset's preset when
+    it names the same encoder, else NAME's defaults written out (so that config.json shows
+    them and --config.model.<field> can change them), with the dataset's dtype and conv; a
+    ResNet's stem by the crop: CIFAR's 3x3 "small" stem up to 64 px, else "imagenet"."""
+    preset = DATASETS[dataset]["model"]
+    if name == preset["name"]:
+        return dict(preset)
+    fields = {k: preset[k] for k in ("dtype", "conv") if k in preset}
+    if name == "nin":
+        return dict(name=name, num_blocks=4, width=1.0, **fields)
+    if name == "convnet":
+        return dict(name=name, widths=(32, 64, 128, 256), **fields)
+    if name.startswith("resnet"):
+        stem = "small" if DATASETS[dataset]["crop_size"] <= 64 else "imagenet"
+        return dict(name=name, stem=stem, width=1.0, **fields)
+    return dict(name=name, **fields)  # an unknown name: make_encoder says which exist
 
-    A ConvNet / ResNet / NIN name keeps the dataset's fields that it takes (dtype, conv,
-    width) and drops the others (a ConvNet's widths, a ResNet's stem); a ResNet gets the
-    stem of the image size (CIFAR's 3x3 "small" stem on <= 32 px, else "imagenet"). A ViT gets its own fields for the dataset: patch 4 on images of
-    <= 32 px (a 7x7 or 8x8 grid), 16 on larger ones (14x14 at 224), img_size = the crop
-    (the grid its learned position table is stored for), the dataset's dtype; and the
-    optimiser a ViT trains with (`vit_optimizer`): the config calls this after its dataset
-    preset, so the ViT's choice wins over a ConvNet's SGD or LARS.
+
+def set_model(c: ml_collections.ConfigDict, name: str) -> None:
+    """config.model for the config argument model=NAME ("" or the config's own encoder:
+    unchanged).
+
+    A ConvNet / ResNet / NIN: `conv_model`. A ViT gets its own fields for the dataset:
+    patch 4 on images of <= 32 px (a 7x7 or 8x8 grid), 16 on larger ones (14x14 at 224),
+    img_size = the crop (the grid its learned position table is stored for), the dataset's
+    dtype; and the optimiser a ViT trains with (`vit_optimizer`): the config calls this
+    after its dataset preset, so the ViT's choice wins over a ConvNet's SGD or LARS.
     """
-    if not name:
+    if not name or name == c.model.name:
+        return
+    if name not in VITS:
+        c.model = conv_model(name, c.dataset)
         return
     crop = tuple(c.aug.crop_size)
-    if name not in VITS:
-        if name != c.model.name:
-            accepted = models.encoder_fields(name)
-            model = {k: v for k, v in c.model.items() if k in accepted}
-            if "stem" in accepted and "stem" not in model:
-                model["stem"] = "small" if max(crop) <= 32 else "imagenet"
-            c.model = dict(name=name, **model)
-        return
     # The size is written out (width, depth, heads: "vit" alone is ViT-S) so that
     # config.json shows it and --config.model.depth=6 can change it.
     size = models.VIT_SIZES.get(name, models.VIT_SIZES["vit_small"])

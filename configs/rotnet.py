@@ -24,20 +24,6 @@ from ssl_jax.config import sibling
 common = sibling(__file__, "common")
 
 
-def _model(name: str, dataset: str) -> dict:
-    """config.model for model=NAME: the dataset's preset when it names the same
-    encoder, else NAME's defaults (fields stay overridable on the command line)."""
-    preset = common.DATASETS[dataset]["model"]
-    if name == preset["name"]:
-        return dict(preset)
-    if name == "nin":
-        return dict(name=name, num_blocks=4, width=1.0, dtype=preset["dtype"])
-    if name == "convnet":
-        return dict(name=name, widths=(32, 64, 128, 256), dtype=preset["dtype"])
-    stem = "imagenet" if dataset == "imagenet2012" else "small"
-    return dict(name=name, stem=stem, width=1.0, dtype=preset["dtype"])
-
-
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
     c = common.base("rotnet", a.dataset)
@@ -88,10 +74,7 @@ def get_config(arg=None):
 
     if a.dataset == "got10k_videos":  # frames of varying size: the ImageNet preset's crop
         c.aug.update(crop="resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3))
-    if a.model in common.VITS:
-        common.set_model(c, a.model)
-    elif a.model:
-        c.model = _model(a.model, a.dataset)
+    common.set_model(c, a.model)
     if a.runlocal:
         common.runlocal(c)
         c.optimizer.decay_steps, c.optimizer.decay_epochs = (20,), None
