@@ -16,8 +16,9 @@ default), or `avg{s}x{s}` (e.g. avg2x2, avg3x3), VISSL's pooling of a conv stage
 to an s x s grid, s*s*C features; of a ViT's block, its class token `cls` (its
 default, what ViT papers report), the `mean` patch token, `avg{s}x{s}` of the
 patch grid, or `dino`, DINO's linear-eval feature (the class tokens of the last
-4 blocks; ViT-B: the last block's, and its mean patch token). "Offline" means after pretraining, on a frozen encoder (the numbers
-papers report), as opposed to the online probes logged during training.
+4 blocks; ViT-B: the last block's, and its mean patch token). "Offline" means
+after pretraining, on a frozen encoder (the numbers papers report), as opposed to
+the online probes logged during training.
 
 Everything goes to RESULTS, which is --results_dir, else the workdir or the
 export: the features under RESULTS/features/, keyed by the weights, model, eval

@@ -14,9 +14,11 @@ results evaluated on it) whole.
 `load(OUT)` gives back `(features_fn, variables)` with
 `features_fn(variables, images) -> {stage: (B, C) float32}` for uint8 images
 (B, H, W, C) of export.json's preprocessing "input_shape" (a single image needs
-a batch axis; anything else is refused with what is expected): the eval view (centre crop, normalisation) and pooling
-included, a ConvNet's global average or a ViT's class token (`load(OUT, pool="avg2x2")`:
-VISSL's grid pooling, pool="dino" DINO's ViT feature; see eval/features.py). Loading needs no method code, optimizer state or training config.
+a batch axis; anything else is refused with what is expected): the eval view
+(centre crop, normalisation) and pooling included, a ConvNet's global average or a
+ViT's class token (`load(OUT, pool="avg2x2")`: VISSL's grid pooling, pool="dino"
+DINO's ViT feature; see eval/features.py). Loading needs no method code, optimizer
+state or training config.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ convergence), which is what papers report. Off by default; opt in with
 
 online_linear  a linear classifier trained alongside pretraining, one Adam step
                per train step, on stop_gradient(the final stage's default pool:
-               a map's global average, a ViT's class token) of the batch's eval view (centre crop, encoder in eval mode: an
+               a map's global average, a ViT's class token) of the batch's eval
+               view (centre crop, encoder in eval mode: an
                extra forward pass of B images, ~1/6 of a SimCLR step's work).
                Its gradient never reaches the encoder. Its state lives in the
                train state (state["online"]), so it is checkpointed and resumes

@@ -181,8 +181,8 @@ def _warm_start_wanted(config) -> bool:
 def _embed(params, state, x, config):
     """x: (B, h, w, C) eval views -> f(x) (B, dim) float32, BN on the batch's statistics."""
     (_, f, _), _ = _net(config, stochastic=False).apply(
-        {"params": params, "batch_stats": state["batch_stats"]},
-                                      x, None, train=True, mutable=["batch_stats"])
+        {"params": params, "batch_stats": state["batch_stats"]}, x, None, train=True,
+        mutable=["batch_stats"])
     return f
 
 

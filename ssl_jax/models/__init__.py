@@ -2,12 +2,11 @@
 
 Every encoder maps images (B, H, W, C) to a dict of stage features
 {stage: (B, h, w, c)} (a ConvNet's maps) or {stage: Tokens} (a transformer's
-class, patch and register tokens: tokens.py), so probes can read any stage; `final_stage(name)` is
-the one the projection heads and the default evaluators read.
+class, patch and register tokens: tokens.py), so probes can read any stage;
+`final_stage(name)` is the one the projection heads and the default evaluators read.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -64,14 +63,6 @@ def make_encoder(name: str, **kwargs) -> nn.Module:
         raise UserError(f"config.model for {name!r}: {e}") from None
 
 
-def encoder_fields(name: str) -> set[str]:
-    """The config.model fields (constructor arguments) encoder `name` accepts."""
-    _check(name)
-    cls = ENCODERS[name]
-    cls = getattr(cls, "func", cls)  # a functools.partial of the class
-    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-
-
 def stages(name: str, **kwargs) -> list[str]:
     """Stage names `name` returns, shallow to deep."""
     _check(name)
@@ -84,4 +75,4 @@ def final_stage(name: str, **kwargs) -> str:
 
 __all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens",
            "VITS", "VIT_SIZES", "ViT",
-           "encoder_fields", "final_stage", "make_encoder", "stages", "summary"]
+           "final_stage", "make_encoder", "stages", "summary"]
