@@ -141,15 +141,10 @@ def make_views(rng, images, spec: Spec) -> dict:
     if not spec or spec[0].crops < 1:
         raise UserError("multi-crop needs at least one global crop: set global_crops to 1 or "
                         "more.")
-    keys = jax.random.split(rng, sum(g.crops for g in spec))
-    out, k = {}, 0
-    for group in spec:
-        crops = []
-        for recipe in group.recipes:
-            crops.append(augment.batch_views(keys[k], images, recipe))
-            k += 1
-        out[group.name] = jnp.stack(crops, axis=1)
-    return out
+    keys = iter(jax.random.split(rng, crops_per_image(spec)))  # one per crop, in spec order
+    return {group.name: jnp.stack([augment.batch_views(next(keys), images, recipe)
+                                   for recipe in group.recipes], axis=1)
+            for group in spec}
 
 
 def encode_groups(fn, groups: dict, carry=None):
