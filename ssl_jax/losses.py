@@ -70,38 +70,49 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float,
     return loss, {"contrast_acc": acc}
 
 
-def multicrop_nt_xent(z: jax.Array, temperature: float,
-                      axis_name: str | None = None) -> tuple[jax.Array, dict]:
-    """NT-Xent over V >= 2 crops of each image (SimCLR with multi-crop, SwAV's appendix).
+def multicrop_nt_xent(z: jax.Array, temperature: float, axis_name: str | None = None,
+                      mean: str = "geometric") -> tuple[jax.Array, dict]:
+    """NT-Xent over V >= 2 crops of each image: SwAV's multi-crop SimCLR (Caron et al. 2020,
+    appendix A.8, Eq. 7), which is Poly-View's geometric loss (multiview.polyview).
 
     z: (b, V, D) this device's projections of V crops (global and local) of each of b
-    images. With s(x, y) = x.y / temperature on L2-normalised rows and N = B V the crops
-    of the global batch (B images), every crop (i, v) is an anchor and every other crop
-    (i, v') of its image a positive; the denominator is every crop of the global batch
-    but the anchor itself (the other positives included, as NT-Xent's 1[k != i]):
+    images. With s(x, y) = x.y / temperature on L2-normalised rows and B images in the
+    global batch, every crop (i, v) is an anchor and every other crop (i, w) of its image a
+    positive. Each (anchor, positive) pair is its own softmax, over the positive and every
+    crop of every OTHER image -- V (B - 1) + 1 logits; the image's other positives and the
+    anchor itself are not in it (Eq. 7: "all crops in the same batch except ones coming from
+    the same instance"; VISSL's multicrop_simclr_info_nce_loss, by SwAV's authors, does the
+    same):
 
-      loss = 1 / (B V (V - 1)) sum_i sum_v sum_{v' != v}
-             -log( exp s(z_iv, z_iv') / sum_{(j, w) != (i, v)} exp s(z_iv, z_jw) )
+      p(v, w) = exp s(z_iv, z_iw) / (exp s(z_iv, z_iw) + sum_{j != i} sum_u exp s(z_iv, z_ju))
 
-    With V = 2 it is nt_xent exactly. (VISSL's multicrop_simclr_info_nce_loss instead
-    leaves the other positives out of each pair's denominator: the two agree at V = 2.)
-    Returns the loss and contrast_acc: the fraction of anchors whose most similar other
-    crop is one of their positives.
+    mean says how an anchor's V - 1 pairs are averaged:
+      "geometric"  (Eq. 7):  loss = -1/(B V) sum_{i, v} 1/(V-1) sum_{w != v} log p(v, w)
+      "arithmetic" (Poly-View's other variant): -1/(B V) sum_{i, v} log(1/(V-1) sum_{w != v} p(v, w))
+    The arithmetic value is <= the geometric one (log is concave); at V = 2 both are
+    nt_xent exactly. Returns the loss and contrast_acc: the fraction of anchors whose most
+    similar other crop is one of their positives.
     """
-    b, v, d = z.shape
-    z = l2_normalize(z).reshape(b * v, d)                      # row i * V + v
-    g = _gather(z, axis_name)                                  # (B V, D)
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b * v
-    rows = jnp.arange(b * v) + offset                          # each row's global index
-    logits = z @ g.T / temperature - jax.nn.one_hot(rows, g.shape[0]) * _BIG  # (bV, BV)
-    log_denom = jax.nn.logsumexp(logits, axis=1)               # (bV,)
-    # Row r's positives sit in columns (r // V) * V + u, u = 0..V-1, u != r % V.
-    cols = (rows // v)[:, None] * v + jnp.arange(v)[None, :]   # (bV, V)
-    pos = jnp.take_along_axis(logits, cols, axis=1)       # (bV, V), self at -BIG
-    is_pos = cols != rows[:, None]
-    per_pair = jnp.where(is_pos, log_denom[:, None] - pos, 0.0)
-    loss = _global_mean(jnp.sum(per_pair), b * v * (v - 1), axis_name)
-    hit = (jnp.argmax(logits, axis=1) // v) == rows // v
+    if mean not in ("geometric", "arithmetic"):
+        raise ValueError(f"mean={mean!r}: use 'geometric' or 'arithmetic'.")
+    b, v, _ = z.shape
+    z = l2_normalize(z)
+    g = _gather(z, axis_name)                                    # (B, V, D)
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b
+    own = jax.nn.one_hot(jnp.arange(b) + offset, g.shape[0], dtype=bool)   # (b, B)
+    # Every crop of every other image; the anchor's own image is masked out whole.
+    s = jnp.einsum("ivd,jwd->ivjw", z, g) / temperature          # (b, V, B, V)
+    neg = jnp.where(own[:, None, :, None], -_BIG, s).reshape(b, v, -1)
+    log_neg = jax.nn.logsumexp(neg, axis=-1)                     # (b, V)
+    pos = jnp.einsum("ivd,iwd->ivw", z, z) / temperature         # (b, V, V): anchor v, positive w
+    log_p = pos - jnp.logaddexp(pos, log_neg[..., None])         # log p(v, w)
+    other = ~jnp.eye(v, dtype=bool)                              # w != v
+    if mean == "geometric":
+        per_anchor = jnp.sum(jnp.where(other, log_p, 0.0), -1) / (v - 1)
+    else:
+        per_anchor = jax.nn.logsumexp(jnp.where(other, log_p, -_BIG), -1) - jnp.log(v - 1)
+    loss = _global_mean(-jnp.sum(per_anchor), b * v, axis_name)
+    hit = jnp.max(jnp.where(other, pos, -_BIG), -1) > jnp.max(neg, -1)
     acc = _global_mean(jnp.sum(hit), b * v, axis_name)
     return loss, {"contrast_acc": acc}
 
