@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ssl_jax import checkpoint, errors, experiment, models, parallel, storage
+from ssl_jax import checkpoint, errors, experiment, methods, models, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax import eval as eval_lib
 from ssl_jax.data import sources
@@ -71,20 +71,37 @@ def load_run(workdir: str, mesh, random_init: bool = False):
             variables, step = jax.jit(init)(jnp.zeros(images.shape, images.dtype)), 0
         else:
             shapes = jax.eval_shape(init, images)  # shapes only: no batch is allocated
-            check_stored_encoder(workdir, config, shapes["params"])
-            part = {"params": {"encoder": shapes["params"]}}
+            # Where the method keeps the encoder it evaluates (DINO: the teacher's).
+            p_path, s_path = methods.get(config.method).encoder_at(config)
+            check_stored_encoder(workdir, config, shapes["params"], p_path)
+            part = _nest(p_path, shapes["params"])
             if shapes["batch_stats"]:  # a ViT has none (and its run may store {} there)
-                part["method_state"] = {"batch_stats": {"encoder": shapes["batch_stats"]}}
+                part = _merge(part, _nest(s_path, shapes["batch_stats"]))
             got, step = ckpt.restore_state_only(
                 checkpoint.abstract(part, parallel.replicated(mesh)), partial=True)
             ckpt.close()
-            variables = {"params": got["params"]["encoder"],
-                         "batch_stats": got.get("method_state", {}).get(
-                             "batch_stats", {}).get("encoder", {})}
+            variables = {"params": experiment.at(got, p_path),
+                         "batch_stats": experiment.at(got, s_path, {})}
     return config, network.make_encoder(config.model), variables, step
 
 
-def check_stored_encoder(workdir: str, config, params) -> None:
+def _nest(path, leaf) -> dict:
+    """("a", "b"), x -> {"a": {"b": x}}."""
+    for key in reversed(path):
+        leaf = {key: leaf}
+    return leaf
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two nested dicts with disjoint leaves -> one."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if k in out else v
+    return out
+
+
+def check_stored_encoder(workdir: str, config, params,
+                         path=("params", "encoder")) -> None:
     """Refuses, in one line, a checkpoint whose encoder arrays have other shapes than
     config.json's model builds (`params`: their ShapeDtypeStructs), read from its
     metadata before restoring: orbax would fail with a tree of every mismatch. A ViT's
@@ -95,11 +112,11 @@ def check_stored_encoder(workdir: str, config, params) -> None:
     if saved is None:  # nothing readable: restore() reports it
         return
     step, have = saved
-    want = checkpoint.leaf_shapes({"params": {"encoder": params}})
+    want = checkpoint.leaf_shapes(_nest(path, params))
     differ = [k for k, shape in want.items() if k in have and have[k] != shape]
     if not differ:
         return
-    table, model = "params/encoder/pos_embedding", config.model
+    table, model = "/".join(path) + "/pos_embedding", config.model
     if table in differ:
         grid, patch = have[table][1:3], model.patch
         size = model.img_size if isinstance(model.img_size, int) else list(model.img_size)

@@ -149,10 +149,22 @@ def init_model(config, spec: DataSpec, images):
     return method.init(r_init, method.views(r_views, images, config), config, spec)
 
 
-def encoder_variables(state) -> dict:
-    """The frozen encoder's variables of a train state, {"params", "batch_stats"}
-    (every method keeps them at the same place: methods/network.py)."""
-    return network.encoder_variables(state["params"], state["method_state"])
+def at(tree, path, default=None):
+    """tree[path[0]][path[1]]...; `default` where a key is missing (a ViT has no BN
+    statistics)."""
+    for key in path:
+        if key not in tree:
+            return default
+        tree = tree[key]
+    return tree
+
+
+def encoder_variables(state, config) -> dict:
+    """The frozen encoder's variables of a train state, {"params", "batch_stats"}: where the
+    method keeps the encoder it evaluates (Method.encoder_at: the trained one,
+    params["encoder"], for all but DINO, whose teacher is evaluated by default)."""
+    p, s = methods.get(config.method).encoder_at(config)
+    return {"params": at(state, p), "batch_stats": at(state, s, {})}
 
 
 class Experiment:
@@ -181,7 +193,9 @@ class Experiment:
         decay = cfg_lib.steps(config.optimizer, "decay", **units, default=())  # "step" schedule
         self.schedule = optim.learning_rate(config.optimizer, config.batch_size,
                                             self.total_steps, warmup, decay)
-        self.tx = optim.make_optimizer(config.optimizer, self.schedule)
+        # DINO's frozen last layer: optimizer.frozen_params untouched for freeze_* (a unit).
+        freeze = cfg_lib.steps(config.optimizer, "freeze", **units, default=0)
+        self.tx = optim.make_optimizer(config.optimizer, self.schedule, self.total_steps, freeze)
         self.log_every = cfg_lib.steps(config, "log_every", **units, default=50)
         self.ckpt_every = cfg_lib.steps(config, "ckpt_every", **units, default=self.total_steps)
         self.online = online.make(config, spec, units, self.encoder_features())
@@ -223,7 +237,8 @@ class Experiment:
         state = {"step": jnp.zeros((), jnp.int32), "params": params,
                  "opt_state": self.tx.init(params), "method_state": method_state}
         if self.online is not None and self.online.stateful:
-            state["online"] = self.online.init(encoder_variables(state), pair.first(images))
+            state["online"] = self.online.init(encoder_variables(state, self.config),
+                                               pair.first(images))
         return state
 
     @functools.cached_property
@@ -324,6 +339,7 @@ class Experiment:
                 state["params"], method_state, views, facts, r_loss)
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
             params = optax.apply_updates(state["params"], updates)
+            method_state = method.after_step(params, method_state, config, self.spec)
             metrics = dict(metrics, loss=loss, lr=self.schedule(state["step"]),
                            grad_norm=optax.tree.norm(grads))
             # A non-finite loss or gradient leaves the state as it was (faults.py); the
@@ -331,7 +347,8 @@ class Experiment:
             new = {"params": params, "opt_state": opt_state, "method_state": method_state}
             if "online" in state:  # sees the encoder, never trains it
                 new["online"], online_metrics = hook.update(
-                    state["online"], encoder_variables(state), pair.first(images), batch["label"])
+                    state["online"], encoder_variables(state, config), pair.first(images),
+                    batch["label"])
                 metrics.update(online_metrics)
             old = {k: state[k] for k in new}
             new, flags = faults.guarded_update(loss, grads, new, old)

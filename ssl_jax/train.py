@@ -117,6 +117,7 @@ def run(config, workdir: str, command: str | None = None):
                 f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
                 f"{mesh.devices.size} device(s); workdir {workdir}")
     progress = Progress(total_steps, start, config.batch_size, enabled=is_main, log=log)
+    watch = exp.method.watch(config, exp.spec)  # e.g. DINO's collapse warning
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
@@ -133,6 +134,9 @@ def run(config, workdir: str, command: str | None = None):
                     nonfinite.check()  # before any checkpoint of this state
                     metrics = jax.device_get(metrics)
                     progress.update(step, metrics)
+                    warning = watch(step, metrics) if watch is not None else None
+                    if warning and is_main:
+                        log.say(warning)
                     if writer is not None:
                         scalars = dict(metrics, skipped_steps=nonfinite.skipped,
                                        images_per_sec=progress.rate)
@@ -141,8 +145,8 @@ def run(config, workdir: str, command: str | None = None):
                 if hook is not None and hook.due(step, last):
                     # online_knn (+ online_linear) on the test split; every process
                     # extracts its share of the features, the main one reports.
-                    scalars = hook.evaluate(experiment.encoder_variables(state), state.get("online"),
-                                            eval_source, mesh)
+                    scalars = hook.evaluate(experiment.encoder_variables(state, config),
+                                            state.get("online"), eval_source, mesh)
                     if is_main:
                         log.say("  " + "  ".join(f"{k} {v:.2f}%" for k, v in scalars.items())
                                 + f" at step {step}")

@@ -46,7 +46,7 @@ def test_exported_encoder_reproduces_the_checkpoints_features(tiny_data, tmp_pat
     config, encoder, variables, _ = encoders.load_run(workdir, mesh)
     # Read alone from the checkpoint (orbax partial restore): the train state's encoder.
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables),
-                 experiment.encoder_variables(final))
+                 experiment.encoder_variables(final, config))
     images = sources.read_batch(sources.open_source("tiny_squares", "test", tiny_data),
                                  np.arange(16))["image"]
     want = jax.jit(features.make_features_fn(encoder, features.eval_view_config(config)))(

@@ -56,6 +56,24 @@ def no_state_update(params, state, config):
     return state
 
 
+def no_after_step(params, state, config, spec):
+    del params, config, spec
+    return state
+
+
+# The trained encoder: params["encoder"], its BN statistics in the method state.
+ENCODER_AT = (("params", "encoder"), ("method_state", "batch_stats", "encoder"))
+
+
+def trained_encoder(config):
+    del config
+    return ENCODER_AT
+
+
+def no_watch(config, spec):
+    del config, spec
+
+
 def replicated(shapes, mesh):
     """Every leaf of the method state on every device."""
     return jax.tree.map(lambda _: parallel.replicated(mesh), shapes)
@@ -85,6 +103,9 @@ class Method:
     loss: Callable
     check: Callable = no_check
     before_step: Callable = no_state_update
+    after_step: Callable = no_after_step
+    encoder_at: Callable = trained_encoder
+    watch: Callable = no_watch
     state_sharding: Callable = replicated
     uses_labels: bool = False
     takes_pairs: bool = False
