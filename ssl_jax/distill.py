@@ -133,12 +133,13 @@ def sinkhorn_knopp(teacher: jax.Array, teacher_temp, iterations: int = 3,
     q = jnp.where(valid[:, None], jnp.exp(x - m), 0.0).T  # (K, n)
     count = _psum(jnp.sum(valid.astype(jnp.float32)), axis_name)  # B
     q = q / jnp.maximum(_psum(jnp.sum(q), axis_name), _TINY)
-    for _ in range(iterations):
+    def step(_, q):
         rows = _psum(jnp.sum(q, axis=1, keepdims=True), axis_name)  # (K, 1) over all samples
         q = q / jnp.maximum(rows, _TINY) / k
         cols = jnp.sum(q, axis=0, keepdims=True)  # (1, n): each sample is on one device
-        q = q / jnp.maximum(cols, _TINY) / jnp.maximum(count, 1.0)
-    return (q * count).T
+        return q / jnp.maximum(cols, _TINY) / jnp.maximum(count, 1.0)
+
+    return (jax.lax.fori_loop(0, iterations, step, q) * count).T
 
 
 def koleo(x: jax.Array, axis_name: str | None = None) -> jax.Array:

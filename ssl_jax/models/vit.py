@@ -279,7 +279,6 @@ class ViT(nn.Module):
         self._check(x.shape[1:3])
         d, r = self.width, self.registers
         x = PatchEmbed(self.patch, d, self.dtype, name="patch_embed")(x)
-        x = self._masked(x, masks)
         b, gh, gw, _ = x.shape
         if self.pos_embed == "learned":
             table = self.param("pos_embedding", _normal02, (1, *self.stored_grid(), d),
@@ -287,13 +286,16 @@ class ViT(nn.Module):
             pos = resample_pos_embed(table[0], (gh, gw))
         else:
             pos = jnp.asarray(sincos_2d((gh, gw), d))
-        x = (x + pos.astype(self.dtype)).reshape(b, gh * gw, d)
         cls = self.param("cls_token", _normal02, (1, 1, d), jnp.float32)
         parts = [jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d))]
         if r:
             reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, r, d),
                              jnp.float32)
             parts.append(jnp.broadcast_to(reg.astype(self.dtype), (b, r, d)))
+        # The mask token's parameter is made after the others: linen draws a module's
+        # param keys in order, so the rest initialise as they do without it.
+        x = self._masked(x, masks)
+        x = (x + pos.astype(self.dtype)).reshape(b, gh * gw, d)
         x = jnp.concatenate(parts + [x], axis=1)  # (B, 1 + R + gh gw, D)
 
         norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,

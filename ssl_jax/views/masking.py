@@ -13,7 +13,8 @@ MaskingGenerator, itself BEiT's block masking):
   w = round(sqrt(area / aspect)); if h < gh and w < gw, a uniform position; the
   rectangle is kept when it adds between 1 and m new patches. Ten rejected rectangles
   in a row end the mask (so a mask may stop short of its target, as DINOv2's does);
-  max_patches defaults to 0.5 N, as DINOv2's train.py builds the generator.
+  max_patches, the most one rectangle may add, defaults to 0.5 N, as DINOv2's train.py
+  builds the generator.
 
 Where this differs from DINOv2:
 - fixed shapes for jit: a lax.fori_loop over `attempts` rectangle draws per crop (64 by
