@@ -153,9 +153,7 @@ def koleo(x: jax.Array, axis_name: str | None = None) -> jax.Array:
     value is the same on any number of devices (and equals DINOv2's on one GPU).
     """
     eps = 1e-8
-    x = _f32(x)
-    # F.normalize: x / max(||x||, eps).
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    x = l2_normalize(x, eps=eps * eps)  # F.normalize(eps=1e-8): x / max(||x||, 1e-8)
     g = _gather(x, axis_name)  # (B, D)
     b = x.shape[0]
     offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * b

@@ -157,10 +157,12 @@ def test_sinkhorn_matches_numpy_columns_sum_to_one_prototypes_near_b_over_k():
 def test_sinkhorn_mask_is_sinkhorn_on_the_masked_rows_alone():
     teacher = _rng(5).normal(size=(10, 4)).astype(np.float32)
     mask = np.array([1, 0, 1, 1, 0, 0, 1, 1, 1, 0], bool)
-    got = np.asarray(_sinkhorn(teacher * 100.0, 0.1, mask=jnp.asarray(mask)))
-    assert np.all(got[~mask] == 0) and np.all(np.isfinite(got))
-    np.testing.assert_allclose(got[mask], np.asarray(_sinkhorn(
-        teacher[mask] * 100.0, 0.1)), rtol=1e-5, atol=1e-7)
+    got = np.asarray(_sinkhorn(teacher, 0.1, mask=jnp.asarray(mask)))
+    assert np.all(got[~mask] == 0)
+    np.testing.assert_allclose(got[mask], _np_sinkhorn(teacher[mask], 0.1), rtol=1e-4, atol=1e-7)
+    # A constant added to every logit cancels, even past exp's float32 range (DINOv2 overflows).
+    shifted = np.asarray(_sinkhorn(teacher + 20.0, 0.1, mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(shifted, got, rtol=1e-4, atol=1e-7)
     none = _sinkhorn(teacher, 0.1, mask=jnp.zeros(10, bool))
     assert np.abs(np.asarray(none)).max() == 0
 
