@@ -7,6 +7,8 @@ so a probe can read any block; XLA drops the blocks nobody reads.
 
   patch embedding   a conv, kernel = stride = patch -> grid (gh, gw) = (H / patch, W / patch),
                     computed as a reshape and a matmul (PatchEmbed: XLA:CPU's strided conv is slow)
+  mask token        optional (mask_token=True): masked patches' embeddings replaced by a
+                    learned token before the position is added (DINOv2, for iBOT)
   position          "learned": a (1, gh0, gw0, D) table for the grid of img_size, resampled in
                     the graph to the input's grid (DINO's bicubic, `resample_matrix`);
                     "sincos": big_vision's / MoCo v3's fixed 2-D sin-cos at the input's grid
@@ -214,6 +216,11 @@ class ViT(nn.Module):
     (its grid img_size // patch); another input grid resamples it. bn_groups: accepted
     and unused (a ViT has no BatchNorm), so that methods that group BN (MoCo's
     shuffle-BN: network.make_network(bn_groups=)) build any encoder the same way.
+    mask_token: a learned (1, 1, D) "mask_token" (zeros at init, as DINOv2), and then
+    `__call__(x, train, masks)` with masks (B, gh * gw) bool (row-major over the patch
+    grid) puts it in place of the masked patches' embeddings before the position is
+    added (DINOv2's prepare_tokens_with_masks), for iBOT's masked-patch loss. Off: no
+    such parameter, and masks are refused.
     """
     patch: int = 16
     width: int = 384
@@ -227,6 +234,7 @@ class ViT(nn.Module):
     img_size: Any = 224
     dtype: Any = jnp.float32
     bn_groups: int = 1
+    mask_token: bool = False
 
     def stored_grid(self) -> tuple[int, int]:
         size = (self.img_size,) * 2 if isinstance(self.img_size, int) else tuple(self.img_size)
@@ -250,8 +258,24 @@ class ViT(nn.Module):
             raise UserError(f"ViT img_size={self.img_size} is smaller than patch={self.patch}: "
                             "set config.model.img_size to the training crop.")
 
+    def _masked(self, x, masks):
+        """x (B, gh, gw, D) patch embeddings -> the same with the masked ones replaced."""
+        b, gh, gw, d = x.shape
+        if not self.mask_token:
+            if masks is None:
+                return x
+            raise UserError("ViT called with masks but without a mask token: set "
+                            "config.model.mask_token=True (iBOT's masked-patch loss needs it).")
+        token = self.param("mask_token", nn.initializers.zeros, (1, 1, d), jnp.float32)
+        if masks is None:
+            return x
+        if tuple(masks.shape) != (b, gh * gw):
+            raise ValueError(f"ViT masks of shape {tuple(masks.shape)}: expected "
+                             f"(batch, gh * gw) = ({b}, {gh * gw}).")
+        return jnp.where(masks.astype(bool).reshape(b, gh, gw, 1), token.astype(x.dtype)[None], x)
+
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, masks=None):
         self._check(x.shape[1:3])
         d, r = self.width, self.registers
         x = PatchEmbed(self.patch, d, self.dtype, name="patch_embed")(x)
@@ -262,13 +286,16 @@ class ViT(nn.Module):
             pos = resample_pos_embed(table[0], (gh, gw))
         else:
             pos = jnp.asarray(sincos_2d((gh, gw), d))
-        x = (x + pos.astype(self.dtype)).reshape(b, gh * gw, d)
         cls = self.param("cls_token", _normal02, (1, 1, d), jnp.float32)
         parts = [jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d))]
         if r:
             reg = self.param("register_tokens", nn.initializers.normal(1e-6), (1, r, d),
                              jnp.float32)
             parts.append(jnp.broadcast_to(reg.astype(self.dtype), (b, r, d)))
+        # The mask token's parameter is made after the others: linen draws a module's
+        # param keys in order, so the rest initialise as they do without it.
+        x = self._masked(x, masks)
+        x = (x + pos.astype(self.dtype)).reshape(b, gh * gw, d)
         x = jnp.concatenate(parts + [x], axis=1)  # (B, 1 + R + gh gw, D)
 
         norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
