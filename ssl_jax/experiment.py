@@ -16,25 +16,7 @@ Stream 0 of fold_in(key(seed), .) initialises, stream 1 drives training: step s
 uses fold_in(stream 1, s), so a resumed run replays the randomness an
 uninterrupted one would use.
 
-Gradient accumulation, config.accumulate_steps = A (default 1: none). The step
-makes the views of the whole global batch, then runs the loss on A micro-batches
-of B / A images (a lax.scan, so one compiled loss): micro-batch j takes the j-th
-slice of every device's rows, so it is still sharded over the data axis and
-nothing moves between devices. Gradients are averaged and the optimizer updates
-once; the method state (BN statistics, MoCo's queue, a memory bank) threads
-through the micro-batches in order, and the method's `before_step` (MoCo's
-key-encoder momentum update) runs once per update. Metrics are means over the
-micro-batches; the online probes see the whole batch. What it equals:
-  - a loss that is a mean over examples without BatchNorm: the A = 1 step;
-  - with BatchNorm, each micro-batch is normalised with its own statistics: on
-    one device the gradient is the A = 1 step's with BN in A ghost groups
-    (model.bn_groups = A; tests/test_accumulate.py), and the BN running averages
-    move A times per step;
-  - contrastive losses (SimCLR, MoCo, NPID/PIRL): an approximation. The negatives
-    come from the micro-batch (SimCLR: 2B/A - 2 of them, not 2B - 2), so A > 1 is
-    a smaller effective batch for the loss, not only a memory saving. MoCo's queue
-    and the banks' negatives do not depend on the batch, but each micro-batch is
-    enqueued / written in turn.
+Gradient accumulation (config.accumulate_steps): ssl_jax/accumulate.py.
 """
 from __future__ import annotations
 
@@ -45,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssl_jax import checkpoint, errors, faults, methods, optim, parallel
+from ssl_jax import accumulate, checkpoint, errors, faults, methods, optim, parallel
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import decode, sources, video_sampler
 from ssl_jax.dataspec import DataSpec
@@ -150,8 +132,7 @@ def init_model(config, spec: DataSpec, images):
 
 
 def at(tree, path, default=None):
-    """tree[path[0]][path[1]]...; `default` where a key is missing (a ViT has no BN
-    statistics)."""
+    """tree[path[0]][path[1]]..., or `default` where a key is missing (ViTs: no BN)."""
     for key in path:
         if key not in tree:
             return default
@@ -193,7 +174,6 @@ class Experiment:
         decay = cfg_lib.steps(config.optimizer, "decay", **units, default=())  # "step" schedule
         self.schedule = optim.learning_rate(config.optimizer, config.batch_size,
                                             self.total_steps, warmup, decay)
-        # DINO's frozen last layer: optimizer.frozen_params untouched for freeze_* (a unit).
         freeze = cfg_lib.steps(config.optimizer, "freeze", **units, default=0)
         self.tx = optim.make_optimizer(config.optimizer, self.schedule, self.total_steps, freeze)
         self.log_every = cfg_lib.steps(config, "log_every", **units, default=50)
@@ -323,7 +303,9 @@ class Experiment:
         config, method, tx, hook = self.config, self.method, self.tx, self.online
         base_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
         repl = parallel.replicated(self.mesh)
-        grads_fn = self._accumulated_grads()
+        grads_fn = accumulate.grads_fn(method, config, self.spec, self.mesh,
+                                       self.state_sharding["method_state"],
+                                       self.accumulate_steps)
 
         @functools.partial(jax.jit, donate_argnums=0, out_shardings=(self.state_sharding, repl),
                            in_shardings=(self.state_sharding, self.batch_sharding))
@@ -354,50 +336,3 @@ class Experiment:
             new, flags = faults.guarded_update(loss, grads, new, old)
             return dict(new, step=state["step"] + 1), dict(metrics, **flags)
         return train_step
-
-    def _accumulated_grads(self):
-        """-> f(params, method_state, views, facts, rng) -> (loss, metrics, method_state,
-        grads): the loss's value and gradient on the global batch, over
-        config.accumulate_steps micro-batches (module docstring)."""
-        config, method, spec, a = self.config, self.method, self.spec, self.accumulate_steps
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        n = self.mesh.devices.size
-        micro_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-            None, parallel.AXIS))
-        state_sharding = self.state_sharding["method_state"]
-
-        def whole(params, method_state, views, facts, rng):
-            (loss, (metrics, method_state)), grads = grad_fn(
-                params, method_state, views, facts, rng, config, spec)
-            return loss, metrics, method_state, grads
-
-        def micro_batches(x):
-            """(L, ...) sharded over n devices, L = c * B -> (A, L / A, ...): micro-batch
-            j is the j-th of A equal slices of every device's rows, so it stays sharded
-            (P(None, "data")) and an image's c adjacent rows stay together."""
-            rows = x.shape[0] // (n * a)
-            x = x.reshape((n, a, rows) + x.shape[1:]).swapaxes(0, 1)
-            return jax.lax.with_sharding_constraint(
-                x.reshape((a, n * rows) + x.shape[3:]), micro_sharding)
-
-        def accumulated(params, method_state, views, facts, rng):
-            def body(carry, xs):
-                grad_sum, state = carry
-                (v, f), j = xs
-                (loss, (metrics, new_state)), grads = grad_fn(
-                    params, state, v, f, jax.random.fold_in(rng, j), config, spec)
-                # The carry keeps its types (a scan needs them fixed) and its sharding.
-                new_state = jax.tree.map(lambda x, old: x.astype(old.dtype), new_state, state)
-                new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
-                return (jax.tree.map(jnp.add, grad_sum, grads), new_state), (loss, metrics)
-
-            xs = (jax.tree.map(micro_batches, (views, facts)), jnp.arange(a))
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            (grad_sum, method_state), (loss, metrics) = jax.lax.scan(
-                body, (zeros, method_state), xs)
-            mean = lambda x: jnp.mean(x, axis=0)
-            return (mean(loss), jax.tree.map(mean, metrics), method_state,
-                    jax.tree.map(lambda g: g / a, grad_sum))
-
-        # A = 1 is the plain step, unchanged (bitwise) by accumulation's existence.
-        return whole if a == 1 else accumulated

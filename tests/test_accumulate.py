@@ -4,7 +4,7 @@
     the same global batch when BatchNorm normalises the same sets of images in
     both, i.e. when the A = 1 run's ghost-BN groups are exactly the accumulated
     run's (micro-batch, group) blocks. Micro-batch j holds the j-th of A slices of
-    every device's rows (experiment._accumulated_grads), so with the accumulated
+    every device's rows (accumulate.grads_fn), so with the accumulated
     run's config.model.bn_groups = G a multiple of the device count n, each of its
     groups is B / (A G) contiguous rows of the global batch: the A = 1 run with
     bn_groups = A G. We use G = 8, which serves n = 1 and n = 8.

@@ -55,6 +55,9 @@ OPTIONS = {
     "online": {"online.linear": True},  # the online probe's update inside the step
     "canvas": {"data.canvas": 40},  # images of varying size: canvases, crops on device
     "multicrop": "local_crops=2,local_size=12",  # 2 global + 2 local crops: a group each
+    "dinov2": "koleo,sinkhorn,ibot",  # DINO's options: KoLeo, Sinkhorn-Knopp, iBOT's masks
+    "mask_token": {"model.mask_token": True},  # the ViT's, which iBOT's masks need
+    "model=convnet": "model=convnet",  # a preset whose default encoder is a ViT (DINO's)
 }
 SPECS = {"canvas": dict(image_shape=(40, 40, 1), varying_size=True)}  # the data an option needs
 CASES = [
@@ -77,6 +80,8 @@ CASES = [
     ("moco", "vit", ()),
     ("npid", "vit", ()),
     ("supervised", "vit", ()),
+    ("dino", "convnet", ("model=convnet",)),  # teacher EMA, centring, multi-crop, BN in the teacher
+    ("dino", "vit", ("dinov2", "mask_token", "accumulate")),
 ]
 # The evaluation's feature extraction step (eval/features.py), per encoder and pool;
 # "augment": with the linear probe's light_augment transform.

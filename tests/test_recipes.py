@@ -28,7 +28,7 @@ from ssl_jax.methods import moco, network, pirl, rotnet, simclr
 from ssl_jax.views import augment, canvas, jigsaw, ops, photometric
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("simclr", "moco", "npid", "pirl", "jigsaw", "rotnet", "supervised")
+METHODS = ("simclr", "moco", "npid", "pirl", "jigsaw", "rotnet", "dino", "supervised")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
 KEY = jax.random.key(0)
 

@@ -7,7 +7,7 @@ Adding a method: a module under ssl_jax/methods/ ending in
 config file under configs/.
 """
 from ssl_jax import errors
-from ssl_jax.methods import base, jigsaw, moco, pirl, rotnet, simclr, supervised
+from ssl_jax.methods import base, dino, jigsaw, moco, pirl, rotnet, simclr, supervised
 
 METHODS: dict[str, base.Method] = {
     "simclr": simclr.METHOD,
@@ -16,6 +16,7 @@ METHODS: dict[str, base.Method] = {
     "npid": pirl.METHOD,  # NPID is PIRL without the jigsaw branch (its config has no `pirl` block)
     "jigsaw": jigsaw.METHOD,
     "rotnet": rotnet.METHOD,
+    "dino": dino.METHOD,
     "supervised": supervised.METHOD,  # the reference row of every table, not self-supervised
 }
 

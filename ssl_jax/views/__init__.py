@@ -6,6 +6,10 @@ photometric  PIRL's posterize / sharpness / solarize / autocontrast, PIL's seman
 augment      view configs (SimCLR's, MoCo v2's, NPID's, PIRL's, the eval view) and
              `view` / `batch_views`, which compose the ops per example
 jigsaw       3x3 tiles of a crop and the permutation sets of Jigsaw and PIRL
+canvas       views of images of varying size, decoded onto fixed canvases
+pair         two images per example (video positives)
+multicrop    G global and L local crops of each image, one recipe per crop
+masking      iBOT / DINOv2 block masks over a ViT's patch grid
 
 Pure functions of (rng, image, config): each vmaps over per-example keys.
 """
