@@ -8,6 +8,7 @@ config file under configs/.
 """
 from ssl_jax import errors
 from ssl_jax.methods import base, jigsaw, moco, pirl, rotnet, simclr, supervised
+from ssl_jax.methods import polyview
 
 METHODS: dict[str, base.Method] = {
     "simclr": simclr.METHOD,
@@ -16,6 +17,8 @@ METHODS: dict[str, base.Method] = {
     "npid": pirl.METHOD,  # NPID is PIRL without the jigsaw branch (its config has no `pirl` block)
     "jigsaw": jigsaw.METHOD,
     "rotnet": rotnet.METHOD,
+    "polyview": polyview.METHOD,  # M views per image, one M-view loss (config.multiview.loss)
+    "cmc": polyview.METHOD,  # the same, CMC's loss over augmented views by default
     "supervised": supervised.METHOD,  # the reference row of every table, not self-supervised
 }
 
