@@ -13,7 +13,8 @@ so that a run costs what SimCLR's preset costs: K x M encoder passes a step),
 variant=geometric|arithmetic (also --config.polyview.variant), local_crops=L (L smaller
 crops of each image as further views, local_size=S pixels). --config.views.count=M
 changes M alone (the batch stays). The other M-view losses on the same views:
---config.multiview.loss=mv_infonce|mv_dhel|cmc (cmc with --config.cmc.graph=core|full).
+--config.multiview.loss=mv_infonce|mv_dhel|cmc (cmc: its core graph here, as this config
+has no cmc block; configs/cmc.py has graph=full).
 
 Everything but the views and the loss is SimCLR's preset (configs/simclr.py: encoder,
 head, view recipe, optimiser, temperature). imagenet2012 is the paper's headline run
