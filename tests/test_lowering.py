@@ -80,6 +80,8 @@ CASES = [
     ("moco", "vit", ()),
     ("npid", "vit", ()),
     ("supervised", "vit", ()),
+    ("polyview", "convnet", ()),  # M = 4 views, one encoder call, Poly-View's loss
+    ("cmc", "vit", ()),
     ("dino", "convnet", ("model=convnet",)),  # teacher EMA, centring, multi-crop, BN in the teacher
     ("dino", "vit", ("dinov2", "mask_token", "accumulate")),
 ]

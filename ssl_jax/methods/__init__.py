@@ -7,7 +7,8 @@ Adding a method: a module under ssl_jax/methods/ ending in
 config file under configs/.
 """
 from ssl_jax import errors
-from ssl_jax.methods import base, dino, jigsaw, moco, pirl, rotnet, simclr, supervised
+from ssl_jax.methods import (base, dino, jigsaw, moco, pirl, polyview, rotnet, simclr,
+                             supervised)
 
 METHODS: dict[str, base.Method] = {
     "simclr": simclr.METHOD,
@@ -17,6 +18,8 @@ METHODS: dict[str, base.Method] = {
     "jigsaw": jigsaw.METHOD,
     "rotnet": rotnet.METHOD,
     "dino": dino.METHOD,
+    "polyview": polyview.METHOD,  # M views per image, one M-view loss (config.multiview.loss)
+    "cmc": polyview.METHOD,  # the same, CMC's loss over augmented views by default
     "supervised": supervised.METHOD,  # the reference row of every table, not self-supervised
 }
 

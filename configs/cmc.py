@@ -1,0 +1,65 @@
+r"""Contrastive Multiview Coding (Tian, Krishnan & Isola 2019) over M augmented views of
+every image: CMC's two-view loss summed over a core view or a full graph of view pairs,
+in-batch softmax (ssl_jax/methods/polyview.py, ssl_jax/multiview.py cmc).
+
+  python -m ssl_jax.train --config configs/cmc.py:dataset=fashion_mnist --workdir runs/cmc
+  python -m ssl_jax.evaluate --workdir runs/cmc --eval linear,knn
+  python -m ssl_jax.train --config configs/cmc.py:dataset=fashion_mnist,runlocal --workdir W3
+  python -m ssl_jax.train --config configs/cmc.py:dataset=fashion_mnist,runlocal,graph=full,views=3 --workdir W4
+
+Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME,
+runlocal, views=M (M augmented crops of each image, M >= 2; on fashion_mnist also the
+batch K = 256 / M and the length, SimCLR's preset's compute; --config.views.count=M
+changes M alone), graph=core|full (also --config.cmc.graph: view 0 against each other
+view, M - 1 pairs, or every pair, M (M - 1) / 2), local_crops=L, local_size=S.
+
+The paper's views on ImageNet are the L and ab channels of Lab, one half-width encoder
+each (HobbitLong/CMC models/resnet.py ResNetV1); that two-encoder path is not built:
+views=channels is refused in one line (on a one-channel dataset, saying why it cannot
+be). Here the views are augmented crops through one encoder; the rest of imagenet2012 is
+the authors' train_CMC.py and README ResNet-50 command with --softmax (an in-batch
+softmax stands for their softmax over a memory bank's 16384 negatives). fashion_mnist is
+ours (SimCLR's preset's optimiser and compute) with CMC's loss, temperature and head.
+RECIPES.md, CMC, lists every value with its source.
+"""
+from ssl_jax.config import sibling
+from ssl_jax.errors import UserError
+
+common = sibling(__file__, "common")
+polyview = sibling(__file__, "polyview")
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, views="",
+                         graph="core", local_crops=0, local_size=0)
+    c = polyview.get_config(f"dataset={a.dataset},model={a.model}")
+    c.method = "cmc"
+    del c.polyview
+    if a.graph not in ("core", "full"):
+        raise UserError(f"Config argument graph={a.graph!r}: CMC's graphs are core (view 0 "
+                        "against each other view) and full (every pair).")
+    c.cmc = dict(graph=a.graph)
+    # The method's own, every preset (train_CMC.py): nce_t 0.07; the head one linear
+    # layer to feat_dim 128, L2-normalised in the loss (models/resnet.py: fc, Normalize).
+    c.multiview.update(loss="cmc", temperature=0.07)
+    c.head.update(layers=1, dim=128, hidden_bn=False, out_bn=False)
+
+    if a.dataset == "imagenet2012":
+        # train_CMC.py's defaults and the README's ResNet-50 command (--batch_size 128);
+        # two views, as the paper's L and ab.
+        # Crops of (0.08, 1): train_CMC.py sets crop_low 0.08 for a ResNet on ImageNet
+        # (0.2 is AlexNet's), SimCLR's already.
+        polyview.set_views(c, 2)
+        if a.model not in common.VITS:  # a ViT keeps MoCo v3's recipe (configs/simclr.py)
+            c.batch_size = 128
+            c.total_epochs = 240.0
+            c.optimizer.update(name="sgd", lr=0.03, lr_batch_scale=0, momentum=0.9,
+                               nesterov=False, weight_decay=1e-4, decay_bn=True,
+                               decay_bias=True, schedule="step", decay_factor=0.1)
+            common.set_steps(c.optimizer, "warmup", None)
+            common.set_steps(c.optimizer, "decay", None)
+            c.optimizer.decay_epochs = (120.0, 160.0, 200.0)
+    polyview.apply_args(c, a)
+    if a.runlocal:
+        common.runlocal(c)
+    return c
