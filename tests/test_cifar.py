@@ -355,7 +355,7 @@ def test_train_names_the_prepare_command_that_then_makes_what_train_and_evaluate
     train = ("ssl_jax.train", "--config", "configs/simclr.py:dataset=cifar10,model=convnet,"
              "runlocal", f"--config.data_dir={data_dir}", "--workdir", workdir,
              "--config.total_steps=2", "--config.batch_size=16", "--config.ckpt_every_steps=2",
-             "--config.model.widths=(4,8)", "--config.model.conv=xla",
+             "--config.model.widths=(4,8)",
              "--config.head.hidden=16", "--config.head.dim=8")
     missing = _run(*train)
     assert missing.returncode == 2, missing.stderr
