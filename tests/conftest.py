@@ -42,7 +42,8 @@ def pytest_unconfigure(config):
 
 # Longest first, so that two workers (run.sh: pytest -n 2 --dist loadfile) do not
 # end with one of them alone on a long module. Ranked by CPU seconds of each module
-# run alone (user + sys, cold compilation cache, 2 cores shared), measured:
+# run alone (user + sys, cold compilation cache, 2 cores shared with other work, so
+# +-30%), measured:
 # multihost 193, video_train 97, faults 88, accumulate 73, canvas 71, presets 62,
 # multicrop 57, sweep 55, rotnet 54, jigsaw 53, vit 51, models 49, train 45, eval 42,
 # lowering 41, pirl 41, data 37, methods 35, cifar 28, vit_probes 23.
