@@ -36,7 +36,9 @@ from tests import multidevice
 
 B, STEPS = 64, 3
 # (accumulate_steps, model.bn_groups): A = 4 against its whole-batch twin (1, 32), and
-# (1, 16) for the sensitivity check. Each pair is a compiled step on 1 and 8 devices.
+# (1, 16) for the sensitivity check. Each pair is a compiled step on 1 and 8 devices,
+# but (1, 16) on 1 only: that the tolerance tells groupings apart is shown once, and
+# the 8-device runs are held to the same tolerance.
 RUNS = ((1, 16), (1, 32), (4, 8))
 
 SNIPPET = f"""
@@ -93,6 +95,8 @@ for method in ("supervised", "rotnet"):
     # One initial state for every run: the parameters do not depend on the BN groups.
     start = jax.device_get(experiment.Experiment(config(method, 1), spec, mesh).initial_state())
     for a, g in {RUNS}:
+        if (a, g) == (1, 16) and len(jax.devices()) > 1:
+            continue  # the sensitivity check's run: one device shows it (see the test)
         state, losses = train(config(method, a, g), start)
         out[f"{{method}}_{{a}}_{{g}}/loss"] = losses
         flat(f"{{method}}_{{a}}_{{g}}/params", state["params"])
@@ -155,10 +159,10 @@ def test_accumulated_step_equals_the_whole_batch_step_with_matching_bn_groups(
             for part in ("params", "opt_state"):
                 assert _close(_tree(out, acc + part), _tree(out, whole + part), rtol), (
                     method, a, part, int(out["devices"]))
-        # Sensitivity: A = 4 with groups of 2 images against A = 1 with groups of 4.
-        acc, other = _tree(out, f"{method}_4_8/params"), _tree(out, f"{method}_1_16/params")
-        assert not _close(acc, other, 1e-2)  # measured: 0.17 (RotNet), 0.27 (supervised)
     one, eight = one_and_eight
+    # Sensitivity: A = 4 with groups of 2 images against A = 1 with groups of 4.
+    acc, other = _tree(one, f"{method}_4_8/params"), _tree(one, f"{method}_1_16/params")
+    assert not _close(acc, other, 1e-2)  # measured: 0.17 (RotNet), 0.27 (supervised)
     assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
     # With these groups the run does not depend on the device count either (2e-4:
     # XLA partitions the 8-device program's reductions differently; measured 2e-5).

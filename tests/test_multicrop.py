@@ -84,19 +84,21 @@ def test_bn_statistics_thread_from_the_global_call_into_the_local_call():
     from ssl_jax.methods import network
     c = tiny_config("local_crops=2")
     m = methods.get("simclr")
-    views = m.views(jax.random.key(0), _images(), c)
-    params, state = m.init(jax.random.key(1), views, c, None)
-    _, (_, new_state) = m.loss(params, state, views, {}, None, c, None)
+    # Each piece jitted: run op by op, its hundreds of primitives compiled one at a
+    # time took ~20 CPU-s; the values compared are the same functions'.
+    views = jax.jit(lambda k, x: m.views(k, x, c))(jax.random.key(0), _images())
+    params, state = jax.jit(lambda k, v: m.init(k, v, c, None))(jax.random.key(1), views)
+    _, (_, new_state) = jax.jit(lambda p, s, v: m.loss(p, s, v, {}, None, c, None))(
+        params, state, views)
     net = network.make_network(c)
+    forward = jax.jit(lambda bs, x: network.apply(net, params, bs, x, train=True)[2])
     bs = state["batch_stats"]
     for name in ("global", "local"):  # by hand: one forward per group, in order
-        x = views[name].reshape((-1,) + views[name].shape[2:])
-        _, _, bs = network.apply(net, params, bs, x, train=True)
+        bs = forward(bs, views[name].reshape((-1,) + views[name].shape[2:]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  new_state["batch_stats"], bs)
-    _, _, only_local = network.apply(  # the wrong threading differs from it
-        net, params, state["batch_stats"],
-        views["local"].reshape((-1,) + views["local"].shape[2:]), train=True)
+    only_local = forward(  # the wrong threading differs from it
+        state["batch_stats"], views["local"].reshape((-1,) + views["local"].shape[2:]))
     assert not all(jax.tree.leaves(jax.tree.map(
         lambda a, b: bool(np.allclose(a, b)), new_state["batch_stats"], only_local)))
 

@@ -164,14 +164,18 @@ def _sweep_cmd(root, data_dir, *more):
             "--config.batch_size=32", "--config.model.widths=(4,8)", "--config.model.conv=xla",
             "--config.head.hidden=16", "--config.head.dim=8", "--config.total_steps=80",
             "--config.ckpt_every_steps=10", "--config.log_every_steps=10",
-            "--config.eval.knn.k=20", "--config.eval.train_examples=0"]
+            "--config.eval.knn.k=20", "--config.eval.train_examples=0",
+            "--config.eval.batch_size=64"]  # tiny_config's: its feature programs too
 
 
-def test_real_sweep_interrupted_then_resumed(tiny_data, tmp_path):
+def test_real_sweep_interrupted_then_resumed(tiny_data, tmp_path, compilation_cache):
     # keep_ckpts changes no compiled program: the points and the resumed run share
-    # the compilation cache, which is most of a tiny run's time.
+    # the compilation cache, which is most of a tiny run's time. The session's cache
+    # (conftest.py): the points' train step is the tiny SimCLR step that other
+    # modules' runs compile (test_train.tiny_config: total_steps and the checkpoint
+    # and log intervals change no compiled program either).
     root = str(tmp_path / "sweep")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_THREEFRY_PARTITIONABLE="0")  # conftest.fast_prng: faster compiles
     first = os.path.join(root, "keep_ckpts=2")
