@@ -47,10 +47,11 @@ def pytest_unconfigure(config):
 # multihost 193, video_train 97, faults 88, accumulate 73, canvas 71, presets 62,
 # multicrop 57, sweep 55, rotnet 54, jigsaw 53, vit 51, models 49, train 45, eval 42,
 # lowering 41, pirl 41, data 37, methods 35, cifar 28, vit_probes 23.
-_HEAVY_MODULES = ("test_multihost", "test_video_train", "test_faults", "test_accumulate",
-                  "test_canvas", "test_presets", "test_multicrop", "test_sweep", "test_rotnet",
-                  "test_jigsaw", "test_vit", "test_models", "test_train", "test_eval",
-                  "test_lowering", "test_pirl", "test_data", "test_methods", "test_cifar",
+_HEAVY_MODULES = ("test_multihost", "test_dino", "test_video_train", "test_faults",
+                  "test_accumulate", "test_canvas", "test_presets", "test_polyview",
+                  "test_multicrop", "test_sweep", "test_rotnet", "test_jigsaw", "test_vit",
+                  "test_models", "test_train", "test_eval", "test_lowering", "test_pirl",
+                  "test_data", "test_methods", "test_multiview", "test_distill", "test_cifar",
                   "test_vit_probes")
 
 
