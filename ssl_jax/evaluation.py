@@ -24,13 +24,13 @@ import jax
 import numpy as np
 
 from ssl_jax import config as cfg_lib
-from ssl_jax import encoders, models, parallel, storage
+from ssl_jax import encoders, methods, models, parallel, storage
 from ssl_jax import eval as eval_lib
 from ssl_jax.data import decode, sources
 from ssl_jax.errors import UserError
 from ssl_jax.eval import evaluators, features
 from ssl_jax.eval import results as results_lib
-from ssl_jax.methods import network
+from ssl_jax.methods import base, network
 from ssl_jax.views import augment
 
 EVALUATORS = tuple(evaluators.REGISTRY)  # --eval's names
@@ -159,6 +159,10 @@ def evaluate(workdir: str | None = None, evals=evaluators.DEFAULT, stages="final
     if exported is None:
         # The same config.json as above: keep the one with the eval settings applied.
         _, encoder, variables, step = encoders.load_run(workdir, mesh, random_init)
+        at = methods.get(config.method).encoder_at(config)[0]
+        if at != base.ENCODER_AT[0] and not random_init:  # e.g. DINO's teacher
+            print(f"Evaluating the encoder at {'/'.join(at)} of the {config.method} run "
+                  "(the one the method evaluates and exports).", flush=True)
         view_cfg = features.eval_view_config(config)
         fn = features.make_features_fn(encoder, view_cfg, pool, names)
         origin = {"step": int(step), "random_init": random_init}

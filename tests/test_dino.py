@@ -207,7 +207,7 @@ def test_the_collapse_warning_fires_once_after_a_sustained_stretch():
 
 # ------------------------------------------------------------------ end to end
 
-def test_train_resume_and_evaluate_the_teacher(tiny_data, tmp_path):
+def test_train_resume_and_evaluate_the_teacher(tiny_data, tmp_path, capsys):
     c = tiny_config(tiny_data)
     common = cfg_lib.sibling(os.path.abspath("configs/dino.py"), "common")
     common.set_steps(c.optimizer, "freeze", 4)
@@ -237,8 +237,10 @@ def test_train_resume_and_evaluate_the_teacher(tiny_data, tmp_path):
     assert step == 6
     for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state["teacher"]["encoder"])):
         np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
     results = evaluation.evaluate(workdir, ("knn",))
     assert results["knn"]["top1"] > 15.0  # 10 classes; 6 steps
+    assert "Evaluating the encoder at method_state/teacher/encoder" in capsys.readouterr().out
 
 
 def test_a_collapsing_run_prints_the_warning(tiny_data, tmp_path, capsys):
