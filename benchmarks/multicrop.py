@@ -1,9 +1,13 @@
-r"""What multi-crop costs: SimCLR's train step with 2 global crops vs 2 global + L local.
+r"""What multi-crop costs: SimCLR's train step with 2 global crops vs 2 global + L local,
+and other methods' steps beside it (DINO's: a teacher, 2 + L crops).
 
     python benchmarks/multicrop.py [--variants 0,6:12,6:16] [--steps 20] [--data_dir DIR]
+    python benchmarks/multicrop.py --variants 0,6:12,dino:model=convnet,dino:model=convnet,local_crops=0
 
 Each variant is configs/simclr.py:dataset=fashion_mnist (the demo's ConvNet and batch),
-with local_crops=L,local_size=S for "L:S" ("0": today's two views of 28 px). Timed as
+with local_crops=L,local_size=S for "L:S" ("0": today's two views of 28 px); or
+METHOD:ARGS, configs/METHOD.py:dataset=fashion_mnist,ARGS (e.g. dino:model=convnet: DINO's
+preset, 2 x 28 + 6 x 12 px crops, on the same ConvNet). Timed as
 benchmarks/train_step.py times a step: the jitted train step alone (views made on
 device + forward + backward + update) on one batch of the prepared fashion_mnist already
 on the device, median over --steps steps after 3 warm-up ones, the variants taking
@@ -63,10 +67,15 @@ def encoder_inputs(exp: experiment.Experiment) -> list[list[int]]:
 
 def prepare_variant(variant: str, data_dir: str):
     """-> (the variant's facts, run_one: one timed train step on a fixed batch)."""
-    local, _, size = variant.partition(":")
-    arg = "dataset=fashion_mnist" + (f",local_crops={local}" if int(local) else "")
-    arg += f",local_size={size}" if size and int(local) else ""
-    config = load_file(f"configs/simclr.py:{arg}")
+    method, arg = "simclr", "dataset=fashion_mnist"
+    if variant[:1].isalpha():  # METHOD:ARGS
+        method, _, more = variant.partition(":")
+        arg += f",{more}" if more else ""
+    else:  # L:S, SimCLR's local crops
+        local, _, size = variant.partition(":")
+        arg += f",local_crops={local}" if int(local) else ""
+        arg += f",local_size={size}" if size and int(local) else ""
+    config = load_file(f"configs/{method}.py:{arg}")
     config.data_dir = data_dir
     mesh = parallel.make_mesh()
     exp = experiment.Experiment(config, experiment.data_spec(config), mesh)
@@ -86,10 +95,12 @@ def prepare_variant(variant: str, data_dir: str):
             box["state"], m = compiled(box["state"], batch)
             jax.block_until_ready(m)
 
-    mc = config.get("multicrop")
-    crops = "2x28" + (f" + {mc.local_crops}x{mc.local_size}" if mc else "")
-    facts = {"variant": crops, "config": f"configs/simclr.py:{arg}",
-             "batch_size": config.batch_size, "crops_per_image": 2 + (mc.local_crops if mc else 0),
+    mc = config.get("multicrop") or config.get("dino")
+    local = mc.local_crops if mc else 0
+    crops = "2x28" + (f" + {local}x{mc.local_size}" if local else "")
+    crops += f" {method} {config.model.name}" if method != "simclr" else ""
+    facts = {"variant": crops, "config": f"configs/{method}.py:{arg}",
+             "batch_size": config.batch_size, "crops_per_image": 2 + local,
              "encoder_calls_per_step": len(calls), "encoder_call_inputs": calls}
     return facts, run_one
 
