@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from ssl_jax import models
 from ssl_jax.errors import UserError
 from ssl_jax.models.heads import projection_head
+from ssl_jax.views import multicrop
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -107,3 +108,22 @@ def encoder_variables(params, state) -> dict:
     """The frozen-encoder variables any evaluator needs, for every method."""
     # .get: a ViT has no BN statistics (the head's may still be there).
     return {"params": params["encoder"], "batch_stats": state["batch_stats"].get("encoder", {})}
+
+
+def embed_crops(net: nn.Module, params, batch_stats, views: dict, rng=None):
+    """The network's outputs of every crop of a multi-crop batch: views {"global": (B, G,
+    ...), "local": (B, L, ...)} (views.multicrop) -> (z (B, G + L, D), new batch_stats).
+    One call per resolution group, the global group first (the spec's order: a jitted
+    dict comes back with its keys sorted), the BN statistics threaded from one call into
+    the next, each call's stochastic depth (a ViT's) from its own key."""
+    def encode(x, carry):
+        stats, key = carry
+        this = None  # no key: a network without stochastic layers
+        if key is not None:
+            key, this = jax.random.split(key)
+        _, z, stats = apply(net, params, stats, x, train=True, rng=this)
+        return z, (stats, key)
+
+    groups = {name: views[name] for name in multicrop.GROUPS if name in views}
+    z, (batch_stats, _) = multicrop.encode_groups(encode, groups, (batch_stats, rng))
+    return jnp.concatenate([z[name] for name in groups], axis=1), batch_stats

@@ -25,9 +25,6 @@ view) is not built: refused in one line, on a one-channel dataset saying why it 
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from ssl_jax import multiview, parallel
 from ssl_jax.errors import UserError
 from ssl_jax.methods import base, network
@@ -130,23 +127,8 @@ def init(rng, views, config, data_spec):
 
 def embed(params, state, views, config, rng=None):
     """The head's outputs of every view: z (B, V, D) float32, V = M (+ L), global crops
-    first; one encoder call per group, BN statistics threaded from the global group's
-    call into the local group's, each call's stochastic depth (ViT) from its own key.
-    Returns (z, new batch_stats)."""
-    net = _net(config)
-
-    def encode(x, carry):
-        batch_stats, key = carry
-        this = None  # no key: a network without stochastic layers
-        if key is not None:
-            key, this = jax.random.split(key)
-        _, z, batch_stats = network.apply(net, params, batch_stats, x, train=True, rng=this)
-        return z, (batch_stats, key)
-
-    # In the spec's order (a jitted dict comes back with its keys sorted).
-    groups = {name: views[name] for name in multicrop.GROUPS if name in views}
-    z, (batch_stats, _) = multicrop.encode_groups(encode, groups, (state["batch_stats"], rng))
-    return jnp.concatenate([z[name] for name in groups], axis=1), batch_stats
+    first; one encoder call per group (network.embed_crops). Returns (z, new batch_stats)."""
+    return network.embed_crops(_net(config), params, state["batch_stats"], views, rng)
 
 
 def loss(params, state, views, batch, rng, config, data_spec):

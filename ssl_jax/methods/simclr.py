@@ -102,24 +102,12 @@ def loss(params, state, views, batch, rng, config, spec):
 
 
 def _multicrop_loss(net, params, state, views, config, rng):
-    """views: {"global": (B, G, ...), "local": (B, L, ...)}: one forward per group, the
-    BN statistics threaded from the global group's call to the local group's; each
-    group's stochastic depth (ViT) from its own key."""
-    def encode(x, carry):
-        batch_stats, key = carry
-        this = None  # no key: a network without stochastic layers
-        if key is not None:
-            key, this = jax.random.split(key)
-        _, z, batch_stats = network.apply(net, params, batch_stats, x, train=True, rng=this)
-        return z, (batch_stats, key)
-
-    # In the spec's order, global first (a jitted dict comes back with its keys sorted).
-    groups = {name: views[name] for name in multicrop.GROUPS if name in views}
-    z, (batch_stats, _) = multicrop.encode_groups(encode, groups, (state["batch_stats"], rng))
-    z = jnp.concatenate([z[name] for name in groups], axis=1)     # (B, G + L, D)
+    """views: {"global": (B, G, ...), "local": (B, L, ...)}: one forward per group
+    (network.embed_crops), then every crop's NT-Xent over the global batch."""
+    z, batch_stats = network.embed_crops(net, params, state["batch_stats"], views, rng)
     value, metrics = parallel.on_shards(
         lambda a, axis_name: losses.multicrop_nt_xent(a, config.simclr.temperature, axis_name),
-        batch_args=(True,))(z)
+        batch_args=(True,))(z)                                  # z: (B, G + L, D)
     return value, (metrics, {"batch_stats": batch_stats})
 
 
