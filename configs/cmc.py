@@ -13,10 +13,15 @@ batch K = 256 / M and the length, SimCLR's preset's compute; --config.views.coun
 changes M alone), graph=core|full (also --config.cmc.graph: view 0 against each other
 view, M - 1 pairs, or every pair, M (M - 1) / 2), local_crops=L, local_size=S.
 
-The paper's views on ImageNet are the L and ab channels of Lab, one half-width encoder
-each (HobbitLong/CMC models/resnet.py ResNetV1); that two-encoder path is not built:
-views=channels is refused in one line (on a one-channel dataset, saying why it cannot
-be). Here the views are augmented crops through one encoder; the rest of imagenet2012 is
+views=channels: the paper's views, the L and ab channels of Lab of one crop, each through
+its own encoder of half the width (HobbitLong/CMC models/resnet.py ResNetV1, dataset.py
+RGB2Lab), one head each; model=cmc_lab over the preset's encoder (or model=NAME's), the
+authors' view (crop and flip, no colour distortion), probes reading the halves'
+concatenation (block4 / stage4) or either half (--stages l_stage4,ab_stage4):
+  python -m ssl_jax.train --config configs/cmc.py:dataset=imagenet2012,views=channels --workdir runs/cmc_lab
+  python -m ssl_jax.evaluate --workdir runs/cmc_lab --eval linear --stages stage4,l_stage4,ab_stage4
+A dataset that is not RGB (fashion_mnist) refuses views=channels in one line saying why.
+Otherwise the views are augmented crops through one encoder. The rest of imagenet2012 is
 the authors' train_CMC.py and README ResNet-50 command with --softmax (an in-batch
 softmax stands for their softmax over a memory bank's 16384 negatives). fashion_mnist is
 ours (SimCLR's preset's optimiser and compute) with CMC's loss, temperature and head.
@@ -24,6 +29,7 @@ RECIPES.md, CMC, lists every value with its source.
 """
 from ssl_jax.config import sibling
 from ssl_jax.errors import UserError
+from ssl_jax.methods.polyview import channels_refusal
 
 common = sibling(__file__, "common")
 polyview = sibling(__file__, "polyview")
@@ -32,6 +38,10 @@ polyview = sibling(__file__, "polyview")
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, views="",
                          graph="core", local_crops=0, local_size=0)
+    channels = a.views == "channels"
+    if channels:
+        _check_channels(a)
+        a.views = ""  # M is the two channel groups; the rest of the arguments as for crops
     c = polyview.get_config(f"dataset={a.dataset},model={a.model}")
     c.method = "cmc"
     del c.polyview
@@ -62,4 +72,32 @@ def get_config(arg=None):
     polyview.apply_args(c, a)
     if a.runlocal:
         common.runlocal(c)
+    if channels:  # after runlocal: it shrinks the encoder that the split model wraps
+        set_channel_views(c)
     return c
+
+
+def _check_channels(a) -> None:
+    """views=channels on an RGB dataset and a convolutional encoder, no local crops."""
+    n = len(common.DATASETS[a.dataset]["mean"]) if a.dataset in common.DATASETS else None
+    if n is not None and n != 3:
+        raise UserError(channels_refusal(n, a.dataset))
+    if a.model in common.VITS:
+        raise UserError(f"views=channels with model={a.model}: the L and ab halves are built "
+                        "for the ConvNet, ResNets and NIN (their widths halve).")
+    if a.local_crops:
+        raise UserError("views=channels takes one crop of each image (its L and ab are the "
+                        "two views): drop local_crops.")
+
+
+def set_channel_views(c) -> None:
+    """CMC's channel views: config.model = cmc_lab over the config's encoder (its fields at
+    full width; each half is built at half: models/split.py), undoing config.aug's
+    normalisation; views.kind = channels (M = 2: L and ab); the authors' view, crop and
+    flip only (train_CMC.py get_train_loader: RandomResizedCrop, RandomHorizontalFlip,
+    RGB2Lab; no colour distortion, which would blur the very colour statistics ab holds)."""
+    inner = c.model.to_dict()
+    c.model = dict(name="cmc_lab", encoder=inner.pop("name"), **inner,
+                   mean=tuple(c.aug.mean), std=tuple(c.aug.std))
+    c.views.update(kind="channels", count=2, local_crops=0)
+    c.aug.update(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)

@@ -178,7 +178,7 @@ def test_presets_and_arguments():
     ("configs/cmc.py:views=0", "give M >= 2 views"),
     ("configs/polyview.py:views=four", "give M >= 2 views"),
     ("configs/cmc.py:dataset=fashion_mnist,views=channels", "fashion_mnist has one channel"),
-    ("configs/cmc.py:dataset=cifar10,views=channels", "is not built yet"),
+    ("configs/polyview.py:dataset=cifar10,views=channels", "configs/cmc.py:views=channels"),
 ])
 def test_config_arguments_refused_in_one_line(spec, says):
     with pytest.raises(UserError) as e:

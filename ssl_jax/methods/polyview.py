@@ -20,14 +20,25 @@ each at config.multiview.temperature, its candidates the whole global batch
 (parallel.on_shards), on the head's outputs z: (B, M [+ L], D) in view order (the global
 crops first). A loss's own block may be absent: its default (geometric, core) is used.
 
-config.views.kind: "crops" (the above). "channels" (CMC's L vs ab of Lab, one encoder per
-view) is not built: refused in one line, on a one-channel dataset saying why it cannot be.
+config.views.kind: "crops" (the above), or "channels": CMC's L vs ab of Lab (Tian et al.;
+HobbitLong/CMC train_CMC.py), one crop of each image (config.aug's recipe) through
+config.model = cmc_lab (models/split.py: a half-width encoder on L, another on ab), and
+config.head's head on each half's pooled final stage, separate parameters (ChannelHeads,
+the authors' one `fc` per half): z (B, 2, D), view 0 = L, view 1 = ab, for the configured
+loss (CMC's: L(L, ab) + L(ab, L)). The evaluators read the halves' concatenation, or
+either half (l_<stage>, ab_<stage>). A dataset that is not RGB is refused in one line
+(on a grey one, saying why: there is no ab to split off).
 """
 from __future__ import annotations
 
-from ssl_jax import multiview, parallel
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ssl_jax import models, multiview, parallel
 from ssl_jax.errors import UserError
 from ssl_jax.methods import base, network
+from ssl_jax.models import split
+from ssl_jax.models.heads import projection_head
 from ssl_jax.views import augment, multicrop
 
 VIEW_KINDS = ("crops", "channels")
@@ -53,24 +64,49 @@ LOSSES = {
 
 
 def channels_refusal(channels: int | None, dataset: str) -> str:
-    """The one line that refuses config.views.kind="channels" (the two-encoder path is
-    not built), saying first why a dataset of `channels` channels could never have it."""
+    """The one line that refuses views=channels: on a dataset of `channels` != 3 channels
+    why it cannot be; else (configs/polyview.py's views=channels) where it is built."""
     if channels == 1:
         return (f"views=channels splits a colour image into CMC's L and ab views (Lab), and "
                 f"{dataset} has one channel (grey): there is no ab to split off; use "
                 "augmented views, views=M (config.views.kind=crops).")
-    return ("views=channels (CMC's L vs ab, one encoder per view) is not built yet: use "
-            "augmented views, views=M (config.views.kind=crops).")
+    if channels is not None and channels != 3:
+        return (f"views=channels converts RGB images to Lab (CMC's L and ab views), and "
+                f"{dataset} has {channels} channels: use augmented views, views=M.")
+    return ("views=channels is CMC's two half-width encoders (L and ab of Lab): run "
+            "configs/cmc.py:views=channels (or augmented views here, views=M).")
+
+
+class ChannelHeads(nn.Module):
+    """images (B, H, W, 3) -> (features {stage: ...} of the cmc_lab encoder, z (B, 2, D)
+    float32): z[:, 0] the L head's output on the L half's pooled final stage, z[:, 1] the
+    ab head's on the ab half's (HobbitLong/CMC models/resnet.py: each half its own fc)."""
+    encoder: nn.Module
+    l_head: nn.Module
+    ab_head: nn.Module
+    stage: str  # the encoder's final stage; the halves' are l_<stage>, ab_<stage>
+
+    def __call__(self, x, train: bool):
+        feats = self.encoder(x, train=train)
+        z = [head(models.summary(feats[f"{half}_{self.stage}"]), train=train)
+             for half, head in zip(split.HALVES, (self.l_head, self.ab_head))]
+        return feats, jnp.stack(z, axis=1)
 
 
 def augment_config(config):
     return augment.simclr_view_config(**config.aug.to_dict())
 
 
+def _channels(config) -> bool:
+    return config.views.get("kind", "crops") == "channels"
+
+
 def spec(config) -> multicrop.Spec:
     """The resolution groups: config.views.count crops at the view size, and
-    config.views.local_crops (default 0) at local_size."""
+    config.views.local_crops (default 0) at local_size; with channel views, one crop."""
     v = config.views
+    if _channels(config):
+        return multicrop.uniform_spec(augment_config(config), 1, 0)
     local = v.get("local_crops", 0)
     return multicrop.uniform_spec(
         augment_config(config), v.count, local, local_size=v.get("local_size") if local else None,
@@ -84,9 +120,8 @@ def check(config, data_spec, mesh) -> None:
     if kind not in VIEW_KINDS:
         raise UserError(f"config.views.kind={kind!r}: use one of {VIEW_KINDS}.")
     if kind == "channels":
-        shape = getattr(data_spec, "image_shape", None)
-        raise UserError(channels_refusal(shape[-1] if shape else None, config.dataset))
-    if isinstance(v.count, bool) or not isinstance(v.count, int) or v.count < 2:
+        _check_channels(config, data_spec)
+    elif isinstance(v.count, bool) or not isinstance(v.count, int) or v.count < 2:
         raise UserError(f"config.views.count={v.count!r}: the M-view losses need M >= 2 "
                         "views of each image (one has no positive); set views=M, M >= 2.")
     name = config.multiview.loss
@@ -109,14 +144,40 @@ def check(config, data_spec, mesh) -> None:
                         "example and the M views are crops of one: use positives=frame.")
 
 
+def _check_channels(config, data_spec) -> None:
+    """views=channels: RGB data, the cmc_lab encoder undoing config.aug's normalisation,
+    its two views and no local crops."""
+    shape = getattr(data_spec, "image_shape", None)
+    if shape and shape[-1] != 3:
+        raise UserError(channels_refusal(shape[-1], config.dataset))
+    model, aug, v = config.model, config.aug, config.views
+    if model.name != "cmc_lab":
+        raise UserError(f"config.views.kind=channels needs model cmc_lab (one half-width "
+                        f"encoder per channel view), not {model.name!r}: "
+                        "configs/cmc.py:views=channels sets it.")
+    for field in ("mean", "std"):
+        if tuple(model.get(field) or ()) != tuple(aug[field]):
+            raise UserError(f"config.model.{field}={model.get(field)!r} differs from config.aug."
+                            f"{field}={aug[field]!r}: cmc_lab undoes the views' normalisation "
+                            f"before Lab; set config.model.{field} to config.aug's.")
+    if v.count != 2 or v.get("local_crops", 0):
+        raise UserError(f"config.views.count={v.count!r}, local_crops="
+                        f"{v.get('local_crops', 0)!r} with views=channels: the views are the "
+                        "two channel groups (L, ab) of one crop; set count=2, local_crops=0.")
+
+
 def views(rng, images, config) -> dict:
     """images: (B, H, W, C) uint8 (or a canvas) -> {"global": (B, M, h, w, C) float32,
-    and "local": (B, L, hl, wl, C) with local crops}."""
+    and "local": (B, L, hl, wl, C) with local crops}; channel views: M = 1 crop."""
     return multicrop.make_views(rng, images, spec(config))
 
 
-def _net(config) -> network.EncoderHead:
-    return network.make_network(config)
+def _net(config) -> nn.Module:
+    if not _channels(config):
+        return network.make_network(config)
+    return ChannelHeads(encoder=network.make_encoder(config.model),
+                        l_head=projection_head(config.head), ab_head=projection_head(config.head),
+                        stage=network.final_stage(config.model))
 
 
 def init(rng, views, config, data_spec):
@@ -127,8 +188,14 @@ def init(rng, views, config, data_spec):
 
 def embed(params, state, views, config, rng=None):
     """The head's outputs of every view: z (B, V, D) float32, V = M (+ L), global crops
-    first; one encoder call per group (network.embed_crops). Returns (z, new batch_stats)."""
-    return network.embed_crops(_net(config), params, state["batch_stats"], views, rng)
+    first; one encoder call per group (network.embed_crops). Channel views: z (B, 2, D),
+    the L and ab heads' outputs on the one crop. Returns (z, new batch_stats)."""
+    net = _net(config)
+    if _channels(config):
+        _, z, batch_stats = network.apply(net, params, state["batch_stats"],
+                                          views["global"][:, 0], train=True, rng=rng)
+        return z, batch_stats
+    return network.embed_crops(net, params, state["batch_stats"], views, rng)
 
 
 def loss(params, state, views, batch, rng, config, data_spec):

@@ -4,6 +4,7 @@ Every encoder maps images (B, H, W, C) to a dict of stage features
 {stage: (B, h, w, c)} (a ConvNet's maps) or {stage: Tokens} (a transformer's
 class, patch and register tokens: tokens.py), so probes can read any stage;
 `final_stage(name)` is the one the projection heads and the default evaluators read.
+"cmc_lab" (split.py) wraps another encoder: two half-width copies over the L and ab of Lab.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ssl_jax.models.heads import LinearHead, MLPHead
 from ssl_jax.models.nin import NIN
 from ssl_jax.models.norm import BatchNorm
 from ssl_jax.models.resnet import ResNet
+from ssl_jax.models.split import LabSplit, cmc_lab
+from ssl_jax.models.split import stages as split_stages
 from ssl_jax.models.tokens import Tokens, summary
 from ssl_jax.models.vit import ViT
 
@@ -36,6 +39,8 @@ ENCODERS = {
     "nin": NIN,
     "vit": ViT,
     **{name: functools.partial(ViT, **size) for name, size in VIT_SIZES.items()},
+    # CMC's L | ab halves of config.model.encoder; make_encoder is defined below.
+    "cmc_lab": lambda **kwargs: cmc_lab(make_encoder, **kwargs),
 }
 VITS = ("vit", *VIT_SIZES)
 
@@ -46,6 +51,7 @@ STAGES = {
     "nin": lambda num_blocks=4, **_: [f"block{i + 1}" for i in range(num_blocks)],
     # Every block (each through the final LayerNorm): a ViT's depth is its stages.
     **{name: lambda depth=12, **_: [f"block{i + 1}" for i in range(depth)] for name in VITS},
+    "cmc_lab": lambda encoder="resnet50", **kwargs: split_stages(stages(encoder, **kwargs)),
 }
 
 
@@ -73,6 +79,6 @@ def final_stage(name: str, **kwargs) -> str:
     return stages(name, **kwargs)[-1]
 
 
-__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LinearHead", "MLPHead", "NIN", "ResNet", "Tokens",
-           "VITS", "VIT_SIZES", "ViT",
+__all__ = ["BatchNorm", "ConvNet", "ENCODERS", "LabSplit", "LinearHead", "MLPHead", "NIN", "ResNet",
+           "Tokens", "VITS", "VIT_SIZES", "ViT",
            "final_stage", "make_encoder", "stages", "summary"]
