@@ -9,11 +9,11 @@ images of M crops each, so K x M = SimCLR's 2 x 128 encoder passes a step) train
 variants and seeds, ROOT/M=<M>/<point>), then linear and kNN evaluated on the frozen
 encoder (the demo's protocol). M = 2 is SimCLR exactly (Poly-View at M = 2 is NT-Xent,
 tests/test_multiview.py), so it is the baseline and runs one variant. --losses adds, at
-the largest M, the other M-view losses on the same views (e.g. mv_infonce,mv_dhel,cmc:
-config.multiview.loss; cmc with graph=full), one seed each.
+--loss_views (default the largest M), the other M-view losses on the same views (e.g.
+mv_infonce,mv_dhel,cmc: config.multiview.loss; cmc with graph=full), one seed each.
 
 Writes benchmarks/results/views.json (one row per point: M, K, variant or loss, seed,
-linear and kNN top-1, train seconds) and views.png (linear top-1 against M, a line per
+linear and kNN top-1) and views.png (linear top-1 against M, a line per
 variant, the seeds' mean with both values as points), and prints a Markdown table.
 """
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default="geometric,arithmetic")
     ap.add_argument("--losses", default="", help="other M-view losses at the largest M")
+    ap.add_argument("--loss_views", type=int, default=0, help="M for --losses (default: largest)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--root", default=os.path.join(ROOT, "runs", "views"))
     ap.add_argument("--parallel", type=int, default=1)
@@ -89,7 +90,7 @@ def main() -> None:
                root, args.steps, 256 // m, args.parallel)
         rows += _rows(root, m, {})
     for loss in filter(None, args.losses.split(",")):
-        m, root = max(views), os.path.join(args.root, f"loss={loss}")
+        m, root = args.loss_views or max(views), os.path.join(args.root, f"loss={loss}")
         config = (f"configs/cmc.py:dataset=fashion_mnist,views={m},graph=full" if loss == "cmc"
                   else f"configs/polyview.py:dataset=fashion_mnist,views={m}")
         sweeps = [f"config.seed={args.seeds.split(',')[0]}"]

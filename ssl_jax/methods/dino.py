@@ -228,7 +228,8 @@ def loss(params, state, views, batch, rng, config, spec):
     # The student: one call per resolution group (BN statistics threaded through them),
     # the global crops masked for iBOT.
     student = _net(config)
-    r_global, r_local = jax.random.split(rng)
+    # No key: a network without stochastic layers (as network.apply takes it).
+    r_global, r_local = jax.random.split(rng) if rng is not None else (None, None)
     masks = _flat(views["masks"]) if ibot else None
     s_global, stats = _apply(student, params, state["batch_stats"], _flat(g), rng=r_global,
                              masks=masks, patches=ibot)

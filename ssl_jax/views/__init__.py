@@ -10,6 +10,7 @@ canvas       views of images of varying size, decoded onto fixed canvases
 pair         two images per example (video positives)
 multicrop    G global and L local crops of each image, one recipe per crop
 masking      iBOT / DINOv2 block masks over a ViT's patch grid
+channels     RGB to Lab and the L / ab split of CMC's channel views
 
 Pure functions of (rng, image, config): each vmaps over per-example keys.
 """
