@@ -178,7 +178,7 @@ def test_help_lists_the_configs_fields_readably(helps):
                   "  --config.optimizer.name='sgd'", "  --config.moco.queue_size=65536"):
         assert field in fields, (field, out)
     out = helps["train"][1]
-    assert "Config files: configs/jigsaw.py, configs/moco.py," in out
+    assert "Config files: configs/cmc.py, configs/dino.py, configs/jigsaw.py," in out
     assert not [ln for ln in out.splitlines() if ln.startswith("  --config.")]
     out = helps["evaluate"][1]  # the evaluators' defaults, one field a line
     fields = [ln for ln in out.splitlines() if ln.startswith("  --config.")
