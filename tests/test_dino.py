@@ -249,3 +249,16 @@ def test_train_resume_warn_and_evaluate_the_teacher(tiny_data, tmp_path, capsys)
     results = evaluation.evaluate(workdir, ("knn",))
     assert results["knn"]["top1"] > 15.0  # 10 classes; 6 steps
     assert "Evaluating the encoder at method_state/teacher/encoder" in capsys.readouterr().out
+
+
+def test_export_chooses_the_teacher_or_the_student():
+    c = tiny_config()
+    state = {"params": {"encoder": "student"},
+             "method_state": {"teacher": {"encoder": "teacher"}, "batch_stats": {},
+                              "teacher_batch_stats": {}}}
+    assert experiment.encoder_variables(state, c)["params"] == "teacher"  # DINO's default
+    c.dino.export = "student"
+    assert experiment.encoder_variables(state, c)["params"] == "student"
+    c.dino.export = "ema"
+    with pytest.raises(Exception, match=r"config.dino.export='ema': use one of"):
+        dino.check(c, SPEC, None)
