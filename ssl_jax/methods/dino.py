@@ -36,7 +36,10 @@ the weight-decay cosine (optimizer.weight_decay_end), per-tensor clipping
 
 The method state: the student's BN statistics, the teacher (params and BN statistics),
 the centre(s) and the optimizer-step count the schedules read, so a resume continues
-every schedule exactly.
+every schedule exactly. With gradient accumulation (config.accumulate_steps = A) the
+teacher still moves once per update (after_step), but the centre, being method state
+threaded through the micro-batches, takes A EMA steps of 0.9 per update, each over a
+micro-batch: not DINO's one step over the global batch.
 """
 from __future__ import annotations
 
