@@ -23,7 +23,7 @@ set, each usable with any optimizer: weight_decay_end (a per-step cosine of the 
 decay from weight_decay to it: `weight_decay_schedule`), clip_per_tensor (each
 parameter tensor's gradient clipped to that L2 norm on its own: `clip_per_tensor`), and
 frozen_params with freeze_{steps,epochs,examples} (the parameters under that path, e.g.
-"head/last_layer", get no update for that many steps: `freeze`).
+"head/last_layer", get no update for that many steps: `make_optimizer`'s freeze_steps).
 """
 from __future__ import annotations
 
