@@ -2,7 +2,8 @@
 # The two commands of the README:
 #   ./run.sh demo   set up, prepare Fashion-MNIST, pretrain SimCLR, linear-eval, print accuracy
 #   ./run.sh test   set up and run the test suite (what CI runs)
-# Set-up is idempotent: the Debian dataset package, a .venv with the pinned requirements.
+# Set-up is idempotent: the Debian packages (the dataset, tcmalloc), a .venv with the
+# pinned requirements.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -10,10 +11,15 @@ DATA_DIR=${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}
 WORKDIR=${WORKDIR:-runs/demo_simclr}
 
 setup() {
-  if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  # The data, and tcmalloc (launch/malloc.sh: ~24% less CPU time per train step).
+  local missing=()
+  [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] ||
+    missing+=(dataset-fashion-mnist)
+  ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || missing+=(libtcmalloc-minimal4)
+  if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-    echo "== Installing Debian package dataset-fashion-mnist"
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq dataset-fashion-mnist
+    echo "== Installing Debian packages ${missing[*]}"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"
   fi
   [ -x "$PY" ] || python3 -m venv .venv
   if ! cmp -s requirements.txt .venv/.installed-requirements; then
@@ -36,6 +42,7 @@ case "${1:-}" in
     ;;
   test)
     setup
+    source launch/malloc.sh  # the tests' trainers and subprocesses too
     # Two workers, a test module each (module fixtures compile once): the suite is
     # compile-bound and XLA compiles on one thread. SSL_JAX_TEST_WORKERS=0: in-process.
     $PY -m pytest -q -n "${SSL_JAX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "${@:2}"

@@ -18,7 +18,8 @@
 # SSL_JAX_KILL_GRACE_S (10) seconds. A SIGTERM/SIGINT to this script is passed
 # to every process, which checkpoints and exits 75.
 #
-# Environment: SSL_JAX_PYTHON (default: the repository's .venv/bin/python).
+# Environment: SSL_JAX_PYTHON (default: the repository's .venv/bin/python);
+# SSL_JAX_MALLOC=system (default: tcmalloc when installed, launch/malloc.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -73,6 +74,9 @@ fi
 # readable ARGS...: the arguments as one line a shell reads back the same.
 # shellcheck source=/dev/null
 source "$ROOT/launch/quoting.sh"
+# tcmalloc when installed (SSL_JAX_MALLOC=system: glibc's): launch/malloc.sh says why.
+# shellcheck source=/dev/null
+source "$ROOT/launch/malloc.sh"
 
 if [ "$processes" -eq 1 ]; then
   cmd=(env "${environment[@]}" "$PYTHON" -m "ssl_jax.$command" "$@")
