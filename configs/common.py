@@ -115,6 +115,9 @@ def base(method: str, dataset: str) -> ml_collections.ConfigDict:
             c[f"{name}_{unit}"] = config_dict.placeholder(typ)
     c.log_every_steps = 50
     c.keep_ckpts = 2
+    # Stop (checkpoint saved, exit 0) once the run's processes have used this many
+    # CPU-minutes, user + system, resumes included (ssl_jax/cpu_budget.py). None: no limit.
+    c.cpu_budget_minutes = config_dict.placeholder(float)
     # True: resume the workdir's run under a changed config, for a change that keeps
     # every array of the train state (the length, intervals and learning rate, the batch
     # size, data_dir, evaluation); another method or model is refused (train.check_workdir).
@@ -258,6 +261,49 @@ def set_steps(node: ml_collections.ConfigDict, name: str, steps: int | None) -> 
     for unit in ("epochs", "examples"):
         node[f"{name}_{unit}"] = None
     node[f"{name}_steps"] = steps
+
+
+# The CPU budgets a fashion_mnist preset can be sized to (budget=NAME), in CPU-minutes.
+BUDGETS = {"10m": 10.0, "30m": 30.0, "2h": 120.0}
+
+
+def set_budget(c: ml_collections.ConfigDict, name: str, recipes: dict) -> None:
+    """budget=NAME: the preset that does best in NAME of CPU time on fashion_mnist.
+
+    recipes: {budget name: {"steps": N, "a.b": value, ...}}, the method config's own:
+    the run's length (what fits the budget on the 2-core CPU it was measured on,
+    benchmarks/budget.py --calibrate, with tcmalloc as run.sh runs it) and the fields
+    that budget's sweeps changed. Sets config.cpu_budget_minutes (the guard: elsewhere a
+    slower machine stops at the budget, ssl_jax/cpu_budget.py) and rescales a "step"
+    schedule's decay boundaries with the length (they are fractions of the run).
+    """
+    if not name:
+        return
+    if name not in BUDGETS:
+        raise UserError(f"Config argument budget={name!r}: the budgets are {list(BUDGETS)} "
+                        "(CPU time; --config.cpu_budget_minutes=M sets any other).")
+    if c.dataset != "fashion_mnist":
+        raise UserError(f"budget={name} presets are measured on fashion_mnist only (dataset="
+                        f"{c.dataset}); set --config.cpu_budget_minutes and the length instead.")
+    if name not in recipes:
+        raise UserError(f"{c.method} has no budget={name} preset (it has: {sorted(recipes)}).")
+    recipe = dict(recipes[name])
+    n = 60000  # Fashion-MNIST's train split
+    before = (c.total_epochs if c.get("total_epochs") is not None  # the preset's, in epochs
+              else (c.total_examples / n if c.get("total_examples") is not None
+                    else c.total_steps * c.batch_size / n))
+    for key, value in recipe.items():
+        if key != "steps":
+            node, _, leaf = key.rpartition(".")
+            (c[node] if node else c)[leaf] = value
+    steps = recipe["steps"]
+    set_steps(c, "total", steps)
+    opt = c.optimizer
+    if opt.schedule == "step" and opt.get("decay_epochs") is not None:
+        # Each boundary at the same fraction of the run as in the preset.
+        after = steps * c.batch_size / n
+        opt.decay_epochs = tuple(round(e * after / before, 4) for e in opt.decay_epochs)
+    c.cpu_budget_minutes = BUDGETS[name]
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:

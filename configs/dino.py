@@ -42,8 +42,13 @@ DEFAULT_MODEL = {"imagenet2012": "vit_small", "cifar10": "resnet18",
                  "fashion_mnist": "vit_tiny"}
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False,
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="",
                          local_crops=-1, koleo=False, sinkhorn=False, ibot=False,
                          registers=0, layerscale=0.0)
     c = common.base("dino", a.dataset)
@@ -140,6 +145,7 @@ def get_config(arg=None):
         d.ibot_weight = 1.0  # ibot.loss_weight; mask ratio (0.1, 0.5), probability 0.5
         c.model.mask_token = True
 
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
         d.update(out_dim=256, hidden=128, bottleneck=64)

@@ -22,8 +22,13 @@ from ssl_jax.config import sibling
 common = sibling(__file__, "common")
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="")
     c = common.base("jigsaw", a.dataset)
     # Tiles: a tile is 3/4 of its cell, as VISSL's 64 px in 85 (Noroozi's: 64 in 75).
     # The cifar10 / fashion_mnist tiles are ours: random resized crop, colour per tile,
@@ -80,6 +85,7 @@ def get_config(arg=None):
         c.ckpt_every_steps = 200
 
     common.set_model(c, a.model)  # a ViT is refused by methods/jigsaw.check
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
         c.jigsaw.num_perms = min(c.jigsaw.num_perms, 24)

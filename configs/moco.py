@@ -23,8 +23,13 @@ from ssl_jax.config import sibling
 common = sibling(__file__, "common")
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="")
     c = common.base("moco", a.dataset)
     # bn_groups: the number of GPUs of the original (8), independent of our devices.
     c.moco = dict(momentum=0.999, queue_size=65536, temperature=0.2, bn_groups=8)
@@ -66,6 +71,7 @@ def get_config(arg=None):
     common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
     if a.model in common.VITS and a.dataset == "imagenet2012":
         common.moco_v3_vit(c)  # MoCo v3's ViT recipe: the docstring, RECIPES.md
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
         c.moco.queue_size = 1024

@@ -29,7 +29,7 @@ def memory_base(method: str, arg):
     """What NPID and PIRL share: the bank, the linear head, and the Fashion-MNIST
     preset's budget -> (config, parsed arguments). Each method's config sets its
     own views, optimiser and per-dataset recipe on top."""
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="")
     c = common.base(method, a.dataset)
     # The bank has one row per training image: as many as the prepared train split has.
     # momentum: the bank's moving average; pad_to: bank rows are a multiple of it,
@@ -52,6 +52,11 @@ def memory_base(method: str, arg):
         # that is most of the run (pirl.warm_start).
         c.memory.init = "encoder"
     return c, a
+
+
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
 
 
 def get_config(arg=None):
@@ -82,6 +87,7 @@ def get_config(arg=None):
         c.ckpt_every_epochs = 10.0
 
     common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
         c.memory.negatives = 1024

@@ -18,6 +18,11 @@ from ssl_jax.config import sibling
 npid = sibling(__file__, "npid")
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
     c, a = npid.memory_base("pirl", arg)
     # jigsaw_weight: lambda of the paper. num_permutations 0: each image's tiles in an
@@ -52,6 +57,7 @@ def get_config(arg=None):
         c.total_epochs = 1.5  # each image costs ~4x NPID's: the 9 tiles hold 2304 px
 
     npid.common.set_model(c, a.model)  # a ViT is refused by methods/pirl.check
+    npid.common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         npid.common.runlocal(c)
         c.memory.negatives = 1024

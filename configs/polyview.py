@@ -33,9 +33,14 @@ simclr = sibling(__file__, "simclr")
 SIMCLR_VIEWS = 2
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, views="",
-                         variant="geometric", local_crops=0, local_size=0)
+                         variant="geometric", local_crops=0, local_size=0, budget="")
     c = simclr.get_config(f"dataset={a.dataset},model={a.model}")
     c.method = "polyview"
     temperature = c.simclr.temperature  # not stated: SimCLR's for the preset
@@ -58,6 +63,7 @@ def get_config(arg=None):
     else:
         set_views(c, 2)  # ours: SimCLR's preset, its two views
     apply_args(c, a)
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
     return c

@@ -24,8 +24,13 @@ from ssl_jax.config import sibling
 common = sibling(__file__, "common")
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="")
     c = common.base("rotnet", a.dataset)
     del c["head"]  # the rotation classifier is linear, 4 outputs: nothing to configure
     # Step schedule with Nesterov SGD, as the reference code; lr is per 128 source
@@ -75,6 +80,7 @@ def get_config(arg=None):
     if a.dataset == "got10k_videos":  # frames of varying size: the ImageNet preset's crop
         c.aug.update(crop="resized", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3))
     common.set_model(c, a.model)
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
         c.optimizer.decay_steps, c.optimizer.decay_epochs = (20,), None

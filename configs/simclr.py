@@ -28,8 +28,13 @@ from ssl_jax.config import sibling
 common = sibling(__file__, "common")
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False,
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="",
                          positives="", local_crops=0, local_size=0)
     c = common.base("simclr", a.dataset)
     if a.positives:
@@ -88,6 +93,7 @@ def get_config(arg=None):
                            local_size=a.local_size or max(8, round(side * 3 / 7)),
                            global_scale=(lo, 1.0), local_scale=(0.05, lo))
 
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
     return c

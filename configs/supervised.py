@@ -15,8 +15,13 @@ from ssl_jax.config import sibling
 common = sibling(__file__, "common")
 
 
+# budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+BUDGET = {"10m": dict(steps=1000), "30m": dict(steps=3000), "2h": dict(steps=12000)}
+
+
 def get_config(arg=None):
-    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False)
+    a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, budget="")
     c = common.base("supervised", a.dataset)
     del c["head"]  # a linear classifier over the prepared dataset's classes
     # One view: random resized crop + flip, no colour ops (the standard supervised recipe).
@@ -47,6 +52,7 @@ def get_config(arg=None):
         c.ckpt_every_steps = 200
 
     common.set_model(c, a.model)  # after the preset: a ViT's optimiser wins
+    common.set_budget(c, a.budget, BUDGET)
     if a.runlocal:
         common.runlocal(c)
     return c

@@ -21,7 +21,7 @@ import time
 import jax
 from absl import flags, logging
 
-from ssl_jax import checkpoint, cli, experiment, faults, parallel, storage
+from ssl_jax import checkpoint, cli, cpu_budget, experiment, faults, parallel, storage
 from ssl_jax import config as cfg_lib
 from ssl_jax.data import decode, pipeline, sources, video_sampler
 from ssl_jax.errors import UserError
@@ -37,7 +37,8 @@ def train(config, workdir: str):
 
 
 def run(config, workdir: str, command: str | None = None):
-    """train(), and what stopped it early: -> (state, None | "SIGTERM" | "SIGINT").
+    """train(), and what stopped it early: -> (state, None | "SIGTERM" | "SIGINT" |
+    "budget": config.cpu_budget_minutes).
     command: the command line that started it (saved in WORKDIR/command.txt: the
     hints that say "re-run" print it)."""
     # ------------------------------------------------------ mesh and checks
@@ -52,6 +53,7 @@ def run(config, workdir: str, command: str | None = None):
     parallel.agree(config.to_json(sort_keys=True), "configs")
     exp = experiment.Experiment(config, experiment.data_spec(config), mesh)
     check_workdir(exp, workdir)
+    cpu_budget.check(config.get("cpu_budget_minutes"))
     is_main = jax.process_index() == 0
 
     # --------------------------------------------------------------- input
@@ -117,22 +119,40 @@ def run(config, workdir: str, command: str | None = None):
                 f"({exp.steps_per_epoch} per epoch) of {config.batch_size} images on "
                 f"{mesh.devices.size} device(s); workdir {workdir}")
     progress = Progress(total_steps, start, config.batch_size, enabled=is_main, log=log)
+    # config.cpu_budget_minutes: the run stops (saved) at that much CPU time, resumes'
+    # included (ssl_jax/cpu_budget.py says what is counted).
+    budget = cpu_budget.Budget(config.get("cpu_budget_minutes"),
+                               cpu_budget.spent_before(workdir, start))
+    rate_from = None  # (step, CPU seconds) at the first log step: the forecast's origin
     watch = exp.method.watch(config, exp.spec)  # e.g. DINO's collapse warning
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
     step, finished, t_loop = start, False, time.perf_counter()
+    spent = budget.exhausted()  # a resumed run whose budget is already used: no step
     try:
         with jax.set_mesh(mesh):
-            for step in range(start + 1, total_steps + 1):
+            for step in range(start + 1, total_steps + 1 if not spent else start + 1):
                 batch = parallel.global_batch(next(data_iter), mesh)
                 state, metrics = train_step(state, batch)
                 metrics = nonfinite.add(step, metrics)
                 last, stop = step == total_steps, preemption.requested(step)
-                save = step % exp.ckpt_every == 0 or last or stop
+                due = step % exp.ckpt_every == 0 or last or stop
+                if budget.every_step() or step % exp.log_every == 0 or due:
+                    budget.used()  # a collective in a multi-process run: at these steps only
+                    spent = budget.exhausted()
+                save = due or spent
                 if step % exp.log_every == 0 or save:
                     nonfinite.check()  # before any checkpoint of this state
-                    metrics = jax.device_get(metrics)
+                    metrics = dict(jax.device_get(metrics), cpu_minutes=budget.seconds / 60)
+                    if rate_from is None:
+                        rate_from = (step, budget.seconds)
+                    elif rate_from[0] >= 0 and step > rate_from[0]:
+                        warning = budget.forecast(step, total_steps, (budget.seconds - rate_from[1])
+                                                  / (step - rate_from[0]))
+                        rate_from = (-1, 0.0)  # once
+                        if warning and is_main:
+                            log.say(warning)
                     progress.update(step, metrics)
                     warning = watch(step, metrics) if watch is not None else None
                     if warning and is_main:
@@ -154,7 +174,9 @@ def run(config, workdir: str, command: str | None = None):
                         _log_line(metrics_log, step, scalars)
                 if save:
                     ckpt.save(step, state, data_iter, force=True)
-                if stop:
+                    if is_main:
+                        budget.record(workdir, step)
+                if stop or spent:
                     break
         finished = True
     finally:
@@ -167,15 +189,24 @@ def run(config, workdir: str, command: str | None = None):
             finally:  # only now: a further SIGTERM must not kill the last save
                 preemption.close()
     stopped_by = preemption.signal if step < total_steps else None
+    if stopped_by is None and spent and step < total_steps:
+        stopped_by = "budget"
     if is_main:
-        if stopped_by:
+        if stopped_by == "budget":
+            log.say(f"Stopped at the CPU budget ({budget.limit_s / 60:g} CPU-min, "
+                    f"config.cpu_budget_minutes) at step {step}/{total_steps}: "
+                    f"{budget.seconds / 60:.1f} CPU-min used, checkpoint in {ckpt.dir}. The "
+                    "learning-rate schedule did not end: on this machine set "
+                    f"--config.total_steps={step} for one that does.")
+        elif stopped_by:
             what = "Stopped (Ctrl-C)" if stopped_by == "SIGINT" else "Preempted (SIGTERM)"
             log.say(f"{what} at step {step}/{total_steps}: checkpoint saved in "
                     f"{ckpt.dir}. Re-run the same command to resume.")
         else:
             n = nonfinite.skipped
             skipped = f" ({n} non-finite steps skipped)" if n else ""
-            log.say(f"Done: {total_steps} steps{skipped}, checkpoint in {ckpt.dir}")
+            used = f" in {budget.seconds / 60:.1f} CPU-min" if budget.seconds else ""
+            log.say(f"Done: {total_steps} steps{skipped}{used}, checkpoint in {ckpt.dir}")
         # Saves are written in the background; only the copy to host blocks the loop.
         # Worth a console line only when that is a real share of the run.
         blocked = (f"Checkpoint saves ({ckpt.saves}) blocked training for "
@@ -259,7 +290,7 @@ def main(argv):
     _, stopped_by = run(FLAGS.config, FLAGS.workdir, command)  # --config: cli.run parsed it
     if stopped_by == "SIGINT":
         sys.exit(EXIT_INTERRUPTED)
-    if stopped_by:
+    if stopped_by and stopped_by != "budget":  # a budget's stop is the run's end
         sys.exit(EXIT_PREEMPTED)  # launch/slurm.sbatch requeues the job on this status
 
 
