@@ -20,9 +20,8 @@ run.sh and launch/local.sh run the trainer; SSL_JAX_MALLOC=system for glibc's.
 
 --calibrate runs each method's 10m preset for --calibrate_steps steps and prints the
 CPU seconds per step and the fixed cost (start, compilation, a warm start, counted up
-to the first log step), then the
-steps each budget fits with a --margin of slack: the numbers configs/<method>.py's
-BUDGET holds. Writes benchmarks/results/budget.json (or budget_calibration.json) and
+to the first log step), then the steps each budget fits with a --margin of slack: the
+numbers configs/<method>.py's BUDGET holds. Writes benchmarks/results/budget.json (or budget_calibration.json) and
 budget.png: linear top-1 against CPU-hours, a line per method, random init and raw
 pixels as references; prints a Markdown table.
 """

@@ -85,12 +85,14 @@ class Budget:
 
     limit_min: config.cpu_budget_minutes, None for no budget (then used() still counts,
     for the logs, and nothing stops). before_s: what resumed checkpoints had spent.
+    start_s: process_seconds() where this run's count starts (0: the process's start,
+    as the train command counts; a run started from Python counts from its call).
     """
 
-    def __init__(self, limit_min: float | None, before_s: float = 0.0):
+    def __init__(self, limit_min: float | None, before_s: float = 0.0, start_s: float = 0.0):
         check(limit_min)
         self.limit_s = None if limit_min is None else 60.0 * limit_min
-        self.before_s, self.start_s = before_s, process_seconds()
+        self.before_s, self.start_s = before_s, start_s
         self.seconds = before_s  # the newest count
 
     def every_step(self) -> bool:

@@ -36,11 +36,13 @@ def train(config, workdir: str):
     return run(config, workdir)[0]
 
 
-def run(config, workdir: str, command: str | None = None):
+def run(config, workdir: str, command: str | None = None, cpu_from: float | None = None):
     """train(), and what stopped it early: -> (state, None | "SIGTERM" | "SIGINT" |
     "budget": config.cpu_budget_minutes).
     command: the command line that started it (saved in WORKDIR/command.txt: the
-    hints that say "re-run" print it)."""
+    hints that say "re-run" print it). cpu_from: where the run's CPU time counts from
+    (cpu_budget.process_seconds(); the train command: 0, its process's start; None: now)."""
+    cpu_from = cpu_budget.process_seconds() if cpu_from is None else cpu_from
     # ------------------------------------------------------ mesh and checks
     # Everything that can refuse the run does so before the workdir is touched: the
     # config and the method (Experiment), the run already in the workdir, and the data
@@ -122,7 +124,7 @@ def run(config, workdir: str, command: str | None = None):
     # config.cpu_budget_minutes: the run stops (saved) at that much CPU time, resumes'
     # included (ssl_jax/cpu_budget.py says what is counted).
     budget = cpu_budget.Budget(config.get("cpu_budget_minutes"),
-                               cpu_budget.spent_before(workdir, start))
+                               cpu_budget.spent_before(workdir, start), start_s=cpu_from)
     rate_from = None  # (step, CPU seconds) at the first log step: the forecast's origin
     watch = exp.method.watch(config, exp.spec)  # e.g. DINO's collapse warning
     preemption = faults.Preemption()
@@ -287,7 +289,7 @@ def main(argv):
                           os.path.expanduser("~/.cache/ssl_jax/jax_compilation_cache"))
     cli.join_processes()
     command = "python -m ssl_jax.train " + shlex.join(sys.argv[1:])
-    _, stopped_by = run(FLAGS.config, FLAGS.workdir, command)  # --config: cli.run parsed it
+    _, stopped_by = run(FLAGS.config, FLAGS.workdir, command, cpu_from=0.0)  # --config: cli.run parsed it
     if stopped_by == "SIGINT":
         sys.exit(EXIT_INTERRUPTED)
     if stopped_by and stopped_by != "budget":  # a budget's stop is the run's end
