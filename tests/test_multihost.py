@@ -228,6 +228,33 @@ def test_dino_two_processes_equal_one(tiny_data, tmp_path, cache):
     assert np.abs(centre).sum() > 0
 
 
+def test_two_processes_stop_together_at_a_cpu_budget_that_sums_both(tiny_data, tmp_path, cache):
+    """config.cpu_budget_minutes in a 2-process run: the count is the sum over the
+    processes (an all-gather at log steps), so both stop, saved, at the same step and
+    exit 0; what process 0 records is both processes' time, not its own."""
+    import json
+    import resource
+    def children_s():
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+    workdir, before = str(tmp_path / "w"), children_s()
+    # 0.3 CPU-min: less than two processes' start and compilation, so the first log
+    # step (every step here) already crosses it.
+    results = Group("train", _train_args("simclr", workdir, tiny_data, 40,
+                                         "--config.cpu_budget_minutes=0.3"), 2, 1, cache).wait()
+    out = _ok(results)  # both exit 0: a budget's stop is the run's end
+    used = children_s() - before  # both processes, to their exit
+    assert "Stopped at the CPU budget (0.3 CPU-min" in out, out[-3000:]
+    step = int(out.split("Stopped at the CPU budget")[1].split(" at step ")[1].split("/")[0])
+    with open(os.path.join(workdir, "cpu_seconds.json")) as f:
+        recorded = json.load(f)[str(step)]
+    assert recorded >= 18  # the budget
+    # Both processes' time at that step: well over the half of their total that one
+    # process's own count would be (their exit after it costs a few seconds).
+    assert 0.65 * used < recorded <= used, (recorded, used)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
 def test_moco_two_processes_of_four_devices_equal_one_of_eight_after_both_are_killed(
         tiny_data, tmp_path, cache):
     """MoCo (queue, key encoder, shuffle-BN across processes): 2 processes x 4
