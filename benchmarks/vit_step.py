@@ -2,6 +2,7 @@ r"""ViT train step, ssl_jax vs timm: forward + backward + AdamW update, same wid
 
     python benchmarks/vit_step.py [--cases tiny28,small224] [--steps 10] [--warmup 3]
                                   [--torch_python .venv-timm/bin/python] [--side both|jax|torch]
+                                  [--malloc system,tcmalloc] [--repeats 2]
 
 Each case is one ViT classifying random images into 10 classes from its class token
 (cross-entropy), trained with AdamW (lr 1e-3, weight decay 0.05 on every parameter),
@@ -16,7 +17,14 @@ ssl_jax   models.make_encoder("vit_tiny" | "vit_small", patch=..., img_size=...)
 timm      timm.models.vision_transformer.VisionTransformer with the same widths
           (qkv bias, MLP ratio 4, LayerNorm eps 1e-6, class token, learned position
           embedding), eager, torch.set_num_threads(cores), in a process of its own.
-Median step time over --steps after --warmup. Also for ssl_jax: XLA's FLOP count of
+Median step time over --steps after --warmup. Every side runs in a fresh process under
+each allocator of --malloc: "system" (glibc malloc, LD_PRELOAD cleared) or "tcmalloc"
+(LD_PRELOAD of libtcmalloc_minimal.so.4, package libtcmalloc-minimal4: glibc hands XLA's
+and ATen's large per-step buffers back to the OS and every step page-faults them in
+again; tcmalloc keeps them). The order is repeat x allocator x (ssl_jax, timm), so on a
+shared machine each pair runs side by side in time; a case's number is the median over
+--repeats of each process's median, and every process's numbers are kept, with the
+allocator it found mapped (/proc/self/maps), under "runs". Also for ssl_jax: XLA's FLOP count of
 the step (cost analysis), the achieved GFLOP/s and this machine's float32 matmul rate
 (2048^2), which says what bounds the step.
 
@@ -55,9 +63,29 @@ _SIDE = flags.DEFINE_enum("side", "both", ["both", "jax", "torch"],
 _TORCH_PY = flags.DEFINE_string("torch_python", None,
                                 "Interpreter with torch + timm (default: .venv-timm/bin/python "
                                 "if it exists, else this one).")
+_MALLOC = flags.DEFINE_list("malloc", ["system"], "Allocators, of system and tcmalloc.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Fresh processes per side and allocator.")
 _OUT = flags.DEFINE_string(
     "out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vit_step.json"),
     "Results file.")
+
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def _env(malloc: str) -> dict:
+    """This process's environment with the allocator `malloc` preloaded (or none)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if malloc == "tcmalloc":
+        # tcmalloc logs every allocation over 1 GiB by default; the step's are not news.
+        env.update(LD_PRELOAD=TCMALLOC, TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=str(2**40))
+    return env
+
+
+def _allocator() -> str:
+    """The allocator this process runs with: "tcmalloc" if it is mapped, else "system"."""
+    with open("/proc/self/maps") as f:
+        return "tcmalloc" if "libtcmalloc" in f.read() else "system"
 
 
 def _timed(run_one, steps: int, warmup: int) -> dict:
@@ -158,39 +186,68 @@ def _side(side: str, cases: list[str]) -> dict:
     return {c: fn(CASES[c], _STEPS.value, _WARMUP.value) for c in cases}
 
 
+def _child(side: str, malloc: str, python: str) -> dict:
+    """One side's cases in a fresh process under `malloc` -> its results."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "side.json")
+        subprocess.run([python, os.path.abspath(__file__), f"--side={side}", f"--out={out}",
+                        f"--cases={','.join(_CASES.value)}", f"--steps={_STEPS.value}",
+                        f"--warmup={_WARMUP.value}"], check=True, env=_env(malloc))
+        with open(out) as f:
+            got = json.load(f)
+    if got["allocator"] != malloc:
+        raise RuntimeError(f"--malloc {malloc}: the {side} process ran with {got['allocator']}"
+                           f" ({TCMALLOC} missing? apt-get install libtcmalloc-minimal4)")
+    return got
+
+
 def main(argv):
     del argv
     unknown = sorted(set(_CASES.value) - set(CASES))
     if unknown:
         raise app.UsageError(f"--cases {unknown}: use some of {sorted(CASES)}.")
+    bad = sorted(set(_MALLOC.value) - {"system", "tcmalloc"})
+    if bad:
+        raise app.UsageError(f"--malloc {bad}: use system and/or tcmalloc.")
     if _SIDE.value != "both":  # a child: one side, written to --out
         got = _side(_SIDE.value, _CASES.value)
         if _SIDE.value == "jax":
             got["matmul_gflops"] = round(measure.matmul_gflops(), 1)
+        got["allocator"] = _allocator()
         measure.write_json(_OUT.value, got)
         return
     results = {"machine": measure.machine(), "steps": _STEPS.value, "warmup": _WARMUP.value,
-               "cases": {c: dict(CASES[c]) for c in _CASES.value}}
-    # Each side in a fresh process: neither framework's thread pools sit beside the other's.
-    for side, python in (("jax", sys.executable), ("torch", _torch_python())):
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "side.json")
-            subprocess.run([python, os.path.abspath(__file__), f"--side={side}", f"--out={out}",
-                            f"--cases={','.join(_CASES.value)}", f"--steps={_STEPS.value}",
-                            f"--warmup={_WARMUP.value}"], check=True)
-            with open(out) as f:
-                results[side] = json.load(f)
-    rate = results["jax"].pop("matmul_gflops")
-    results["matmul_gflops"] = rate
+               "repeats": _REPEATS.value, "malloc": _MALLOC.value,
+               "cases": {c: dict(CASES[c]) for c in _CASES.value}, "runs": []}
+    # Each side in a fresh process: neither framework's thread pools (nor allocator) sit
+    # beside the other's; the sides alternate so that a busy neighbour hits both.
+    for r in range(_REPEATS.value):
+        for malloc in _MALLOC.value:
+            for side, python in (("jax", sys.executable), ("torch", _torch_python())):
+                got = _child(side, malloc, python)
+                results["runs"].append(dict(repeat=r, malloc=malloc, side=side, **got))
+                print(f"repeat {r} {malloc:8s} {side:5s} " + "  ".join(
+                    f"{c} {got[c]['median_ms']:.0f} ms" for c in _CASES.value), flush=True)
+    rates = [run["matmul_gflops"] for run in results["runs"] if run["side"] == "jax"]
+    results["matmul_gflops"] = round(statistics.median(rates), 1)
     print(f"\n{results['machine']['cpu']}, {results['machine']['cores']} cores; float32 matmul "
-          f"2048^2 (XLA): {rate} GFLOP/s")
-    print("case      batch  ssl_jax ms  timm ms  speed vs timm  XLA GFLOP/step  GFLOP/s")
-    for c in _CASES.value:
-        j, t = results["jax"][c], results["torch"][c]
-        results.setdefault("speedup_vs_timm", {})[c] = round(t["median_ms"] / j["median_ms"], 2)
-        print(f"{c:9s} {CASES[c]['batch']:5d} {j['median_ms']:11.1f} {t['median_ms']:8.1f} "
-              f"{t['median_ms'] / j['median_ms']:13.2f}x {j['gflop_per_step']:15.2f} "
-              f"{j['achieved_gflops']:8.1f}")
+          f"2048^2 (XLA): {results['matmul_gflops']} GFLOP/s (median of {len(rates)})")
+    print("malloc    case      batch  ssl_jax ms  timm ms  speed vs timm  XLA GFLOP/step  GFLOP/s")
+    summary = results["median_ms"] = {}
+    for malloc in _MALLOC.value:
+        for c in _CASES.value:
+            ms = {side: statistics.median(run[c]["median_ms"] for run in results["runs"]
+                                          if run["side"] == side and run["malloc"] == malloc)
+                  for side in ("jax", "torch")}
+            flop = next(run[c]["gflop_per_step"] for run in results["runs"]
+                        if run["side"] == "jax")
+            summary.setdefault(malloc, {})[c] = dict(
+                jax=round(ms["jax"], 1), torch=round(ms["torch"], 1),
+                speedup_vs_timm=round(ms["torch"] / ms["jax"], 2),
+                achieved_gflops=round(flop / (ms["jax"] / 1e3), 1))
+            print(f"{malloc:9s} {c:9s} {CASES[c]['batch']:5d} {ms['jax']:11.1f} "
+                  f"{ms['torch']:8.1f} {ms['torch'] / ms['jax']:13.2f}x {flop:15.2f} "
+                  f"{flop / (ms['jax'] / 1e3):8.1f}")
     measure.write_json(_OUT.value, results)
     print(f"wrote {_OUT.value}")
 

@@ -232,13 +232,17 @@ def vit_optimizer(c: ml_collections.ConfigDict) -> None:
 
 def moco_v3_vit(c: ml_collections.ConfigDict) -> None:
     """The rest of MoCo v3's ViT-Small recipe on ImageNet (CONFIG.md, 300 epochs): B=1024,
-    300 epochs, the fixed 2-D sin-cos position embedding (moco-v3 vits.py); the optimiser
-    is `vit_optimizer`'s. Not theirs: the patch projection trains (their
-    --stop-grad-conv1 freezes it), and each method keeps its own loss and head."""
+    300 epochs, the fixed 2-D sin-cos position embedding, and the frozen random patch
+    projection (Chen, Xie & He 2021, sec. 4.2; CONFIG.md's `--stop-grad-conv1`, vits.py):
+    its kernel xavier-uniform as a linear layer's, its bias 0, neither ever trained
+    (optimizer.untrained_params: no update, no decay, no Adam moments). The optimiser is
+    `vit_optimizer`'s; each method keeps its own loss and head."""
     c.batch_size = 1024
     set_steps(c, "total", None)
     c.total_epochs = 300.0
     c.model.pos_embed = "sincos"
+    c.model.patch_init = "xavier"
+    c.optimizer.untrained_params = "encoder/patch_embed"
 
 
 def video_positives(c: ml_collections.ConfigDict, positives: str) -> None:

@@ -24,6 +24,13 @@ decay from weight_decay to it: `weight_decay_schedule`), clip_per_tensor (each
 parameter tensor's gradient clipped to that L2 norm on its own: `clip_per_tensor`), and
 frozen_params with freeze_{steps,epochs,examples} (the parameters under that path, e.g.
 "head/last_layer", get no update for that many steps: `make_optimizer`'s freeze_steps).
+
+untrained_params (a path prefix, e.g. "encoder/patch_embed"): parameters that keep their
+initial values for the whole run, MoCo v3's frozen random patch projection (Chen, Xie &
+He 2021, sec. 4.2; moco-v3 vits.py `--stop-grad-conv1`: requires_grad=False). As there
+(a torch optimiser skips a parameter without a gradient): no update, no weight decay, and
+no optimizer state (no Adam moments, no momentum). frozen_params with freeze_epochs >= the
+run's length would also hold them, but keeps their moments and follows the run's length.
 """
 from __future__ import annotations
 
@@ -128,15 +135,16 @@ def _skip_first(inner: optax.GradientTransformation, steps: int) -> optax.Gradie
     return optax.GradientTransformation(init, update)
 
 
-def frozen_labels(params, prefix: str):
+def frozen_labels(params, prefix: str, field: str = "frozen_params"):
     """-> a tree shaped like params: "frozen" for arrays under the path `prefix` (e.g.
-    "head/last_layer"), "free" for the others. Raises when nothing is under it."""
+    "head/last_layer"), "free" for the others. Raises when nothing is under it, naming
+    config.optimizer.<field>."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     want = tuple(prefix.strip("/").split("/"))
     names = ["frozen" if tuple(str(getattr(k, "key", k)) for k in path)[:len(want)] == want
              else "free" for path, _ in leaves]
     if "frozen" not in names:
-        raise UserError(f"config.optimizer.frozen_params={prefix!r} names no parameters; the "
+        raise UserError(f"config.optimizer.{field}={prefix!r} names no parameters; the "
                         "top-level ones are " + ", ".join(sorted(params)) + ".")
     return jax.tree_util.tree_unflatten(treedef, names)
 
@@ -149,7 +157,8 @@ def make_optimizer(opt_cfg, lr_schedule, total_steps: int = 0,
     steps during which optimizer.frozen_params get no update (0: none). The frozen
     parameters have an optimizer of their own whose count starts when they thaw (a
     torch optimiser's per-parameter step: Adam's bias correction restarts) and whose
-    schedules read the run's step.
+    schedules read the run's step. optimizer.untrained_params never move and have no
+    optimizer state (module docstring).
     """
     wd = weight_decay_schedule(opt_cfg, total_steps)
     tx = _optimizer(opt_cfg, lr_schedule, wd)
@@ -159,6 +168,13 @@ def make_optimizer(opt_cfg, lr_schedule, total_steps: int = 0,
         thawed = _skip_first(_optimizer(opt_cfg, shift(lr_schedule), shift(wd)), freeze_steps)
         tx = optax.multi_transform({"free": tx, "frozen": thawed},
                                    functools.partial(frozen_labels, prefix=prefix))
+    untrained = opt_cfg.get("untrained_params")
+    if untrained:
+        # set_to_zero is stateless and multi_transform masks the other transforms'
+        # state: the untrained arrays get no moments and no decay, only zero updates.
+        tx = optax.multi_transform({"free": tx, "frozen": optax.set_to_zero()},
+                                   functools.partial(frozen_labels, prefix=untrained,
+                                                     field="untrained_params"))
     clip = opt_cfg.get("clip_per_tensor") or 0.0
     return optax.chain(clip_per_tensor(clip), tx) if clip > 0 else tx
 

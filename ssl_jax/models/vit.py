@@ -22,8 +22,10 @@ so a probe can read any block; XLA drops the blocks nobody reads.
 Initialisation is DINO's (_init_weights): Dense kernels, the position table and the class
 token N(0, 0.02) (torch's trunc_normal_(std=.02) cuts at +-2 absolute, i.e. +-100 sigma:
 a plain normal), biases 0, LayerNorm 1 / 0; the patch conv keeps PyTorch's default kernel
-(uniform +-1/sqrt(fan_in)), its bias 0. Registers N(0, 1e-6) and LayerScale's gamma
-`layerscale` as DINOv2.
+(uniform +-1/sqrt(fan_in)), its bias 0; patch_init="xavier" gives it MoCo v3's instead
+(moco-v3 vits.py: xavier-uniform as a linear layer of fan_in = p*p*C, fan_out = D, i.e.
+U(+-sqrt(6 / (p*p*C + D))), the init of its frozen random patch projection). Registers
+N(0, 1e-6) and LayerScale's gamma `layerscale` as DINOv2.
 
 Mixed precision (dtype bfloat16): parameters float32; matmuls in dtype; the attention
 logits (accumulated in float32), the softmax, LayerNorm's statistics and GELU in float32.
@@ -52,9 +54,13 @@ from ssl_jax.errors import UserError
 from ssl_jax.models.tokens import Tokens
 
 POS_EMBEDS = ("learned", "sincos")
+PATCH_INITS = ("conv", "xavier")
 _normal02 = nn.initializers.normal(0.02)
 # PyTorch's Conv2d default: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 _torch_conv = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# MoCo v3's patch projection: xavier-uniform over the (p, p, C) inputs as one axis, as a
+# linear layer's; flax's conv fans would count the p*p window in fan_out too.
+_linear_xavier = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)
 
 
 # ------------------------------------------------------------------ position embeddings
@@ -119,11 +125,13 @@ class PatchEmbed(nn.Module):
     patch: int
     width: int
     dtype: Any
+    init: str = "conv"  # one of PATCH_INITS (the ViT's patch_init)
 
     @nn.compact
     def __call__(self, x):
         p, (b, h, w, c) = self.patch, x.shape
-        kernel = self.param("kernel", _torch_conv, (p, p, c, self.width), jnp.float32)
+        init = _linear_xavier if self.init == "xavier" else _torch_conv
+        kernel = self.param("kernel", init, (p, p, c, self.width), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
         # (B, gh, p, gw, p, C) -> (B, gh, gw, p, p, C): each patch's pixels in the kernel's order.
         x = x.astype(self.dtype).reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -220,7 +228,8 @@ class ViT(nn.Module):
     `__call__(x, train, masks)` with masks (B, gh * gw) bool (row-major over the patch
     grid) puts it in place of the masked patches' embeddings before the position is
     added (DINOv2's prepare_tokens_with_masks), for iBOT's masked-patch loss. Off: no
-    such parameter, and masks are refused.
+    such parameter, and masks are refused. patch_init: the patch projection's kernel init,
+    "conv" (DINO's: PyTorch's conv default) or "xavier" (MoCo v3's; module docstring).
     """
     patch: int = 16
     width: int = 384
@@ -235,6 +244,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     bn_groups: int = 1
     mask_token: bool = False
+    patch_init: str = "conv"
 
     def stored_grid(self) -> tuple[int, int]:
         size = (self.img_size,) * 2 if isinstance(self.img_size, int) else tuple(self.img_size)
@@ -246,6 +256,8 @@ class ViT(nn.Module):
                             "config.model.heads to a divisor (e.g. width / 64).")
         if self.pos_embed not in POS_EMBEDS:
             raise UserError(f"ViT pos_embed={self.pos_embed!r}: use one of {POS_EMBEDS}.")
+        if self.patch_init not in PATCH_INITS:
+            raise UserError(f"ViT patch_init={self.patch_init!r}: use one of {PATCH_INITS}.")
         if self.pos_embed == "sincos" and self.width % 4:
             raise UserError(f"ViT pos_embed='sincos' needs a width divisible by 4 "
                             f"(width={self.width}): change config.model.width.")
@@ -278,7 +290,7 @@ class ViT(nn.Module):
     def __call__(self, x, train: bool, masks=None):
         self._check(x.shape[1:3])
         d, r = self.width, self.registers
-        x = PatchEmbed(self.patch, d, self.dtype, name="patch_embed")(x)
+        x = PatchEmbed(self.patch, d, self.dtype, self.patch_init, name="patch_embed")(x)
         b, gh, gw, _ = x.shape
         if self.pos_embed == "learned":
             table = self.param("pos_embedding", _normal02, (1, *self.stored_grid(), d),
