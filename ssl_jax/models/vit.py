@@ -11,7 +11,8 @@ so a probe can read any block; XLA drops the blocks nobody reads.
                     learned token before the position is added (DINOv2, for iBOT)
   position          "learned": a (1, gh0, gw0, D) table for the grid of img_size, resampled in
                     the graph to the input's grid (DINO's bicubic, `resample_matrix`);
-                    "sincos": big_vision's / MoCo v3's fixed 2-D sin-cos at the input's grid
+                    "sincos": big_vision's fixed 2-D sin-cos at the input's grid (MoCo v3's
+                    steps its frequencies by 1/(D/4), not 1/(D/4 - 1))
   tokens            [class, registers, patches]; the class token and the patches carry a
                     position, the registers none (DINOv2: they are added after it). DINO's
                     class token also has a learned position vector: a constant added to a
@@ -105,7 +106,7 @@ def resample_pos_embed(table: jax.Array, grid: tuple[int, int]) -> jax.Array:
 
 
 def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> np.ndarray:
-    """(gh, gw, width) float32, big_vision's posemb_sincos_2d (MoCo v3's too): a quarter
+    """(gh, gw, width) float32, big_vision's posemb_sincos_2d (not MoCo v3's exactly): a quarter
     of the channels each sin(x w), cos(x w), sin(y w), cos(y w), w = T^(-k / (width/4 - 1))."""
     y, x = np.mgrid[:grid[0], :grid[1]].astype(np.float64)
     quarter = width // 4
