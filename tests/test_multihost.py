@@ -14,6 +14,7 @@ Every subprocess has a timeout: a hang is a failure here, never a stuck CI.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -226,6 +227,39 @@ def test_dino_two_processes_equal_one(tiny_data, tmp_path, cache):
     _assert_same_state(a, b, exact=False)
     centre = next(v for k, v in a.items() if "center" in k)
     assert np.abs(centre).sum() > 0
+
+
+def _logged_losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("polyview", ()),  # the preset's M = 4 views, Poly-View's loss over the global batch
+    ("cmc", ("--config.cmc.objective=nce",)),  # CMC's NCE: 4 banks sharded over processes
+])
+def test_multiview_two_processes_equal_one(method, extra, tiny_data, tmp_path, cache):
+    """The M-view losses gather every view of the global batch across processes; CMC's NCE
+    also reads and writes per-view memory banks sharded over the processes' devices and
+    estimates each Z over the global batch on step 1: 2 processes x 1 device end where 1
+    process of 1 device does (to float32 rounding), banks and Z included."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ref = Group("train", _train_args(method, one, tiny_data, 3, *extra), 1, 1, cache)
+    group = Group("train", _train_args(method, two, tiny_data, 3, *extra), 2, 1, cache)
+    for g in (group, ref):
+        _ok(g.wait())
+    # From metrics.jsonl: _losses reads lines starting "step ", and the progress lines
+    # start with their bar ("[###---] step 1/3 loss ..."), so it finds none.
+    got, want = (np.asarray(_logged_losses(w)) for w in (two, one))
+    assert len(want) == 3 and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    a, b = _state(two), _state(one)
+    _assert_same_state(a, b, exact=False)
+    if method == "cmc":
+        banks = [k for k in a if "banks" in k]
+        assert len(banks) == 4, banks
+        log_z = next(v for k, v in a.items() if "log_z" in k)
+        assert np.isfinite(log_z[0, 1:]).all() and np.isfinite(log_z[1:, 0]).all()
 
 
 def test_moco_two_processes_of_four_devices_equal_one_of_eight_after_both_are_killed(
