@@ -8,7 +8,7 @@ in-batch softmax (ssl_jax/methods/polyview.py, ssl_jax/multiview.py cmc).
   python -m ssl_jax.train --config configs/cmc.py:dataset=fashion_mnist,runlocal,graph=full,views=3 --workdir W4
 
 Arguments after the colon: dataset=fashion_mnist|cifar10|imagenet2012, model=NAME,
-runlocal, views=M (M augmented crops of each image, M >= 2; on fashion_mnist also the
+runlocal, objective=softmax|nce (also --config.cmc.objective), views=M (M augmented crops of each image, M >= 2; on fashion_mnist also the
 batch K = 256 / M and the length, SimCLR's preset's compute; --config.views.count=M
 changes M alone), graph=core|full (also --config.cmc.graph: view 0 against each other
 view, M - 1 pairs, or every pair, M (M - 1) / 2), local_crops=L, local_size=S.
@@ -21,6 +21,12 @@ concatenation (block4 / stage4) or either half (--stages l_stage4,ab_stage4):
   python -m ssl_jax.train --config configs/cmc.py:dataset=imagenet2012,views=channels --workdir runs/cmc_lab
   python -m ssl_jax.evaluate --workdir runs/cmc_lab --eval linear --stages stage4,l_stage4,ab_stage4
 A dataset that is not RGB (fashion_mnist) refuses views=channels in one line saying why.
+
+objective=nce: the authors' NCE with a memory bank per view instead of the in-batch
+softmax (NCEAverage / NCECriterion; train_CMC.py without --softmax): K = config.cmc.nce_k
+negatives from the banks (16384, --nce_k; ours 4096 on fashion_mnist, 1024 runlocal),
+bank momentum config.cmc.nce_momentum = 0.5 (--nce_m), Z fixed after the first batch:
+  python -m ssl_jax.train --config configs/cmc.py:dataset=imagenet2012,views=channels,objective=nce --workdir runs/cmc_nce
 Otherwise the views are augmented crops through one encoder. The rest of imagenet2012 is
 the authors' train_CMC.py and README ResNet-50 command with --softmax (an in-batch
 softmax stands for their softmax over a memory bank's 16384 negatives). fashion_mnist is
@@ -37,7 +43,7 @@ polyview = sibling(__file__, "polyview")
 
 def get_config(arg=None):
     a = common.parse_arg(arg, dataset="fashion_mnist", model="", runlocal=False, views="",
-                         graph="core", local_crops=0, local_size=0)
+                         graph="core", objective="softmax", local_crops=0, local_size=0)
     channels = a.views == "channels"
     if channels:
         _check_channels(a)
@@ -48,7 +54,15 @@ def get_config(arg=None):
     if a.graph not in ("core", "full"):
         raise UserError(f"Config argument graph={a.graph!r}: CMC's graphs are core (view 0 "
                         "against each other view) and full (every pair).")
-    c.cmc = dict(graph=a.graph)
+    if a.objective not in ("softmax", "nce"):
+        raise UserError(f"Config argument objective={a.objective!r}: CMC's objectives are "
+                        "softmax (in-batch) and nce (memory banks).")
+    # objective=nce (train_CMC.py, NCEAverage): nce_k negatives (--nce_k 16384), bank
+    # momentum --nce_m 0.5; pad_to: bank rows a multiple of it (NPID's, configs/npid.py).
+    c.cmc = dict(graph=a.graph, objective=a.objective, nce_k=16384, nce_momentum=0.5,
+                 pad_to=1024)
+    if a.dataset == "fashion_mnist":
+        c.cmc.nce_k = 4096  # ours: NPID's K on its 60,000 rows, as configs/npid.py
     # The method's own, every preset (train_CMC.py): nce_t 0.07; the head one linear
     # layer to feat_dim 128, L2-normalised in the loss (models/resnet.py: fc, Normalize).
     c.multiview.update(loss="cmc", temperature=0.07)
@@ -72,6 +86,7 @@ def get_config(arg=None):
     polyview.apply_args(c, a)
     if a.runlocal:
         common.runlocal(c)
+        c.cmc.nce_k = 1024  # as configs/npid.py's runlocal
     if channels:  # after runlocal: it shrinks the encoder that the split model wraps
         set_channel_views(c)
     return c

@@ -9,6 +9,7 @@ the global batch; the value and gradient are the same either way. Each returns
 
   polyview    Poly-View contrastive, geometric or arithmetic (Shidani et al., ICLR 2024)
   cmc         Contrastive Multiview Coding, core view or full graph (Tian et al., 2019)
+  cmc_nce     the same pairs, NCE against memory-bank rows (the authors' NCEAverage)
   mv_infonce  MV-InfoNCE (Koromilas et al., 2025)
   mv_dhel     MV-DHEL (Koromilas et al., 2025)
 
@@ -95,7 +96,7 @@ def cmc(z: jax.Array, temperature: float, graph: str = "core",
     loss = l_loss + ab_loss), and the objective the SUM over the pairs of the graph
     (cmc_pairs): core view, view 0 against each other view; full graph, every pair. At M = 2
     it is L(1, 2) + L(2, 1), not NT-Xent (no same-view negatives, and a sum, not a mean).
-    The paper's NCE with a memory bank is not this function. Metrics: contrast_acc, over
+    The paper's NCE with a memory bank is cmc_nce. Metrics: contrast_acc, over
     every directed term; pairs, the number of view pairs.
     """
     b, m, _ = z.shape
@@ -111,6 +112,40 @@ def cmc(z: jax.Array, temperature: float, graph: str = "core",
     loss = _global_mean(total, b, axis_name)
     acc = _global_mean(hits / (2 * len(pairs)), b, axis_name)
     return loss, {"contrast_acc": acc, "pairs": jnp.float32(len(pairs))}
+
+
+def cmc_nce(z: jax.Array, pos: jax.Array, neg: jax.Array, log_z: jax.Array,
+            temperature: float, num_data: int, graph: str = "core",
+            axis_name: str | None = None) -> tuple[jax.Array, dict]:
+    """CMC's NCE against one memory bank per view (HobbitLong/CMC NCE/NCEAverage.py,
+    NCECriterion.py, train_CMC.py): for each pair (i, j) of the graph (cmc_pairs), view
+    i's embeddings against view j's bank and view j's against view i's bank (NCEAverage's
+    out_l: L against memory_ab; out_ab: ab against memory_l), each term losses.nce:
+
+      P(m) = exp(z.m / t) / Z_ac,   h = P / (P + K / N),
+      L(a, c) = mean_k [-log h(pos_kc) - sum_n log(1 - h(neg_nc))]
+
+    and the loss the sum of both directions over the pairs (loss = l_loss + ab_loss).
+
+    z: (b, M, D) this device's embeddings (L2-normalised here; gradients flow);
+    pos: (b, M, D) each sample's own row in each view's bank; neg: (K, M, D) the same K
+    drawn rows in each view's bank, shared by the global batch (both constants);
+    log_z: (M, M) float32, [a, c] the stored log Z of view a against bank c, -inf before
+    its first step: then Z_ac = N mean(exp(z.m / t)) over this global batch's b x (K + 1)
+    scores (NCEAverage's first call) and kept after. Entries of no pair stay -inf.
+    Returns (loss, metrics): contrast_acc (the positive the best of its K + 1, over every
+    directed term), pairs, and log_z (M, M), the log Z to store.
+    """
+    pairs = cmc_pairs(z.shape[1], graph)
+    total, acc, new_log_z = 0.0, 0.0, log_z
+    for i, j in pairs:
+        for a, c in ((i, j), (j, i)):
+            term, mt = losses.nce(z[:, a], pos[:, c], neg[:, c], temperature, num_data,
+                                  log_z[a, c], axis_name)
+            total, acc = total + term, acc + mt["contrast_acc"]
+            new_log_z = new_log_z.at[a, c].set(mt["log_z"])
+    return total, {"contrast_acc": acc / (2 * len(pairs)), "pairs": jnp.float32(len(pairs)),
+                   "log_z": jax.lax.stop_gradient(new_log_z)}
 
 
 def _positives(z: jax.Array, temperature: float) -> jax.Array:

@@ -42,6 +42,9 @@ ENCODERS = {
     "resnet18": dict(name="resnet18", stem="small", width=0.125, dtype="bfloat16"),
     # A ViT (models/vit.py) in bfloat16 with every option a step can trace: drop path
     # (the step's rng), registers, LayerScale, the learned table resampled for local crops.
+    # CMC's channel views: the cmc_lab model over the cifar10 preset's ResNet-18 (each
+    # half at half of this width), in bfloat16 with Lab in float32.
+    "cmc_lab": dict(width=0.125, dtype="bfloat16"),
     "vit": dict(name="vit", patch=4, width=16, depth=2, heads=2, mlp_ratio=2, img_size=(28, 28),
                 registers=1, layerscale=1e-5, drop_path=0.1, pos_embed="learned",
                 dtype="bfloat16"),
@@ -58,8 +61,11 @@ OPTIONS = {
     "dinov2": "koleo,sinkhorn,ibot",  # DINO's options: KoLeo, Sinkhorn-Knopp, iBOT's masks
     "mask_token": {"model.mask_token": True},  # the ViT's, which iBOT's masks need
     "model=convnet": "model=convnet",  # a preset whose default encoder is a ViT (DINO's)
+    "channels": "dataset=cifar10,views=channels",  # CMC's L and ab: RGB data, cmc_lab
+    "nce": "objective=nce",  # CMC's NCE: a sharded memory bank per view, Z in the state
 }
-SPECS = {"canvas": dict(image_shape=(40, 40, 1), varying_size=True)}  # the data an option needs
+SPECS = {"canvas": dict(image_shape=(40, 40, 1), varying_size=True),  # the data an option needs
+         "channels": dict(image_shape=(32, 32, 3))}
 CASES = [
     ("simclr", "convnet", ()),
     ("moco", "convnet", ()),
@@ -82,6 +88,8 @@ CASES = [
     ("supervised", "vit", ()),
     ("polyview", "convnet", ()),  # M = 4 views, one encoder call, Poly-View's loss
     ("cmc", "vit", ()),
+    ("cmc", "cmc_lab", ("channels",)),  # two half-width encoders on Lab computed on device
+    ("cmc", "convnet", ("nce",)),
     ("dino", "convnet", ("model=convnet",)),  # teacher EMA, centring, multi-crop, BN in the teacher
     ("dino", "vit", ("dinov2", "mask_token", "accumulate")),
 ]

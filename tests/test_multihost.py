@@ -14,6 +14,7 @@ Every subprocess has a timeout: a hang is a failure here, never a stuck CI.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -162,8 +163,9 @@ def _assert_same_state(a, b, exact=True):
 
 
 def _losses(out):
-    return [line.split("loss ")[1].split()[0] for line in out.splitlines()
-            if line.startswith("step ") and "loss " in line]
+    """The losses of the progress lines ("[###---] step 3/16 loss 4.123 ..."), in order."""
+    return [line.split(" loss ")[1].split()[0] for line in out.splitlines()
+            if line.startswith("[") and "] step " in line and " loss " in line]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,7 @@ def test_simclr_two_processes_equal_one_and_resume_after_sigterm(tiny_data, tmp_
                         cache).wait())
     assert f"Resumed from step {at}" in resumed and f"Done: {steps} steps" in resumed
     reference = _ok(ref.wait())
+    assert len(_losses(reference)) == steps  # one progress line a step (log_every 1)
     assert _losses(stopped[0][1])[:at] + _losses(resumed) == _losses(reference)
     _assert_same_state(_state(two), _state(one))
     # Only process 0 writes the run's files; both wrote their data-iterator state.
@@ -221,6 +224,7 @@ def test_dino_two_processes_equal_one(tiny_data, tmp_path, cache):
     ref = Group("train", _train_args("dino", one, tiny_data, 3), 1, 1, cache)
     group = Group("train", _train_args("dino", two, tiny_data, 3), 2, 1, cache)
     got, want = (np.asarray(_losses(_ok(g.wait())), float) for g in (group, ref))
+    assert len(want) == 3
     np.testing.assert_allclose(got, want, rtol=1e-4)
     a, b = _state(two), _state(one)
     _assert_same_state(a, b, exact=False)
@@ -232,8 +236,8 @@ def test_two_processes_stop_together_at_a_cpu_budget_that_sums_both(tiny_data, t
     """config.cpu_budget_minutes in a 2-process run: the count is the sum over the
     processes (an all-gather at log steps), so both stop, saved, at the same step and
     exit 0; what process 0 records is both processes' time, not its own."""
-    import json
     import resource
+
     def children_s():
         r = resource.getrusage(resource.RUSAGE_CHILDREN)
         return r.ru_utime + r.ru_stime
@@ -253,6 +257,38 @@ def test_two_processes_stop_together_at_a_cpu_budget_that_sums_both(tiny_data, t
     # process's own count would be (their exit after it costs a few seconds).
     assert 0.65 * used < recorded <= used, (recorded, used)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def _logged_losses(workdir) -> list[float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("polyview", ()),  # the preset's M = 4 views, Poly-View's loss over the global batch
+    ("cmc", ("--config.cmc.objective=nce",)),  # CMC's NCE: 4 banks sharded over processes
+])
+def test_multiview_two_processes_equal_one(method, extra, tiny_data, tmp_path, cache):
+    """The M-view losses gather every view of the global batch across processes; CMC's NCE
+    also reads and writes per-view memory banks sharded over the processes' devices and
+    estimates each Z over the global batch on step 1: 2 processes x 1 device end where 1
+    process of 1 device does (to float32 rounding), banks and Z included."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    ref = Group("train", _train_args(method, one, tiny_data, 3, *extra), 1, 1, cache)
+    group = Group("train", _train_args(method, two, tiny_data, 3, *extra), 2, 1, cache)
+    for g in (group, ref):
+        _ok(g.wait())
+    # From metrics.jsonl: more digits than the progress lines' 3.
+    got, want = (np.asarray(_logged_losses(w)) for w in (two, one))
+    assert len(want) == 3 and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    a, b = _state(two), _state(one)
+    _assert_same_state(a, b, exact=False)
+    if method == "cmc":
+        banks = [k for k in a if "banks" in k]
+        assert len(banks) == 4, banks
+        log_z = next(v for k, v in a.items() if "log_z" in k)
+        assert np.isfinite(log_z[0, 1:]).all() and np.isfinite(log_z[1:, 0]).all()
 
 
 def test_moco_two_processes_of_four_devices_equal_one_of_eight_after_both_are_killed(

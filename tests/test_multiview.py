@@ -49,6 +49,48 @@ def cmc_reference(z, t, pairs):
     return sum(two_view(i, j) + two_view(j, i) for i, j in pairs)
 
 
+NCE_EPS = 1e-7  # NCECriterion's
+
+
+def nce_average_reference(z, banks, y, idx, z_consts, t, momentum, n_data, pairs):
+    """HobbitLong/CMC's NCEAverage.forward then NCECriterion, in float64, from its two views
+    (l, ab) to the pairs of a graph with one bank per view: pair (i, j) scores view i
+    against bank j (NCEAverage's out_l: l against memory_ab) and view j against bank i;
+    out = exp(w.z / t), its Z = mean(out) * n_data at the term's first call, then kept;
+    NCECriterion of out / Z, Pn = 1 / n_data; loss = the terms' sum (l_loss + ab_loss);
+    then each view's bank: rows y <- (m row + (1 - m) z) / its norm.
+
+    z: (B, M, D) the model's outputs (unit rows: its Normalize); banks: (M, N, D);
+    y: (B,) distinct rows; idx: (B, K + 1), idx[:, 0] = y (the authors' draw);
+    z_consts: {(a, c): Z} of the terms already set. -> (loss, new banks, new z_consts)."""
+    z, banks, z_consts = _unit(z), np.array(banks, np.float64), dict(z_consts)
+    b, m = z.shape[:2]
+    k = idx.shape[1] - 1
+    loss = 0.0
+    for i, j in pairs:
+        for a, c in ((i, j), (j, i)):
+            weight = banks[c][idx]                                      # (B, K + 1, D)
+            out = np.exp(np.einsum("bkd,bd->bk", weight, z[:, a]) / t)
+            if z_consts.get((a, c), -1) < 0:
+                z_consts[(a, c)] = out.mean() * n_data
+            x = out / z_consts[(a, c)]
+            pn = 1.0 / n_data
+            log_d1 = np.log(x[:, 0] / (x[:, 0] + k * pn + NCE_EPS))
+            log_d0 = np.log(k * pn / (x[:, 1:] + k * pn + NCE_EPS))
+            loss += -(log_d1.sum() + log_d0.sum()) / b
+    new = banks.copy()
+    for v in range(m):
+        pos = banks[v][y] * momentum + z[:, v] * (1 - momentum)
+        new[v][y] = pos / np.linalg.norm(pos, axis=1, keepdims=True)
+    return loss, new, z_consts
+
+
+def authors_bank(rng, m, n, d):
+    """NCEAverage's init: every row uniform in +-1/sqrt(D/3), not normalised."""
+    stdv = 1.0 / np.sqrt(d / 3)
+    return rng.uniform(-stdv, stdv, (m, n, d))
+
+
 def mv_infonce_reference(z, t):
     z = _unit(z)
     k, m, _ = z.shape
@@ -150,6 +192,40 @@ def test_cmc_graphs_sum_their_pairs(graph, count):
     assert float(metrics["pairs"]) == count
 
 
+@pytest.mark.parametrize("m,graph", [(2, "core"), (3, "full")])
+def test_cmc_nce_is_the_authors_nce_average_and_criterion(m, graph):
+    """multiview.cmc_nce on the rows NCEAverage would read == its forward + NCECriterion
+    (NumPy), two batches: the first sets each directed term's Z, the second keeps it."""
+    rng, n, b, k, d, t = np.random.default_rng(20), 50, 6, 7, 5, 0.2
+    banks, pairs = authors_bank(rng, m, n, d), multiview.cmc_pairs(m, graph)
+    log_z, z_consts = jnp.full((m, m), -jnp.inf), {}
+    for step in range(2):
+        y, negs = rng.permutation(n)[:b], rng.integers(0, n, k)
+        z = rng.normal(size=(b, m, d))
+        if step:  # near their own rows: a larger mean exp(score), another Z's estimate
+            z = banks[:, y].transpose(1, 0, 2) + 0.1 * z
+        idx = np.concatenate([y[:, None], np.broadcast_to(negs, (b, k))], axis=1)
+        want, new_banks, z_consts = nce_average_reference(z, banks, y, idx, z_consts, t, 0.5, n,
+                                                          pairs)
+        got, metrics = jax.jit(lambda z, p, u, lz: multiview.cmc_nce(z, p, u, lz, t, n, graph))(
+            *(jnp.asarray(x, jnp.float32) for x in (z, banks[:, y].transpose(1, 0, 2),
+                                                    banks[:, negs].transpose(1, 0, 2), log_z)))
+        np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=f"step {step}")
+        terms = [(a, c) for i, j in pairs for a, c in ((i, j), (j, i))]
+        got_z = np.exp(np.asarray(metrics["log_z"], np.float64))
+        assert sorted(terms) == sorted(z_consts) and len(terms) == 2 * len(pairs)
+        for a, c in itertools.product(range(m), range(m)):
+            if (a, c) in z_consts:
+                np.testing.assert_allclose(got_z[a, c], z_consts[a, c], rtol=1e-5)
+            else:  # no pair: never estimated
+                assert got_z[a, c] == 0.0
+        if step == 1:  # the second batch's own estimate is another Z: it was not taken
+            fresh = nce_average_reference(z, banks, y, idx, {}, t, 0.5, n, pairs)[2]
+            assert all(abs(fresh[q] / z_consts[q] - 1) > 0.05 for q in terms)
+        assert float(metrics["pairs"]) == len(pairs)
+        banks, log_z = new_banks, metrics["log_z"]
+
+
 # ------------------------------------------------------------------ Koromilas et al.
 
 def test_mv_infonce_and_mv_dhel_by_hand():
@@ -225,8 +301,22 @@ def all_of_them(a):  # one jit for the six: one compilation
         (res[name], metrics), res[name + "_grad"] = jax.value_and_grad(f, has_aux=True)(a)
         res.update({f"{name}_{k}": v for k, v in metrics.items()})
     return res
+# CMC's NCE: z and each sample's bank rows side by side on the last axis (both per sample,
+# sharded together); the drawn rows replicated; every Z estimated on this batch.
+r = np.random.default_rng(13)
+pos, neg = r.normal(size=(16, 3, 8)), r.normal(size=(5, 3, 8))
+
+def nce(a, axis_name):
+    return multiview.cmc_nce(a[..., :8], a[..., 8:], jnp.asarray(neg, jnp.float32),
+                             jnp.full((3, 3), -jnp.inf), 0.2, 100, "full", axis_name)
+
+def nce_all(a):
+    (res, metrics), grad = jax.value_and_grad(parallel.on_shards(nce, (True,)), has_aux=True)(a)
+    return {"nce": res, "nce_grad": grad[..., :8], **{f"nce_{k}": v for k, v in metrics.items()}}
 with jax.set_mesh(mesh):
     out.update(jax.jit(all_of_them)(jax.device_put(z, parallel.batch_sharding(mesh))))
+    zp = jnp.asarray(np.concatenate([z, pos], -1), jnp.float32)
+    out.update(jax.jit(nce_all)(jax.device_put(zp, parallel.batch_sharding(mesh))))
 """
 
 
@@ -241,6 +331,15 @@ def test_global_batch_one_device_is_eight_devices(tmp_path_factory):
                 "cmc_core": cmc_reference(z, 0.2, multiview.cmc_pairs(3, "core")),
                 "cmc_full": cmc_reference(z, 0.2, multiview.cmc_pairs(3, "full")),
                 "infonce": mv_infonce_reference(z, 0.2), "dhel": mv_dhel_reference(z, 0.2)}
+    # CMC's NCE: the bank rows as NCEAverage reads them (rows 0-15 the samples', 16-20 drawn).
+    r = np.random.default_rng(13)
+    pos, neg = r.normal(size=(16, 3, 8)), r.normal(size=(5, 3, 8))
+    banks = np.concatenate([pos, neg]).transpose(1, 0, 2)
+    idx = np.concatenate([np.arange(16)[:, None], np.broadcast_to(np.arange(16, 21), (16, 5))], 1)
+    expected["nce"], _, z_consts = nce_average_reference(z, banks, np.arange(16), idx, {}, 0.2,
+                                                         0.5, 100, multiview.cmc_pairs(3, "full"))
     for key, value in expected.items():
         np.testing.assert_allclose(float(eight[key]), value, rtol=1e-5, err_msg=key)
+    for (a, c), value in z_consts.items():  # one Z per term, from the whole global batch
+        np.testing.assert_allclose(np.exp(float(eight["nce_log_z"][a, c])), value, rtol=1e-5)
     assert float(eight["poly_geo_logits"]) == 3 * (16 - 1) + 1

@@ -1,23 +1,23 @@
 """The M-view method (ssl_jax/methods/polyview.py: "polyview", "cmc") and its configs:
 M views of each image made, one encoder call per resolution group, the loss the config
 picks equal to the paper's loss (NumPy, tests/test_multiview.py) of head outputs
-recomputed outside the method, M = 2 Poly-View == SimCLR's multi-crop step, the
-configs' arguments and refusals, RECIPES.md's tables, one tiny train + evaluate."""
-import re
+recomputed outside the method, M = 2 Poly-View == SimCLR's multi-crop step, CMC's NCE
+with memory banks against the authors' code (NumPy), the configs' arguments and
+refusals, one tiny train + evaluate (RECIPES.md's tables: tests/test_recipes.py)."""
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import evaluation, methods, train
+from ssl_jax import evaluation, methods, multiview, train
 from ssl_jax.config import load_file
 from ssl_jax.dataspec import DataSpec
 from ssl_jax.errors import UserError
-from ssl_jax.methods import network, polyview, simclr
-from ssl_jax.views import augment
+from ssl_jax.methods import memory, network, polyview, simclr
 from tests import test_multiview as ref
-from tests import test_recipes
+from tests import test_train
 from tests.test_precision import equations
 
 pytestmark = pytest.mark.usefixtures("fast_prng")
@@ -150,6 +150,99 @@ def test_two_view_polyview_step_is_simclrs_multicrop_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), pg, sg)
 
 
+# ------------------------------------------------------------- CMC's NCE with memory banks
+
+@pytest.mark.parametrize("m,graph,momentum", [(2, "core", 0.5), (3, "full", 0.3)])
+def test_nce_two_steps_banks_z_and_loss_are_the_authors(m, graph, momentum):
+    """The method's NCE step (polyview._nce_loss) twice on fixed embeddings == NCEAverage +
+    NCECriterion (NumPy, tests/test_multiview.py): the loss, Z set on the first batch and
+    kept on the second, and each view's bank rows of the batch moved with the momentum
+    (CMC's 0.5; 0.3 tells m from 1 - m) and renormalised, the other rows untouched."""
+    c = tiny_config(f"objective=nce,graph={graph},views={m}", "configs/cmc.py")
+    c.cmc.nce_k, c.cmc.nce_momentum, c.multiview.temperature = 7, momentum, 0.2
+    rng, n, b, d = np.random.default_rng(21), 40, 6, 5
+    banks, z_consts = ref.authors_bank(rng, m, n, d), {}
+    state = {"banks": {f"view{v}": jnp.asarray(banks[v], jnp.float32) for v in range(m)},
+             "log_z": jnp.full((m, m), -jnp.inf)}
+    step = jax.jit(lambda z, s, i, r: polyview._nce_loss(z, s, i, r, c, n))
+    for t in range(2):
+        y, key = rng.permutation(n)[:b], jax.random.key(t)
+        z = rng.normal(size=(b, m, d))
+        if t:  # near their own rows: the second batch would estimate another Z
+            z = banks[:, y].transpose(1, 0, 2) + 0.1 * z
+        negs = np.asarray(memory.sample_negatives(key, 7, n))
+        idx = np.concatenate([y[:, None], np.broadcast_to(negs, (b, 7))], axis=1)
+        want, new_banks, z_consts = ref.nce_average_reference(
+            z, banks, y, idx, z_consts, 0.2, momentum, n, multiview.cmc_pairs(m, graph))
+        got, metrics, state = step(jnp.asarray(z, jnp.float32), state, jnp.asarray(y), key)
+        np.testing.assert_allclose(float(got), want, rtol=1e-5, err_msg=f"step {t}")
+        for (a, q), value in z_consts.items():
+            np.testing.assert_allclose(np.exp(float(state["log_z"][a, q])), value, rtol=1e-5)
+        for v in range(m):
+            np.testing.assert_allclose(state["banks"][f"view{v}"], new_banks[v], rtol=1e-5,
+                                       atol=1e-6, err_msg=f"step {t} bank {v}")
+        rest = np.setdiff1d(np.arange(n), y)
+        np.testing.assert_array_equal(new_banks[:, rest], banks[:, rest])
+        assert 0.0 <= float(metrics["contrast_acc"]) <= 1.0
+        banks = new_banks
+
+
+def test_nce_state_init_and_sharding():
+    c = tiny_config("objective=nce,views=3", "configs/cmc.py")
+    c.cmc.pad_to = 48
+    views = jax.eval_shape(lambda x: polyview.views(jax.random.key(0), x, c), _images())
+    _, state = jax.eval_shape(lambda v: polyview.init(jax.random.key(1), v, c, GREY), views)
+    assert {k: v.shape for k, v in state["banks"].items()} == {
+        f"view{v}": (96, 8) for v in range(3)}  # 64 rows padded to 48's multiple, head.dim
+    assert state["log_z"].shape == (3, 3)
+    _, state = polyview.init(jax.random.key(1), jax.tree.map(jnp.zeros_like, views), c, GREY)
+    assert np.isneginf(state["log_z"]).all()
+    assert not np.allclose(state["banks"]["view0"], state["banks"]["view1"])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    shardings = polyview.state_sharding(jax.tree.map(lambda x: x, state), mesh)
+    assert shardings["banks"]["view2"].spec == jax.sharding.PartitionSpec("data")
+    assert shardings["log_z"].spec == jax.sharding.PartitionSpec()
+
+
+@pytest.mark.parametrize("fields,says", [
+    ({"cmc.objective": "nce", "multiview.loss": "mv_dhel"}, "set it to 'cmc'"),
+    ({"cmc.objective": "nce", "views.local_crops": 2}, "local crops have none"),
+    ({"cmc.objective": "nce", "cmc.nce_k": 0}, "config.cmc.nce_k=0"),
+    ({"cmc.objective": "nce", "cmc.nce_momentum": 1.0}, "config.cmc.nce_momentum=1.0"),
+    ({"cmc.objective": "nce", "cmc.pad_to": 100}, "do not split over 8 devices"),
+    ({"cmc.objective": "memory"}, "config.cmc.objective='memory'"),
+])
+def test_nce_settings_refused_in_one_line(fields, says):
+    c = tiny_config("objective=nce", "configs/cmc.py")
+    for field, value in fields.items():
+        node, key = field.split(".")
+        c[node][key] = value
+    mesh = type("Mesh", (), {"devices": np.zeros(8)})  # check reads the device count only
+    with pytest.raises(UserError) as e:
+        polyview.check(c, DataSpec(num_examples=60, image_shape=(28, 28, 1)), mesh)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nce_trains_on_fashion_mnist_and_resumes(fashion_mnist_dir, tmp_path):
+    """A few runlocal-sized steps of CMC's NCE on the real Fashion-MNIST (60,000 bank rows
+    per view): the loss finite, and a crash after the step-2 checkpoint resumes to the
+    same state bit for bit, banks and Z included (test_train.train_crash_resume)."""
+    c = tiny_config("objective=nce", "configs/cmc.py")
+    c.dataset, c.data_dir = "fashion_mnist", fashion_mnist_dir
+    c.batch_size, c.total_steps, c.log_every_steps, c.ckpt_every_steps = 16, 4, 1, 2
+    full, _, workdir = test_train.train_crash_resume(c, tmp_path, crash_after=2)
+    s = full["method_state"]
+    assert sorted(s["banks"]) == [f"view{v}" for v in range(4)]
+    assert s["banks"]["view0"].shape == (60416, 8)  # 60,000 rows padded to 1024's multiple
+    off = ~np.eye(4, dtype=bool)
+    core = np.zeros((4, 4), bool)
+    core[0, 1:] = core[1:, 0] = True  # view 0 against each other view, both ways
+    assert np.isfinite(s["log_z"][core]).all() and np.isneginf(s["log_z"][off & ~core]).all()
+    with open(f"{workdir}/metrics.jsonl") as f:
+        losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+    assert len(losses) >= 4 and np.isfinite(losses).all() and min(losses) > 0, losses
+
+
 # ------------------------------------------------------------- the configs
 
 def test_presets_and_arguments():
@@ -206,35 +299,6 @@ def test_train_refuses_before_writing(field, value, says, tiny_data, tmp_path):
         train.train(c, str(workdir))
     assert says in str(e.value) and "\n" not in str(e.value)
     assert not workdir.exists()
-
-
-def _resolve(c, key):
-    if key.startswith("view."):
-        return dict(augment.DEFAULTS, **polyview.augment_config(c).to_dict())[key[5:]]
-    node = c
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-@pytest.mark.parametrize("spec", [f"configs/{m}.py:dataset={d}" for m in ("polyview", "cmc")
-                                  for d in ("imagenet2012", "fashion_mnist")])
-def test_recipes_tables_are_the_presets(spec):
-    """RECIPES.md's Poly-View and CMC tables, read as tests/test_recipes.py reads the
-    others (its METHODS do not list these two: their view is polyview.augment_config)."""
-    rows = test_recipes.tables()[spec]
-    c = load_file(spec)
-    checked = 0
-    for setting, field, reference, ours, status in rows:
-        key, value = re.fullmatch(r"`([\w.]+)`", field), test_recipes._literal(ours)
-        if not key or value is None:
-            continue
-        got = _resolve(c, key[1])
-        assert test_recipes._equal(got, value), f"{spec} {setting}: RECIPES.md {value!r}, {got!r}"
-        if status == "same":
-            assert test_recipes._equal(test_recipes._literal(reference), value), (spec, setting)
-        checked += 1
-    assert checked >= (5 if "fashion_mnist" in spec else 10), (spec, checked)
 
 
 # ------------------------------------------------------------- a real run

@@ -28,7 +28,8 @@ from ssl_jax.methods import moco, network, pirl, rotnet, simclr
 from ssl_jax.views import augment, canvas, jigsaw, ops, photometric
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("simclr", "moco", "npid", "pirl", "jigsaw", "rotnet", "dino", "supervised")
+METHODS = ("simclr", "moco", "npid", "pirl", "jigsaw", "rotnet", "dino", "supervised",
+           "polyview", "cmc")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
 KEY = jax.random.key(0)
 

@@ -28,20 +28,32 @@ the authors' one `fc` per half): z (B, 2, D), view 0 = L, view 1 = ab, for the c
 loss (CMC's: L(L, ab) + L(ab, L)). The evaluators read the halves' concatenation, or
 either half (l_<stage>, ab_<stage>). A dataset that is not RGB is refused in one line
 (on a grey one, saying why: there is no ab to split off).
+
+config.cmc.objective (loss "cmc"): "softmax" (the in-batch softmax above, the default) or
+"nce", the authors' NCE with memory banks (HobbitLong/CMC NCEAverage, NCECriterion):
+one bank per view (memory.py, NPID's; state["banks"]["view<m>"], sharded over the mesh
+as NPID's), config.cmc.nce_k negatives drawn once a step from the step's key and looked
+up in every bank, view a's embeddings against view c's bank for each pair of the graph,
+both directions summed (multiview.cmc_nce), each directed term's Z estimated on the
+first step and kept (state["log_z"]: (M, M), checkpointed, the same on every device);
+after the loss each bank's rows of the batch move to normalise(m row + (1 - m) z),
+m = config.cmc.nce_momentum. Rows: spec.num_examples, padded to config.cmc.pad_to.
 """
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ssl_jax import models, multiview, parallel
 from ssl_jax.errors import UserError
-from ssl_jax.methods import base, network
+from ssl_jax.methods import base, memory, network
 from ssl_jax.models import split
 from ssl_jax.models.heads import projection_head
 from ssl_jax.views import augment, multicrop
 
 VIEW_KINDS = ("crops", "channels")
+CMC_OBJECTIVES = ("softmax", "nce")
 
 
 def _polyview(z, c, axis_name):
@@ -114,7 +126,6 @@ def spec(config) -> multicrop.Spec:
 
 
 def check(config, data_spec, mesh) -> None:
-    del mesh
     v = config.views
     kind = v.get("kind", "crops")
     if kind not in VIEW_KINDS:
@@ -137,11 +148,40 @@ def check(config, data_spec, mesh) -> None:
         if graph not in multiview.CMC_GRAPHS:
             raise UserError(f"config.cmc.graph={graph!r}: use one of {multiview.CMC_GRAPHS} "
                             "(graph=full).")
+    objective = config.get("cmc", {}).get("objective", "softmax")
+    if objective not in CMC_OBJECTIVES:
+        raise UserError(f"config.cmc.objective={objective!r}: use one of {CMC_OBJECTIVES} "
+                        "(objective=nce).")
+    if objective == "nce":
+        _check_nce(config, data_spec, mesh)
     spec(config)  # its own checks: counts, sizes
     video = config.get("video")
     if video is not None and video.get("positives", "frame") != "frame":
         raise UserError(f"config.video.positives={video.positives!r} brings two images per "
                         "example and the M views are crops of one: use positives=frame.")
+
+
+def _check_nce(config, data_spec, mesh) -> None:
+    """objective=nce: CMC's loss, one bank per view (no local crops), K >= 1 negatives, a
+    momentum in [0, 1), and bank rows that split over the mesh's devices."""
+    c, v = config.cmc, config.views
+    if config.multiview.loss != "cmc":
+        raise UserError(f"config.cmc.objective='nce' is CMC's loss with memory banks, and "
+                        f"config.multiview.loss={config.multiview.loss!r}: set it to 'cmc'.")
+    if v.get("local_crops", 0):
+        raise UserError(f"config.views.local_crops={v.local_crops!r} with objective=nce: each "
+                        "view has its own memory bank, local crops have none; set local_crops=0.")
+    if isinstance(c.nce_k, bool) or not isinstance(c.nce_k, int) or c.nce_k < 1:
+        raise UserError(f"config.cmc.nce_k={c.nce_k!r}: the number of negatives drawn from "
+                        "the banks must be an int >= 1 (CMC's 16384).")
+    if not 0.0 <= c.nce_momentum < 1.0:
+        raise UserError(f"config.cmc.nce_momentum={c.nce_momentum!r} is not in [0, 1) "
+                        "(CMC's 0.5).")
+    rows, devices = memory.padded_size(data_spec.num_examples, _pad_to(config)), mesh.devices.size
+    if rows % devices:
+        raise UserError(f"The memory banks' {rows} rows ({data_spec.num_examples} train images "
+                        f"rounded up to config.cmc.pad_to={_pad_to(config)}) do not split over "
+                        f"{devices} devices: set config.cmc.pad_to to a multiple of {devices}.")
 
 
 def _check_channels(config, data_spec) -> None:
@@ -180,10 +220,40 @@ def _net(config) -> nn.Module:
                         stage=network.final_stage(config.model))
 
 
+def _nce(config) -> bool:
+    return config.get("cmc", {}).get("objective", "softmax") == "nce"
+
+
+def _pad_to(config) -> int:
+    return config.cmc.get("pad_to", 1024)
+
+
+def _bank_names(config) -> list[str]:
+    """One bank per view: view0 .. view<M-1> (channel views: view0 = L, view1 = ab)."""
+    return [f"view{m}" for m in range(config.views.count)]
+
+
 def init(rng, views, config, data_spec):
-    del data_spec
+    """-> (params, state): state["batch_stats"]; with objective=nce also "banks" {view<m>:
+    (N_pad, D)} (memory.init: random rows) and "log_z" (M, M) -inf (set on step 1)."""
     params, batch_stats = network.init(_net(config), rng, views["global"][:, 0])
-    return params, {"batch_stats": batch_stats}
+    state = {"batch_stats": batch_stats}
+    if _nce(config):
+        n, dim, m = data_spec.num_examples, config.head.dim, config.views.count
+        # fold_in 2: network.init_rngs takes the key itself and fold_in 1.
+        keys = jax.random.split(jax.random.fold_in(rng, 2), m)
+        state["banks"] = {name: memory.init(k, n, dim, _pad_to(config))
+                          for name, k in zip(_bank_names(config), keys)}
+        state["log_z"] = jnp.full((m, m), -jnp.inf, jnp.float32)
+    return params, state
+
+
+def state_sharding(shapes, mesh):
+    """The banks' rows sharded over the mesh (as NPID's); the rest replicated."""
+    out = base.replicated(shapes, mesh)
+    if "banks" in shapes:
+        out["banks"] = jax.tree.map(lambda _: parallel.batch_sharding(mesh), shapes["banks"])
+    return out
 
 
 def embed(params, state, views, config, rng=None):
@@ -198,14 +268,43 @@ def embed(params, state, views, config, rng=None):
     return network.embed_crops(net, params, state["batch_stats"], views, rng)
 
 
+def _nce_loss(z, state, index, rng, config, num_data: int):
+    """CMC's NCE: z (B, M, D), index (B,) dataset indices -> (loss, metrics, the state's
+    new banks and log_z). The banks are read before they move (NCEAverage's order)."""
+    c, names, b = config.cmc, _bank_names(config), z.shape[0]
+    index = index.astype(jnp.int32)
+    negatives = memory.sample_negatives(rng, c.nce_k, num_data)
+    # One lookup per bank for positives and negatives: a single psum over its shards.
+    lookup = parallel.on_shards(memory.lookup, (True, False))
+    rows = jnp.stack([lookup(state["banks"][k], jnp.concatenate([index, negatives]))
+                      for k in names], axis=1)                              # (B + K, M, D)
+    fn = lambda z_, p, u, lz, axis_name: multiview.cmc_nce(  # noqa: E731
+        z_, p, u, lz, config.multiview.temperature, num_data, c.get("graph", "core"), axis_name)
+    value, metrics = parallel.on_shards(fn, (True, True, False, False))(
+        z, rows[:b], rows[b:], state["log_z"])
+    log_z = metrics.pop("log_z")
+    update = lambda bank, i, v, axis_name: memory.update(  # noqa: E731
+        bank, i, v, c.nce_momentum, axis_name)
+    banks = {k: parallel.on_shards(update, (True, True, True), batch_out=True)(
+        state["banks"][k], index, z[:, m]) for m, k in enumerate(names)}
+    return value, metrics, {"banks": banks, "log_z": log_z}
+
+
 def loss(params, state, views, batch, rng, config, data_spec):
-    """Returns (loss, (metrics, new_state)); rng: the encoder's stochastic depth (ViT)."""
-    del batch, data_spec
+    """Returns (loss, (metrics, new_state)); rng: the encoder's stochastic depth (ViT)
+    and, with objective=nce, the step's draw of negatives; batch["index"]: (B,) the
+    banks' rows (objective=nce only)."""
     z, batch_stats = embed(params, state, views, config, rng)
+    if _nce(config):
+        # fold_in: the encoder's drop path has the key itself.
+        value, metrics, banks = _nce_loss(z, state, batch["index"], jax.random.fold_in(rng, 1),
+                                          config, data_spec.num_examples)
+        return value, (metrics, {"batch_stats": batch_stats, **banks})
     fn = LOSSES[config.multiview.loss]
     value, metrics = parallel.on_shards(
         lambda z, axis_name: fn(z, config, axis_name), batch_args=(True,))(z)
     return value, (metrics, {"batch_stats": batch_stats})
 
 
-METHOD = base.Method(views=views, init=init, loss=loss, check=check)
+METHOD = base.Method(views=views, init=init, loss=loss, check=check,
+                     state_sharding=state_sharding)
