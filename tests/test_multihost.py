@@ -184,7 +184,7 @@ def test_simclr_two_processes_equal_one_and_resume_after_sigterm(tiny_data, tmp_
     # The reference runs beside the two-process group: compiling is single-threaded.
     ref = Group("train", _train_args("simclr", one, tiny_data, steps), 1, 2, cache)
     group = Group("train", _train_args("simclr", two, tiny_data, steps), 2, 1, cache)
-    group.until("step 2/")
+    seen = group.until("step 2/")  # process 0's first lines: wait() returns the rest
     group.kill(signal.SIGTERM)
     stopped = group.wait()
     for rc, out in stopped:
@@ -197,7 +197,7 @@ def test_simclr_two_processes_equal_one_and_resume_after_sigterm(tiny_data, tmp_
     assert f"Resumed from step {at}" in resumed and f"Done: {steps} steps" in resumed
     reference = _ok(ref.wait())
     assert len(_losses(reference)) == steps  # one progress line a step (log_every 1)
-    assert _losses(stopped[0][1])[:at] + _losses(resumed) == _losses(reference)
+    assert _losses(seen + stopped[0][1])[:at] + _losses(resumed) == _losses(reference)
     _assert_same_state(_state(two), _state(one))
     # Only process 0 writes the run's files; both wrote their data-iterator state.
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
@@ -313,7 +313,9 @@ def test_moco_two_processes_of_four_devices_equal_one_of_eight_after_both_are_ki
     out = _ok(Group("train", args(two), 2, 4, cache).wait())
     assert "Resumed from step 2" in out
     reference = _ok(ref.wait())
-    assert _losses(out) == _losses(reference)[2:]
+    got, want = np.asarray(_losses(out), float), np.asarray(_losses(reference)[2:], float)
+    assert len(want) == 6
+    np.testing.assert_allclose(got, want, atol=2e-3)  # 3 printed decimals; see below
     # Not bitwise: with 4 devices a process, an all-reduce sums each process's 4
     # devices first and then the 2 processes (Gloo), a different order from one
     # process's 8-way sum, so float32 sums may differ in their last bit.
