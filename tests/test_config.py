@@ -36,7 +36,7 @@ def test_configs_are_plain_files_loaded_by_path_from_any_directory(tmp_path, mon
     assert not [m for m in sys.modules if m == "configs" or m.startswith("configs.")]
     with pytest.raises(UserError, match="Config file 'nope.py' not found"):
         cfg_lib.load_file("nope.py:runlocal")
-    with pytest.raises(UserError, match=r"Unknown config argument 'datset'; valid: \['dataset'"):
+    with pytest.raises(UserError, match=r"Unknown config argument 'datset'; valid: \['budget', 'dataset'"):
         cfg_lib.load_file("configs/simclr.py:datset=cifar10")
     with pytest.raises(UserError, match="dataset='mnist' has no preset"):
         cfg_lib.load_file("configs/simclr.py:dataset=mnist")
