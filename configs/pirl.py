@@ -19,7 +19,9 @@ npid = sibling(__file__, "npid")
 
 
 # budget=10m|30m|2h on fashion_mnist (configs/common.set_budget): the length that fits
-# the budget on this 2-core CPU, and what the budget's sweeps changed. Provisional.
+# the budget on this 2-core CPU, and what the budget's sweeps changed. Measured (linear
+# top-1, final block; benchmarks/RESULTS.md, Quality per CPU-hour):
+#   not yet measured.
 BUDGET = {"10m": dict(steps=80), "30m": dict(steps=280), "2h": dict(steps=1200)}
 
 
