@@ -126,12 +126,12 @@ class PatchEmbed(nn.Module):
     patch: int
     width: int
     dtype: Any
-    init: str = "conv"  # one of PATCH_INITS (the ViT's patch_init)
+    patch_init: str = "conv"  # one of PATCH_INITS (not `init`: that is flax's Module.init)
 
     @nn.compact
     def __call__(self, x):
         p, (b, h, w, c) = self.patch, x.shape
-        init = _linear_xavier if self.init == "xavier" else _torch_conv
+        init = _linear_xavier if self.patch_init == "xavier" else _torch_conv
         kernel = self.param("kernel", init, (p, p, c, self.width), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
         # (B, gh, p, gw, p, C) -> (B, gh, gw, p, p, C): each patch's pixels in the kernel's order.
