@@ -94,6 +94,7 @@ class Budget:
         self.limit_s = None if limit_min is None else 60.0 * limit_min
         self.before_s, self.start_s = before_s, start_s
         self.seconds = before_s  # the newest count
+        self._origin = None  # (step, seconds) at the first log step; "done" after forecasting
 
     def every_step(self) -> bool:
         """Whether used() may be called at every step (no collective needed)."""
@@ -106,6 +107,17 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.limit_s is not None and self.seconds >= self.limit_s
+
+    def at_log_step(self, step: int, total: int) -> str | None:
+        """Call at log steps, after used(): at the second one, forecast() from the CPU
+        rate since the first (which paid compilation); None at the others."""
+        if self._origin is None:
+            self._origin = (step, self.seconds)
+            return None
+        if self._origin == "done" or step <= self._origin[0]:
+            return None
+        (s0, c0), self._origin = self._origin, "done"
+        return self.forecast(step, total, (self.seconds - c0) / (step - s0))
 
     def forecast(self, step: int, total: int, rate_s: float) -> str | None:
         """A warning when, at rate_s CPU seconds per step, the remaining steps do not

@@ -125,16 +125,16 @@ def run(config, workdir: str, command: str | None = None, cpu_from: float | None
     # included (ssl_jax/cpu_budget.py says what is counted).
     budget = cpu_budget.Budget(config.get("cpu_budget_minutes"),
                                cpu_budget.spent_before(workdir, start), start_s=cpu_from)
-    rate_from = None  # (step, CPU seconds) at the first log step: the forecast's origin
     watch = exp.method.watch(config, exp.spec)  # e.g. DINO's collapse warning
     preemption = faults.Preemption()
     nonfinite = faults.NonFiniteCheck(config.get("nonfinite", "raise"),
                                       faults.leaf_names(state["params"]))
     step, finished, t_loop = start, False, time.perf_counter()
     spent = budget.exhausted()  # a resumed run whose budget is already used: no step
+    end = start if spent else total_steps
     try:
         with jax.set_mesh(mesh):
-            for step in range(start + 1, total_steps + 1 if not spent else start + 1):
+            for step in range(start + 1, end + 1):
                 batch = parallel.global_batch(next(data_iter), mesh)
                 state, metrics = train_step(state, batch)
                 metrics = nonfinite.add(step, metrics)
@@ -147,14 +147,9 @@ def run(config, workdir: str, command: str | None = None, cpu_from: float | None
                 if step % exp.log_every == 0 or save:
                     nonfinite.check()  # before any checkpoint of this state
                     metrics = dict(jax.device_get(metrics), cpu_minutes=budget.seconds / 60)
-                    if rate_from is None:
-                        rate_from = (step, budget.seconds)
-                    elif rate_from[0] >= 0 and step > rate_from[0]:
-                        warning = budget.forecast(step, total_steps, (budget.seconds - rate_from[1])
-                                                  / (step - rate_from[0]))
-                        rate_from = (-1, 0.0)  # once
-                        if warning and is_main:
-                            log.say(warning)
+                    warning = budget.at_log_step(step, total_steps)  # won't fit: say so once
+                    if warning and is_main:
+                        log.say(warning)
                     progress.update(step, metrics)
                     warning = watch(step, metrics) if watch is not None else None
                     if warning and is_main:
